@@ -1,0 +1,138 @@
+"""`cascade.toml`: the task, the tiers in order with their thresholds, and serving limits.
+
+    [task]
+    name = "clinc150"
+
+    [[tiers]]
+    name = "rules"
+    kind = "rules"
+    path = "rules/clinc150.toml"     # relative to this file
+    threshold = 0.0
+    options = { timeout_ms = 20 }
+
+    [[tiers]]
+    name = "fallback"
+    kind = "majority"
+    path = "data/clinc150"
+
+Validated by pydantic; every error names the key (`tiers[1].threshold`) and the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A cascade config that cannot be used; the message names the file and key."""
+
+
+class TierConfig(BaseModel):
+    """One tier: what it is (`kind`), where its artifact lives, and its confidence threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="unique name, reported as Prediction.tier")
+    kind: str = Field(description="tier kind, see cascade.tiers.TIER_KINDS")
+    path: str | None = Field(default=None, description="artifact path, relative to the config file")
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0,
+                             description="answer when confidence >= threshold; ignored for the last tier")
+    options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from cascade.tiers import TIER_KINDS
+
+        if kind not in TIER_KINDS:
+            raise ValueError(f"unknown tier kind {kind!r}; known: {', '.join(sorted(TIER_KINDS))}")
+        return kind
+
+    def resolve_path(self, base_dir: Path) -> Path:
+        assert self.path is not None
+        p = Path(self.path)
+        return p if p.is_absolute() else base_dir / p
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+class ServingConfig(BaseModel):
+    """Limits of the HTTP endpoint and the batch runner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_text_chars: int = Field(default=4000, ge=1, le=1_000_000, description="longest text accepted (413 past it)")
+    max_batch_items: int = Field(default=256, ge=1, le=100_000, description="most texts in one request (413 past it)")
+    max_queue: int = Field(default=1024, ge=1, le=1_000_000, description="queued items before 429")
+    micro_batch_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a tier waits to fill a batch")
+    micro_batch_size: int = Field(default=32, ge=1, le=4096, description="largest batch a tier runs at once")
+    tier_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="a tier slower than this counts as failed")
+
+
+class CascadeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskConfig
+    tiers: list[TierConfig] = Field(min_length=1)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(data: dict, where: str) -> CascadeConfig:
+    try:
+        config = CascadeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{where}: {_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid cascade config:\n  " + "\n  ".join(lines)) from exc
+    seen: set[str] = set()
+    for i, tier in enumerate(config.tiers):
+        if tier.name in seen:
+            raise ConfigError(f"invalid cascade config:\n  {where}: tiers[{i}].name: {tier.name!r} "
+                              "is used by an earlier tier; names must be unique")
+        seen.add(tier.name)
+    return config
+
+
+def load_config(path: str | Path) -> CascadeConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+def dump_config(config: CascadeConfig, path: str | Path) -> None:
+    """Write a config atomically (used by `cascade calibrate` to store thresholds)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)), encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_cascade(config: CascadeConfig, base_dir: str | Path):
+    """Instantiate every tier and the router; paths resolve against `base_dir` (the config's dir)."""
+    from cascade.router import Cascade
+    from cascade.tiers import build_tier
+
+    base_dir = Path(base_dir)
+    tiers = [build_tier(spec, base_dir) for spec in config.tiers]
+    return Cascade(tiers, [spec.threshold for spec in config.tiers])

@@ -1,0 +1,149 @@
+"""The cascade router: send each item down the tiers until one is confident enough."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from cascade.types import Prediction, Tier
+
+log = logging.getLogger(__name__)
+
+
+class CascadeError(RuntimeError):
+    """The cascade could not answer an item (the last tier failed with nothing to fall back on)."""
+
+
+@dataclass
+class TierCounters:
+    """What one tier did since the cascade was built (read by metrics and /metrics)."""
+
+    seen: int = 0  # items sent to the tier
+    answered: int = 0  # items it answered above threshold (for the last tier: all it answered)
+    abstained: int = 0  # returned None
+    below_threshold: int = 0  # answered under its threshold, so escalated
+    errors: int = 0  # batches that raised
+    seconds: float = 0.0
+
+    @property
+    def mean_ms(self) -> float:
+        return 1000.0 * self.seconds / self.seen if self.seen else 0.0
+
+
+@dataclass
+class Cascade:
+    """Ordered tiers, one threshold each; the last tier always answers.
+
+    Works on batches: every tier receives only the items still open, as one batch, so batched
+    models (students, the large model) stay batched however the earlier tiers split the traffic.
+    A failing non-last tier counts as abstaining; a failing last tier falls back to the best
+    earlier answer, flagged `degraded`.
+    """
+
+    tiers: Sequence[Tier]
+    thresholds: Sequence[float]
+    counters: dict[str, TierCounters] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError("a cascade needs at least one tier")
+        if len(self.thresholds) != len(self.tiers):
+            raise ValueError(
+                f"got {len(self.thresholds)} thresholds for {len(self.tiers)} tiers; give one per tier"
+            )
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        for tier in self.tiers:
+            self.counters.setdefault(tier.name, TierCounters())
+
+    def predict(self, text: str, explain: bool = False) -> Prediction:
+        return self.predict_batch([text], explain=explain)[0]
+
+    def predict_batch(self, texts: Sequence[str], explain: bool = False) -> list[Prediction]:
+        """Route a batch; returns one Prediction per text, in order.
+
+        Args:
+            texts: the request texts.
+            explain: attach every tier's prediction on the way (`Prediction.trail`).
+        """
+        results: list[Prediction | None] = [None] * len(texts)
+        # Best answer seen so far per open item (even below threshold): the fallback if a later
+        # tier fails.
+        best: list[Prediction | None] = [None] * len(texts)
+        trails: list[list[Prediction]] = [[] for _ in texts]
+        spent_ms = [0.0] * len(texts)  # time each item spent across the tiers it went through
+        open_idx = list(range(len(texts)))
+        last = len(self.tiers) - 1
+
+        for level, (tier, threshold) in enumerate(zip(self.tiers, self.thresholds)):
+            if not open_idx:
+                break
+            batch = [texts[i] for i in open_idx]
+            counters = self.counters[tier.name]
+            counters.seen += len(batch)
+            t0 = time.perf_counter()
+            try:
+                preds = tier.predict_batch(batch)
+                if len(preds) != len(batch):
+                    raise CascadeError(
+                        f"tier {tier.name!r} returned {len(preds)} predictions for {len(batch)} texts"
+                    )
+            except Exception as exc:  # a tier failing must not take the request down
+                elapsed = time.perf_counter() - t0
+                counters.seconds += elapsed
+                counters.errors += 1
+                for i in open_idx:
+                    spent_ms[i] += 1000.0 * elapsed / len(batch)
+                log.warning("tier %s failed on a batch of %d: %s", tier.name, len(batch), exc)
+                if level == last:
+                    for i in open_idx:
+                        if best[i] is None:
+                            raise CascadeError(
+                                f"last tier {tier.name!r} failed and no earlier tier gave an answer"
+                            ) from exc
+                        results[i] = replace(best[i], degraded=True)
+                    open_idx = []
+                continue
+            elapsed = time.perf_counter() - t0
+            counters.seconds += elapsed
+            per_item_ms = 1000.0 * elapsed / len(batch)
+
+            still_open = []
+            for i, pred in zip(open_idx, preds):
+                spent_ms[i] += per_item_ms
+                if pred is None:
+                    counters.abstained += 1
+                    if level == last:
+                        if best[i] is None:
+                            raise CascadeError(
+                                f"last tier {tier.name!r} abstained on item {i} and no earlier "
+                                "tier gave an answer; the last tier must always answer"
+                            )
+                        results[i] = replace(best[i], degraded=True)
+                    else:
+                        still_open.append(i)
+                    continue
+                pred.latency_ms = per_item_ms
+                if explain:
+                    trails[i].append(replace(pred))
+                if level == last or pred.confidence >= threshold:
+                    counters.answered += 1
+                    results[i] = pred
+                else:
+                    counters.below_threshold += 1
+                    if best[i] is None or pred.confidence > best[i].confidence:
+                        best[i] = pred
+                    still_open.append(i)
+            open_idx = still_open
+
+        out: list[Prediction] = []
+        for i, pred in enumerate(results):
+            assert pred is not None  # the last tier answers or we raised above
+            pred.latency_ms = spent_ms[i]
+            if explain:
+                pred.trail = trails[i]
+            out.append(pred)
+        return out

@@ -1,0 +1,26 @@
+"""Tier kinds, resolved lazily: `kind -> (module, factory)` so that naming a kind in a config
+imports only what that kind needs (the large-model tier may pull in heavy clients)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cascade.config import TierConfig
+    from cascade.types import Tier
+
+TIER_KINDS: dict[str, tuple[str, str]] = {
+    "rules": ("cascade.tiers.rules", "build_rules_tier"),
+    "majority": ("cascade.tiers.majority", "build_majority_tier"),
+}
+
+
+def build_tier(spec: TierConfig, base_dir: Path) -> Tier:
+    """Instantiate the tier a config entry describes; relative paths resolve against `base_dir`."""
+    if spec.kind not in TIER_KINDS:
+        raise ValueError(f"unknown tier kind {spec.kind!r}; known: {sorted(TIER_KINDS)}")
+    module_name, factory = TIER_KINDS[spec.kind]
+    module = importlib.import_module(module_name)
+    return getattr(module, factory)(spec, base_dir)
