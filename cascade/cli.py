@@ -91,6 +91,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- plan --------------------------------------------------------------------------------
+
+
+def parse_quantity(text: str) -> float:
+    """'1.4T', '70B', '5e6', '300M' -> float."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "P": 1e15}
+    t = text.strip().upper()
+    try:
+        return float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (examples: 1.4T, 70B, 5e6)") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from training.planner import format_plan, plan
+
+    try:
+        result = plan(compute=args.compute, tokens=args.tokens, inference_tokens=args.inference_tokens)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_plan(result))
+    return 0
+
+
 # --- quickstart ----------------------------------------------------------------------------
 
 
@@ -116,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLINC150 directory (data_full.json) to build the demo task from")
     p.add_argument("--workdir", default="runs/quickstart", help="where data, rules, config and reports go")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("plan", help="Chinchilla and inference-aware model sizing for a budget")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=parse_quantity, help="training tokens available (e.g. 2M, 1.4T)")
+    budget.add_argument("--compute", type=parse_quantity, help="training compute in FLOPs (e.g. 5.9e23)")
+    p.add_argument("--inference-tokens", type=parse_quantity, default=0.0,
+                   help="tokens the model will process over its serving life")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("prepare", help="turn CLINC150, Banking77 or any CSV/JSONL into a dataset dir")
