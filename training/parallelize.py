@@ -1,0 +1,65 @@
+"""Parallelism applied to a plain model from outside (torchtitan style): model.py never changes.
+
+FSDP2 (`fully_shard`, ZeRO-3): every transformer block is its own unit, so only one block's full
+parameters exist at a time during forward/backward; the root unit holds embeddings, final norm
+and head. Parameters compute in `param_dtype` and gradients reduce in fp32. The same code runs
+gloo ranks on CPU (tests) and NCCL ranks on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up (if any); returns (rank, world size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world_size, torch.device("cuda", local)
+    return rank, world_size, torch.device("cpu")
+
+
+def apply_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_state_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Full (unsharded) state dict access for checkpoints; collectives: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    load = StateDictOptions(full_state_dict=True)
+    return {
+        "model_state": lambda: get_model_state_dict(model, options=full),
+        "load_model_state": lambda sd: set_model_state_dict(model, sd, options=load),
+        "optim_state": lambda: get_optimizer_state_dict(model, optimizer, options=full),
+        "load_optim_state": lambda sd: set_optimizer_state_dict(model, optimizer, sd, options=load),
+    }
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds (its shards under FSDP)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel()
+    return total

@@ -1,0 +1,517 @@
+"""The training loop shared by the large model and (later) the students.
+
+One explicit step: forward under autocast (bf16 on CPU and GPU; fp16 + GradScaler on GPU),
+loss on the target positions only, backward, global-norm clipping, AdamW with decoupled weight
+decay (none on norms, biases, embeddings), linear warmup then cosine decay to 10% of peak.
+A spike guard skips steps whose loss is non-finite or far above the running mean and, when
+that repeats, rolls back to the last checkpoint. Checkpoints (safetensors + JSON, never pickle)
+are written to a temp dir and renamed, the last K kept; `resume` restores model, optimizer,
+schedule position, data order and RNG, so a resumed run repeats the uninterrupted one.
+
+Data parallel and FSDP2 come from outside (`training/parallelize.py`): the loop only needs
+`dist` helpers that are no-ops in a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from training.model import Transformer
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping knobs; every field is validated in __post_init__."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 20
+    max_steps: int | None = None  # default: epochs x batches per epoch
+    epochs: float = 1.0
+    batch_size: int = 16  # sequences per optimizer step (over all ranks and micro-batches)
+    grad_accum: int = 1  # micro-batches per step
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float = 1.0
+    precision: str = "auto"  # auto | bf16 | fp16 (GPU) | fp32; see default_precision
+    eval_every: int = 0  # steps; 0 = only at the end
+    ckpt_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    seed: int = 0
+    spike_factor: float = 3.0  # loss above factor x running mean is a spike
+    spike_window: int = 20
+    spike_min_history: int = 10
+    max_consecutive_skips: int = 3  # then roll back to the last checkpoint
+    log_every: int = 10
+    peak_flops: float = 0.0  # for MFU / fraction-of-bound; 0 = pick by device
+    bucket_batches: int = 50  # length-sort within this many batches to cut padding
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "warmup_steps": self.warmup_steps >= 0,
+            "epochs": self.epochs > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "weight_decay": self.weight_decay >= 0, "clip_norm": self.clip_norm > 0,
+            "precision": self.precision in ("auto", "bf16", "fp16", "fp32"), "keep_last": self.keep_last >= 1,
+            "spike_factor": self.spike_factor > 1, "max_consecutive_skips": self.max_consecutive_skips >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training config: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"invalid training config: max_steps={self.max_steps}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: where oneDNN runs bf16 matmuls several times faster than fp32. On an
+    AVX2-only CPU (seen here: AMD EPYC, 0.14 TFLOP/s fp32 vs 0.02 bf16) bf16 is a slowdown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_precision(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def matmul_peak(precision: str, size: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of a square matmul in the training dtype on this CPU: the bound that
+    `fraction_of_peak` is measured against (a fraction of a number measured here, not a spec)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+
+
+# --- pure pieces (unit-tested) -------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of Linear layers only: not norms, biases or embeddings (tied head included)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim >= 2 and id(p) not in embedding_ids and "norm" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class SpikeGuard:
+    """Decides, per step, whether a loss is sane enough to apply the update."""
+
+    factor: float = 3.0
+    window: int = 20
+    min_history: int = 10
+    max_consecutive: int = 3
+    history: deque = field(default_factory=deque)
+    consecutive: int = 0
+    skipped: int = 0
+
+    def check(self, loss: float) -> str:
+        """Returns "ok", "skip" (don't apply this update) or "rollback" (too many skips in a row)."""
+        spike = not math.isfinite(loss) or (
+            len(self.history) >= self.min_history and loss > self.factor * (sum(self.history) / len(self.history))
+        )
+        if not spike:
+            self.consecutive = 0
+            self.history.append(loss)
+            while len(self.history) > self.window:
+                self.history.popleft()
+            return "ok"
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            self.consecutive = 0
+            return "rollback"
+        return "skip"
+
+    def state(self) -> dict:
+        return {"history": list(self.history), "consecutive": self.consecutive, "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        self.history = deque(state["history"])
+        self.consecutive, self.skipped = state["consecutive"], state["skipped"]
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int) -> list[list[int]]:
+    """The batches of one epoch, a pure function of (seed, epoch): what makes resume exact.
+
+    Shuffle, length-sort inside windows of `bucket` batches (less padding), shuffle batch order.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    batches = []
+    window = batch_size * max(1, bucket)
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]  # equal steps; the rest is next epoch's
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    targets: list[int]  # next-token target per position, IGNORE where no loss
+
+
+def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad: tokens (B, T), attention mask (B, T), targets (B, T) with IGNORE on padding."""
+    width = max(len(s.ids) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        tokens[i, :n] = torch.tensor(s.ids)
+        mask[i, :n] = 1
+        targets[i, :n] = torch.tensor(s.targets)
+    return tokens, mask, targets
+
+
+# --- distributed helpers (no-ops in one process) ------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+@dataclass
+class Hooks:
+    """How the loop reaches outside: evaluating the model and, under FSDP, full-state access."""
+
+    evaluate: Callable[[], dict] | None = None  # -> {"val_accuracy": ...}
+    model_state: Callable[[], dict[str, torch.Tensor]] | None = None  # full (unsharded) state
+    load_model_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    optim_state: Callable[[], dict] | None = None
+    load_optim_state: Callable[[dict], None] | None = None
+
+
+def _flatten_optim(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for key, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{key}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{key}/{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        key, name = flat.rsplit("/", 1)
+        key = int(key) if key.isdigit() else key
+        state.setdefault(key, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists())
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # per optimizer step (skipped steps included, as measured)
+    log: list[dict]
+    tokens_per_s: float
+    wall_s: float
+
+
+class Trainer:
+    """Runs `cfg` over `data` for `model`; see the module docstring for what it guarantees."""
+
+    def __init__(self, model: torch.nn.Module, data: list[Sequence], cfg: TrainConfig, out_dir: str | Path,
+                 hooks: Hooks, pad_id: int, n_params: int, device: torch.device | None = None,
+                 loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.data, self.cfg, self.hooks, self.pad_id = model, data, cfg, hooks, pad_id
+        self.out = Path(out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = device or torch.device("cpu")
+        self.rank, self.world_size = world()
+        if cfg.batch_size % (self.world_size * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must divide by ranks x grad_accum "
+                             f"({self.world_size} x {cfg.grad_accum})")
+        self.micro = cfg.batch_size // (self.world_size * cfg.grad_accum)
+        self.lengths = [len(s.ids) for s in data]
+        self.batches_per_epoch = len(data) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(data)} training sequences are fewer than one batch of {cfg.batch_size}")
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.batches_per_epoch))
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                           fused=False)
+        if cfg.precision == "auto":
+            cfg.precision = default_precision(self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 + GradScaler is a GPU option; use bf16 on CPU")
+        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.spike_min_history, cfg.max_consecutive_skips)
+        self.step = 0
+        self.cursor = 0  # batches consumed, over all epochs: (epoch, index) = divmod(cursor, per epoch)
+        self.n_params = n_params
+        self.loss_hook = loss_hook  # (batches consumed, loss) -> loss; tests inject spikes through it
+        self.log: list[dict] = []
+        self.losses: list[float] = []
+
+    # -- checkpointing --
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.hooks.model_state:
+            return self.hooks.model_state()
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def _optim_state(self) -> dict:
+        return self.hooks.optim_state() if self.hooks.optim_state else self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> Path | None:
+        model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
+        if self.rank != 0:
+            if self.world_size > 1:
+                dist.barrier()
+            return None
+        final = self.ckpt_dir / f"step-{self.step:07d}"
+        tmp = self.ckpt_dir / f".tmp-step-{self.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Tied weights are one tensor under two names; safetensors wants each stored once.
+        unique, seen = {}, set()
+        for k, v in model_state.items():
+            if v.data_ptr() not in seen or v.numel() == 0:
+                unique[k] = v
+                seen.add(v.data_ptr())
+        save_file(unique, str(tmp / "train_model.safetensors"))
+        tensors, meta = _flatten_optim(optim_state)
+        tensors["rng/torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": self.step, "cursor": self.cursor, "guard": self.guard.state(), "optimizer": meta,
+                 "python_rng": list(random.getstate()[1]), "config": asdict(self.cfg), "losses": self.losses}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # the atomic step: a checkpoint dir exists whole or not at all
+        for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.keep_last]:
+            shutil.rmtree(old)
+        if self.world_size > 1:
+            dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        model_state = load_file(str(path / "train_model.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = tensors.pop("rng/torch")
+        optim_state = _unflatten_optim(tensors, state["optimizer"])
+        if self.hooks.load_model_state:
+            self.hooks.load_model_state(model_state)
+        else:
+            missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+            # a tied head shares the embedding tensor, stored once
+            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+                raise RuntimeError(f"{path}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
+        if self.hooks.load_optim_state:
+            self.hooks.load_optim_state(optim_state)
+        else:
+            self.optimizer.load_state_dict(optim_state)
+        torch.set_rng_state(rng)
+        py = random.getstate()
+        random.setstate((py[0], tuple(state["python_rng"]), py[2]))
+        self.step, self.cursor = state["step"], state["cursor"]
+        self.guard.load(state["guard"])
+        self.losses = state["losses"]
+
+    def resume_latest(self) -> bool:
+        ckpts = list_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            return False
+        self.load_checkpoint(ckpts[-1])
+        return True
+
+    # -- one step --
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def _next_batch(self) -> list[int]:
+        epoch, index = divmod(self.cursor, self.batches_per_epoch)
+        batches = self._epoch_cache.get(epoch)
+        if batches is None:
+            batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.bucket_batches)
+            self._epoch_cache = {epoch: batches}
+        self.cursor += 1
+        return batches[index]
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, grad norm, real tokens processed on this rank)."""
+        batch = self._next_batch()
+        # This rank's share of the global batch, then split into micro-batches.
+        mine = batch[self.rank * self.cfg.batch_size // self.world_size:(self.rank + 1) * self.cfg.batch_size // self.world_size]
+        seqs = [self.data[i] for i in mine]
+        n_targets = torch.tensor(float(sum(sum(t != IGNORE for t in s.targets) for s in seqs)))
+        global_targets = all_reduce_sum(n_targets.clone()).item()
+        loss_sum = torch.zeros(())
+        tokens = 0
+        self.model.train()
+        for m in range(self.cfg.grad_accum):
+            tok, mask, tgt = collate(seqs[m * self.micro:(m + 1) * self.micro], self.pad_id)
+            tok, mask, tgt = tok.to(self.device), mask.to(self.device), tgt.to(self.device)
+            sel = tgt != IGNORE
+            with self._autocast():
+                logits = self.model(tok, attention_mask=mask, logits_at=sel)
+            loss = torch.nn.functional.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+            if self.loss_hook is not None:
+                loss = self.loss_hook(self.cursor, loss)
+            # Normalise by the global target count (not per rank), times world size because the
+            # gradient reduction averages over ranks: the same update as one process would make.
+            scaled = loss * self.world_size / max(global_targets, 1.0)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().cpu()
+            tokens += int(mask.sum())
+        total_loss = all_reduce_sum(loss_sum).item() / max(global_targets, 1.0)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return total_loss, grad_norm, tokens
+
+    # -- the loop --
+
+    def fit(self, resume: bool = False, progress: bool = True) -> TrainResult:
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        if resume and self.resume_latest() and self.rank == 0:
+            print(f"resumed from step {self.step}", file=sys.stderr)
+        peak = self.cfg.peak_flops or (989e12 if self.device.type == "cuda" else matmul_peak(self.cfg.precision))
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                       mininterval=2.0, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        window_tokens, window_t0 = 0, time.perf_counter()
+        all_tokens = 0
+        while self.step < self.total_steps:
+            lr = lr_at(self.step, self.cfg, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm, tokens = self.train_step()
+            tokens = int(all_reduce_sum(torch.tensor(float(tokens))).item())
+            window_tokens += tokens
+            all_tokens += tokens
+            verdict = self.guard.check(loss)
+            if verdict == "ok":
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if verdict == "rollback":
+                ckpts = list_checkpoints(self.ckpt_dir)
+                if not ckpts:
+                    raise RuntimeError(f"loss spiked {self.cfg.max_consecutive_skips} steps in a row at step "
+                                       f"{self.step} and there is no checkpoint to roll back to")
+                cursor = self.cursor  # keep moving through the data: the batches that spiked stay skipped
+                skipped = self.guard.skipped  # and keep counting every skip, across rollbacks
+                self.load_checkpoint(ckpts[-1])
+                self.cursor, self.guard.skipped = cursor, skipped
+                self._log({"step": self.step, "rollback_to": ckpts[-1].name, "cursor": cursor})
+                if self.rank == 0:
+                    print(f"rolled back to {ckpts[-1].name} after repeated loss spikes", file=sys.stderr)
+                continue
+            self.losses.append(loss)
+            self.step += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                dt = time.perf_counter() - window_t0
+                tps = window_tokens / dt if dt > 0 else 0.0
+                flops = 6.0 * self.n_params * tps
+                entry = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                         "model_flops_per_s": flops, "fraction_of_peak": flops / peak, "skipped": self.guard.skipped,
+                         "epoch": self.cursor / self.batches_per_epoch}
+                self._log(entry)
+                window_tokens, window_t0 = 0, time.perf_counter()
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                self._evaluate()
+            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        if bar:
+            bar.close()
+        wall = time.perf_counter() - t_start
+        self._evaluate()
+        self.save_checkpoint()
+        return TrainResult(self.step, self.losses, self.log, all_tokens / wall if wall > 0 else 0.0, wall)
+
+    def _evaluate(self) -> None:
+        if self.hooks.evaluate is None:
+            return
+        result = self.hooks.evaluate()
+        self._log({"step": self.step, **result})
+
+    def _log(self, entry: dict) -> None:
+        self.log.append(entry)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
