@@ -20,11 +20,12 @@ Validated by pydantic; every error names the key (`tiers[1].threshold`) and the 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from cascade.tomlfile import read_toml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
@@ -111,13 +112,7 @@ def parse_config(data: dict, where: str) -> CascadeConfig:
 
 def load_config(path: str | Path) -> CascadeConfig:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path, ConfigError, "config"), str(path))
 
 
 def dump_config(config: CascadeConfig, path: str | Path) -> None:

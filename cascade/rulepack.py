@@ -18,12 +18,13 @@ long input) mid-search; a text that runs out of time gets no answer (an abstenti
 from __future__ import annotations
 
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cascade.tomlfile import read_toml
 
 # The flags a rule may name; the rest of the regex module's flags change semantics in ways a
 # rule author is unlikely to want (e.g. POSIX leftmost-longest).
@@ -152,13 +153,7 @@ def parse_pack(data: dict, where: str, name: str = "") -> RulePack:
 
 def load_pack(path: str | Path) -> RulePack:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RuleError(f"{path}: rule pack not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise RuleError(f"{path}: not valid TOML: {exc}") from exc
-    pack = parse_pack(data, str(path), name=path.stem)
+    pack = parse_pack(read_toml(path, RuleError, "rule pack"), str(path), name=path.stem)
     pack.path = path
     return pack
 

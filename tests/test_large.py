@@ -90,7 +90,7 @@ def test_train_large_from_scratch_end_to_end(tmp_path, make_dataset):
     # the model dir is a Hugging Face dir with our task format beside it
     hf = transformers.LlamaForCausalLM.from_pretrained(out)
     assert hf.config.num_key_value_heads == 2
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     model, tok, fmt = load_large(out)
     assert fmt.labels == ["book_flight", "weather"]
     assert hf_tok.convert_tokens_to_ids("<|weather|>") == fmt.label_token_ids[1]

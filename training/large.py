@@ -132,6 +132,11 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
             n_tokens = sum(len(tokenizer.encode(ex.text).ids) + 4 for ex in train)
             size, extra = pick_size(n_tokens, inference_tokens)
             if rank == 0:
+                from training.planner import Plan, SizePoint, format_plan
+
+                p = extra["plan"]
+                print(format_plan(Plan(*(SizePoint(**p[k]) for k in ("compute_optimal", "fit_optimal", "inference_aware")),
+                                       p["inference_tokens"])), file=sys.stderr)
                 print(f"--size auto: {size} ({extra['chosen_params']:,} non-embedding params) for "
                       f"{n_tokens:,} training tokens", file=sys.stderr)
         if size not in SIZES:
@@ -196,6 +201,10 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
             for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if (tokenizer_dir / name).exists():
                     (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+        else:  # so that transformers.AutoTokenizer loads the BPE we trained
+            (out / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>", "model_max_length": model_cfg.max_seq_len}, indent=1) + "\n")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return LargeRun(out, summary)
 
