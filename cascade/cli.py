@@ -154,6 +154,49 @@ def cmd_train_large(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_student(args: argparse.Namespace) -> int:
+    from training.distill import train_student
+    from training.trainer import TrainConfig
+
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
+                      seed=args.seed)
+    run = train_student(args.data, args.teacher, args.out, size=args.size, from_teacher=args.from_teacher,
+                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled, cfg=cfg,
+                        resume=args.resume, limit_train=args.limit_train, inference_tokens=args.inference_tokens,
+                        progress=not args.no_progress)
+    s = run.summary
+    c = s["calibration"]
+    print(f"wrote {run.out}: student {s['size']} ({s['non_embedding_params']:,} non-embedding params), "
+          f"val accuracy {s['val_accuracy']:.4f}, temperature {c['temperature']:.3f}, "
+          f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; next: cascade export --model {run.out} --int8")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from cascade.data import load_split
+    from training.export import export_onnx, quantize_int8
+
+    meta = _json.loads((Path(args.model) / "cascade.json").read_text())
+    data = args.data or meta.get("data")
+    if data is None:
+        raise DataError(f"--data: {args.model}/cascade.json names no dataset; give the dataset dir whose "
+                        "validation split checks parity and int8 agreement")
+    texts = [ex.text for ex in load_split(data, "val")]
+    report = export_onnx(args.model, texts[: args.parity_texts])
+    print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e} "
+          f"on {report['parity_texts']} texts")
+    if args.int8:
+        q = quantize_int8(args.model, texts)
+        report["int8"] = q
+        print(f"wrote {q['int8']}: top-1 agreement with fp32 {q['top1_agreement']:.4f} on {q['agreement_texts']} "
+              "val texts")
+    (Path(args.model) / "export.json").write_text(_json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 # --- quickstart ----------------------------------------------------------------------------
 
 
@@ -225,6 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-tokens", type=parse_quantity, default=0.0, help="for --size auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_large)
+
+    p = sub.add_parser("export", help="student to ONNX (parity-checked), optionally int8")
+    p.add_argument("--model", required=True, help="student dir")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic quantization)")
+    p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
+    p.add_argument("--parity-texts", type=int, default=256)
+    p.set_defaults(func=cmd_export)
+
+    p = train.add_parser("student", help="distil the large model into a compact student")
+    p.add_argument("--data", required=True, help="dataset dir")
+    p.add_argument("--teacher", required=True, help="large-model dir from `cascade train large`")
+    p.add_argument("--out", required=True, help="student dir to write")
+    p.add_argument("--size", default="small", help="debug | small | distil-smollm2 | auto (planner)")
+    p.add_argument("--from-teacher", action="store_true", help="initialise from the teacher's embeddings and layers")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (1 - alpha on labels)")
+    p.add_argument("--unlabeled", help="extra texts without labels (JSONL with text, or one per line)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--inference-tokens", type=parse_quantity, default=1e9, help="traffic for --size auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_student)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("prepare", help="turn CLINC150, Banking77 or any CSV/JSONL into a dataset dir")

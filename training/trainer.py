@@ -282,7 +282,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, data: list[Sequence], cfg: TrainConfig, out_dir: str | Path,
                  hooks: Hooks, pad_id: int, n_params: int, device: torch.device | None = None,
-                 loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                 loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 batch_loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, int]] | None = None,
+                 count_targets: Callable[[Sequence], int] | None = None):
         self.model, self.data, self.cfg, self.hooks, self.pad_id = model, data, cfg, hooks, pad_id
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -309,6 +311,10 @@ class Trainer:
         self.cursor = 0  # batches consumed, over all epochs: (epoch, index) = divmod(cursor, per epoch)
         self.n_params = n_params
         self.loss_hook = loss_hook  # (batches consumed, loss) -> loss; tests inject spikes through it
+        # The objective: by default next-token loss on the target positions; students plug in
+        # distillation (summed over the batch) and how many targets each example carries.
+        self.batch_loss = batch_loss or self.lm_batch_loss
+        self.count_targets = count_targets or (lambda s: sum(t != IGNORE for t in s.targets))
         self.log: list[dict] = []
         self.losses: list[float] = []
 
@@ -400,24 +406,28 @@ class Trainer:
         self.cursor += 1
         return batches[index]
 
+    def lm_batch_loss(self, model, seqs: list[Sequence]) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over the target positions, and the real tokens seen."""
+        tok, mask, tgt = collate(seqs, self.pad_id)
+        tok, mask, tgt = tok.to(self.device), mask.to(self.device), tgt.to(self.device)
+        sel = tgt != IGNORE
+        logits = model(tok, attention_mask=mask, logits_at=sel)
+        return torch.nn.functional.cross_entropy(logits.float(), tgt[sel], reduction="sum"), int(mask.sum())
+
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad norm, real tokens processed on this rank)."""
         batch = self._next_batch()
         # This rank's share of the global batch, then split into micro-batches.
         mine = batch[self.rank * self.cfg.batch_size // self.world_size:(self.rank + 1) * self.cfg.batch_size // self.world_size]
         seqs = [self.data[i] for i in mine]
-        n_targets = torch.tensor(float(sum(sum(t != IGNORE for t in s.targets) for s in seqs)))
+        n_targets = torch.tensor(float(sum(self.count_targets(s) for s in seqs)))
         global_targets = all_reduce_sum(n_targets.clone()).item()
         loss_sum = torch.zeros(())
         tokens = 0
         self.model.train()
         for m in range(self.cfg.grad_accum):
-            tok, mask, tgt = collate(seqs[m * self.micro:(m + 1) * self.micro], self.pad_id)
-            tok, mask, tgt = tok.to(self.device), mask.to(self.device), tgt.to(self.device)
-            sel = tgt != IGNORE
             with self._autocast():
-                logits = self.model(tok, attention_mask=mask, logits_at=sel)
-            loss = torch.nn.functional.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+                loss, n_tokens = self.batch_loss(self.model, seqs[m * self.micro:(m + 1) * self.micro])
             if self.loss_hook is not None:
                 loss = self.loss_hook(self.cursor, loss)
             # Normalise by the global target count (not per rank), times world size because the
@@ -425,7 +435,7 @@ class Trainer:
             scaled = loss * self.world_size / max(global_targets, 1.0)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().cpu()
-            tokens += int(mask.sum())
+            tokens += n_tokens
         total_loss = all_reduce_sum(loss_sum).item() / max(global_targets, 1.0)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

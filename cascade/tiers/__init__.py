@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 TIER_KINDS: dict[str, tuple[str, str]] = {
     "rules": ("cascade.tiers.rules", "build_rules_tier"),
     "majority": ("cascade.tiers.majority", "build_majority_tier"),
+    "student": ("cascade.tiers.student", "build_student_tier"),
 }
 
 

@@ -1,0 +1,153 @@
+"""Students: compact transformer classifiers over the teacher's tokenizer.
+
+An encoder made of the large model's own blocks (RMSNorm, RoPE attention, SwiGLU from
+`training/model.py`) run bidirectionally with a padding mask, mean-pooled over real tokens, and
+a linear label head. Optionally initialised from the teacher, DistilBERT style: its embeddings
+and an evenly spaced subset of its layers (which needs the student's width to equal the
+teacher's).
+
+Shapes: B batch, T tokens, C width, L labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from training.model import Block, ModelConfig, RMSNorm, Transformer, rope_tables
+
+
+@dataclass
+class StudentConfig:
+    vocab_size: int
+    n_labels: int
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    hidden_dim: int = 688
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def block_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                           n_kv_heads=self.n_heads, hidden_dim=self.hidden_dim, max_seq_len=self.max_seq_len,
+                           rope_theta=self.rope_theta, norm_eps=self.norm_eps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Width/depth per named size; vocab and labels come from the teacher and the task.
+STUDENT_SIZES: dict[str, dict] = {
+    "debug": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "small": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=688),
+    # the teacher's width (SmolLM2-135M), 2 of its 30 layers (7.5% of its non-embedding params)
+    "distil-smollm2": dict(dim=576, n_layers=2, n_heads=9, hidden_dim=1536, rope_theta=100000.0),
+}
+
+
+class StudentClassifier(nn.Module):
+    """forward(tokens (B, T), attention_mask (B, T)) -> label logits (B, L)."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        block_cfg = cfg.block_config()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(block_cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.n_labels)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, torch.arange(T, device=tokens.device),
+                               self.cfg.rope_theta)
+        keep = attention_mask.bool()
+        mask = keep[:, None, None, :]  # (B, 1, 1, T): every token sees every real token
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        x = self.norm(x)
+        weights = keep.unsqueeze(-1).to(x.dtype)  # mean over real tokens only
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+
+def build_student(size: str, vocab_size: int, n_labels: int, **overrides) -> StudentClassifier:
+    if size not in STUDENT_SIZES:
+        raise ValueError(f"unknown student size {size!r}; known: {', '.join(STUDENT_SIZES)}")
+    return StudentClassifier(StudentConfig(vocab_size=vocab_size, n_labels=n_labels,
+                                           **{**STUDENT_SIZES[size], **overrides}))
+
+
+@torch.no_grad()
+def init_from_teacher(student: StudentClassifier, teacher: Transformer) -> list[int]:
+    """Copy the teacher's embeddings and evenly spaced layers; returns the teacher layers used."""
+    if student.cfg.dim != teacher.cfg.dim or student.cfg.hidden_dim != teacher.cfg.hidden_dim:
+        raise ValueError(f"student width {student.cfg.dim}/{student.cfg.hidden_dim} differs from the teacher's "
+                         f"{teacher.cfg.dim}/{teacher.cfg.hidden_dim}; pick a size with the teacher's width")
+    if teacher.cfg.n_kv_heads != teacher.cfg.n_heads and student.cfg.n_heads != teacher.cfg.n_heads:
+        raise ValueError("student heads must equal the teacher's query heads")
+    n_t, n_s = teacher.cfg.n_layers, student.cfg.n_layers
+    picks = [round(i * (n_t - 1) / max(1, n_s - 1)) for i in range(n_s)]
+    rows = min(student.cfg.vocab_size, teacher.cfg.vocab_size)
+    student.embed_tokens.weight[:rows] = teacher.embed_tokens.weight[:rows]
+    for s_layer, t_index in zip(student.layers, picks):
+        t_layer = teacher.layers[t_index]
+        t_attn, s_attn = t_layer.self_attn, s_layer.self_attn
+        s_attn.q_proj.weight.copy_(t_attn.q_proj.weight)
+        s_attn.o_proj.weight.copy_(t_attn.o_proj.weight)
+        # GQA teacher -> MHA student: repeat each K/V head for the query heads it served
+        group = teacher.cfg.n_heads // teacher.cfg.n_kv_heads
+        hd = teacher.cfg.head_dim
+        for name in ("k_proj", "v_proj"):
+            w = getattr(t_attn, name).weight.view(teacher.cfg.n_kv_heads, hd, -1)
+            getattr(s_attn, name).weight.copy_(w.repeat_interleave(group, dim=0).reshape(-1, w.shape[-1]))
+        s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
+        s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
+        s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
+    student.norm.load_state_dict(teacher.norm.state_dict())
+    return picks
+
+
+def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None):
+    """Student dir: model.safetensors, config.json (StudentConfig), tokenizer.json, cascade.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"model_type": "cascade-student", **model.cfg.to_dict()}, indent=1))
+    (out / "cascade.json").write_text(json.dumps({"kind": "student", "labels": labels, **(extra or {})}, indent=1))
+    if Path(tokenizer_json) != out / "tokenizer.json":
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    return out
+
+
+def load_student(model_dir) -> StudentClassifier:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    raw = json.loads((d / "config.json").read_text())
+    if raw.pop("model_type", None) != "cascade-student":
+        raise ValueError(f"{d / 'config.json'}: model_type is not 'cascade-student'")
+    model = StudentClassifier(StudentConfig(**raw))
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model.eval()
