@@ -183,11 +183,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     data = args.data or meta.get("data")
     if data is None:
         raise DataError(f"--data: {args.model}/cascade.json names no dataset; give the dataset dir whose "
-                        "validation split checks parity and int8 agreement")
-    texts = [ex.text for ex in load_split(data, "val")]
-    report = export_onnx(args.model, texts[: args.parity_texts])
-    print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e} "
-          f"on {report['parity_texts']} texts")
+                        "validation split checks parity, int8 agreement and the FP8 accuracy change")
+    val = load_split(data, "val")
+    texts = [ex.text for ex in val]
+    is_student = _json.loads((Path(args.model) / "config.json").read_text()).get("model_type") == "cascade-student"
+    report: dict = {}
+    if args.int8 and not is_student:
+        raise DataError(f"--int8: {args.model} is a large model; ONNX int8 is for students (use --fp8)")
+    if is_student:
+        report = export_onnx(args.model, texts[: args.parity_texts])
+        print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e} "
+              f"on {report['parity_texts']} texts")
+    if args.fp8:
+        from training.export import export_fp8
+
+        sample = val[: args.fp8_texts]
+        f = export_fp8(args.model, [ex.text for ex in sample], [ex.label for ex in sample])
+        report["fp8"] = f
+        print(f"fp8: {f['converted_layers']} feed-forward layers in e4m3 (first and last blocks kept); "
+              f"val accuracy {f['accuracy_before']:.4f} -> {f['accuracy_fp8']:.4f} on {f['n']} texts")
     if args.int8:
         q = quantize_int8(args.model, texts)
         report["int8"] = q
@@ -269,11 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_large)
 
-    p = sub.add_parser("export", help="student to ONNX (parity-checked), optionally int8")
+    p = sub.add_parser("export", help="student to ONNX (parity-checked) and int8; FP8 for students and large models")
     p.add_argument("--model", required=True, help="student dir")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic quantization)")
     p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
     p.add_argument("--parity-texts", type=int, default=256)
+    p.add_argument("--fp8", action="store_true", help="FP8 feed-forward weights (Llama 3 recipe); large models too")
+    p.add_argument("--fp8-texts", type=int, default=500, help="val texts for the FP8 accuracy change")
     p.set_defaults(func=cmd_export)
 
     p = train.add_parser("student", help="distil the large model into a compact student")

@@ -107,3 +107,46 @@ def quantize_int8(model_dir: str | Path, texts: list[str]) -> dict:
     agreement = float((fp32.argmax(-1) == int8.argmax(-1)).mean())
     return {"int8": str(dst), "top1_agreement": agreement, "agreement_texts": len(texts),
             "max_abs_prob_diff": float(np.abs(fp32 - int8).max())}
+
+
+def export_fp8(model_dir: str | Path, texts: list[str], gold: list[str]) -> dict:
+    """Convert a large model or a student to FP8 (training/fp8.py), measure the accuracy change
+    on labelled texts, and save the e4m3 weights + scales as `model.fp8.safetensors`."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from training.fp8 import convert_to_fp8, fp8_state
+
+    d = Path(model_dir)
+    kind = json.loads((d / "config.json").read_text()).get("model_type")
+    if kind == "cascade-student":
+        model = load_student(d)
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        labels = json.loads((d / "cascade.json").read_text())["labels"]
+        ids, mask = encode(tokenizer, texts, model.cfg.max_seq_len)
+
+        def predict() -> list[int]:
+            with torch.no_grad():
+                return model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(-1).tolist()
+    else:
+        from training.large import load_large
+        from training.task import label_distribution
+
+        model, tokenizer, fmt = load_large(d)
+        labels = fmt.labels
+
+        def predict() -> list[int]:
+            return label_distribution(model, tokenizer, fmt, texts, dtype=None).argmax(-1).tolist()
+
+    before = predict()
+    converted = convert_to_fp8(model)
+    after = predict() if converted else before
+    acc = lambda pred: sum(labels[p] == g for p, g in zip(pred, gold)) / max(1, len(gold))  # noqa: E731
+    report = {"converted_layers": len(converted), "first_converted": converted[:3], "n": len(texts),
+              "accuracy_before": acc(before), "accuracy_fp8": acc(after),
+              "accuracy_change": acc(after) - acc(before),
+              "top1_agreement": sum(a == b for a, b in zip(before, after)) / max(1, len(texts))}
+    if converted:
+        save_file(fp8_state(model), str(d / "model.fp8.safetensors"))
+        report["fp8_weights"] = str(d / "model.fp8.safetensors")
+    return report
