@@ -96,6 +96,22 @@ def test_export_parity_and_int8_agreement(trained_student):
     assert sum(p.label == g for p, g in zip(preds, gold)) / len(gold) > 0.8
 
 
+def test_static_qdq_int8_option(trained_student, tmp_path):
+    import shutil
+
+    d, texts, _ = trained_student
+    copy = tmp_path / "s"
+    shutil.copytree(d, copy)
+    if not (copy / "model.onnx").exists():
+        export_onnx(copy, texts[:16])
+    q = quantize_int8(copy, texts, static=True, calibration_texts=32)
+    assert q["mode"] == "static-qdq" and q["top1_agreement"] >= 0.9
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(copy / "model.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
 def test_broken_graph_fails_loudly(trained_student, monkeypatch, tmp_path):
     d, texts, _ = trained_student
     real_export = torch.onnx.export

@@ -91,21 +91,39 @@ def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dic
     return {"onnx": str(out), "opset": opset, "parity_max_abs_diff": diff, "parity_texts": len(texts)}
 
 
-def quantize_int8(model_dir: str | Path, texts: list[str]) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False, calibration_texts: int = 256) -> dict:
+    """int8 weights. Dynamic (default): activations quantized per batch at run time. Static
+    (`static=True`): QDQ graph with activation ranges calibrated on the first
+    `calibration_texts` texts, for runtimes that want fixed scales."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from tokenizers import Tokenizer
 
     d = Path(model_dir)
     src, dst = d / "model.onnx", d / "model.int8.onnx"
     if not src.exists():
         raise ExportError(f"{src}: export to ONNX first (cascade export --model {d})")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     cfg = json.loads((d / "config.json").read_text())
     ids, mask = encode(tokenizer, texts, cfg["max_seq_len"])
+    if static:
+        calib = [{"input_ids": ids[i:i + 1, : int(mask[i].sum())], "attention_mask": mask[i:i + 1, : int(mask[i].sum())]}
+                 for i in range(min(calibration_texts, len(texts)))]
+
+        class Reader:  # onnxruntime's CalibrationDataReader protocol
+            def __init__(self):
+                self.it = iter(calib)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    else:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     fp32, int8 = onnx_probs(src, ids, mask), onnx_probs(dst, ids, mask)
     agreement = float((fp32.argmax(-1) == int8.argmax(-1)).mean())
-    return {"int8": str(dst), "top1_agreement": agreement, "agreement_texts": len(texts),
+    return {"int8": str(dst), "mode": "static-qdq" if static else "dynamic", "top1_agreement": agreement,
+            "agreement_texts": len(texts),
             "max_abs_prob_diff": float(np.abs(fp32 - int8).max())}
 
 
