@@ -197,7 +197,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.fp8:
         from training.export import export_fp8
 
-        sample = val[: args.fp8_texts]
+        import random
+
+        # a seeded sample, not the head: split files are often grouped by label
+        sample = random.Random(0).sample(val, min(args.fp8_texts, len(val)))
         f = export_fp8(args.model, [ex.text for ex in sample], [ex.label for ex in sample])
         report["fp8"] = f
         print(f"fp8: {f['converted_layers']} feed-forward layers in e4m3 (first and last blocks kept); "
