@@ -64,3 +64,7 @@ def test_export_fp8_on_a_trained_large_model_reports_accuracy_change(tmp_path, m
     report = json.loads((out / "export.json").read_text())["fp8"]
     assert report["converted_layers"] == 0 and report["accuracy_change"] == 0.0
     assert main(["export", "--model", str(out), "--data", str(data), "--int8"]) == 2
+    (out / "model.fp8.safetensors").write_bytes((out / "model.safetensors").read_bytes())  # a side file
+    from training.hf_io import load_hf
+
+    load_hf(out)  # side files next to model.safetensors are not mistaken for shards

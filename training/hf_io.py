@@ -116,9 +116,11 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Transf
     if not config_file.exists():
         raise CheckpointError(f"{config_file}: not found; is {d} a Hugging Face model dir?")
     cfg = from_hf_config(json.loads(config_file.read_text()), str(config_file))
-    files = sorted(d.glob("model*.safetensors"))
+    # model.safetensors, or HF's shards model-00001-of-00003.safetensors; not our side files
+    # such as model.fp8.safetensors.
+    files = [d / "model.safetensors"] if (d / "model.safetensors").exists() else sorted(d.glob("model-*-of-*.safetensors"))
     if not files:
-        raise CheckpointError(f"{d}: no model*.safetensors (pickle checkpoints are not loaded)")
+        raise CheckpointError(f"{d}: no model.safetensors (pickle checkpoints are not loaded)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
