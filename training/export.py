@@ -26,15 +26,10 @@ class ExportError(RuntimeError):
 
 
 def encode(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int64 ids and mask, as the student tier feeds onnxruntime."""
-    rows = [tokenizer.encode(t).ids[:max_len] or [0] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return ids, mask
+    """Right-padded int64 ids and mask, exactly as the student tier feeds onnxruntime."""
+    from cascade.tiers.student import encode_texts
+
+    return encode_texts(tokenizer, texts, max_len)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

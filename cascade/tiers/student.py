@@ -19,6 +19,18 @@ from cascade.config import TierConfig
 from cascade.types import CostMeter, Prediction
 
 
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int64 ids and attention mask: the student's input, here and at export."""
+    rows = [e.ids[:max_len] or [0] for e in tokenizer.encode_batch(list(texts))]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 @dataclass
 class StudentTier:
     name: str
@@ -34,13 +46,7 @@ class StudentTier:
         """(len(texts), len(labels)) calibrated probabilities."""
         out = []
         for start in range(0, len(texts), self.batch_size):
-            rows = [e.ids[: self.max_len] or [0] for e in self.tokenizer.encode_batch(texts[start:start + self.batch_size])]
-            width = max(len(r) for r in rows)
-            ids = np.zeros((len(rows), width), dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = r
-                mask[i, : len(r)] = 1
+            ids, mask = encode_texts(self.tokenizer, texts[start:start + self.batch_size], self.max_len)
             logits = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0] / self.temperature
             e = np.exp(logits - logits.max(-1, keepdims=True))
             out.append(e / e.sum(-1, keepdims=True))
