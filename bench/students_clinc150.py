@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=str(ROOT / "runs" / "large-clinc150"))
     ap.add_argument("--size", default="distil-smollm2")
     ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--lr", type=float, help="default: 3e-4 for distil-smollm2, 1e-3 otherwise")
     ap.add_argument("--out", default=str(ROOT / "runs" / "student-clinc150"))
     ap.add_argument("--reuse", action="store_true", help="keep a student already trained in --out")
     args = ap.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
         run = type("Run", (), {"summary": json.loads(summary_file.read_text())})()
     else:
         run = train_student(data, teacher, args.out, size=args.size, from_teacher=args.size == "distil-smollm2",
-                            cfg=TrainConfig(lr=1e-3 if args.size != "distil-smollm2" else 3e-4, epochs=args.epochs,
+                            cfg=TrainConfig(lr=args.lr or (1e-3 if args.size != "distil-smollm2" else 3e-4), epochs=args.epochs,
                                             batch_size=64, warmup_steps=50, ckpt_every=200))
     train_s = time.perf_counter() - t0
     export = export_onnx(args.out, [ex.text for ex in load_split(data, "val")][:256])
@@ -139,6 +140,7 @@ def main() -> None:
         "test_n": len(texts),
         "torch_threads": torch.get_num_threads(),
     }
+    result["config"] = {"epochs": args.epochs, "lr": args.lr, "size": args.size}
     out = ROOT / "bench" / "results" / "students-clinc150.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
