@@ -8,9 +8,9 @@ far confidence is from accuracy, before and after.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from training.planner import minimise_log
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -26,20 +26,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lo: float = 0.05
     """
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    a, b = math.log(lo), math.log(hi)
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(logits, labels, math.exp(c)), nll(logits, labels, math.exp(d))
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = nll(logits, labels, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = nll(logits, labels, math.exp(d))
-    return math.exp((a + b) / 2)
+    return minimise_log(lambda t: nll(logits, labels, t), lo, hi, iters)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

@@ -176,12 +176,13 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
                       n_params=student.num_params(), batch_loss=batch_loss, count_targets=lambda s: 1)
     result = trainer.fit(resume=resume, progress=progress)
     student.eval()
-    calib = calibration_report(val_logits(student), val_gold)
+    final_logits = val_logits(student)
+    calib = calibration_report(final_logits, val_gold)
     summary = {
         "size": size, "from_teacher_layers": layers, "temperature_kd": temperature, "alpha": alpha,
         "non_embedding_params": student.num_params(), "params": student.num_params(non_embedding=False),
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-        "val_accuracy": (val_logits(student).argmax(-1) == val_gold).float().mean().item(),
+        "val_accuracy": (final_logits.argmax(-1) == val_gold).float().mean().item(),
         "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(texts) - len(train),
         "calibration": calib, "plan": plan_info,
     }
@@ -196,14 +197,11 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
 def pick_student_size(train_tokens: int, inference_tokens: float, vocab: int, n_labels: int) -> tuple[str, dict]:
     """The named student size nearest (in log params) to the inference-aware optimum for the
     distillation token budget and the traffic it will serve (students answer most requests)."""
-    import math
-
-    from training.planner import plan
+    from training.planner import nearest_size, plan
 
     p = plan(tokens=float(train_tokens), inference_tokens=inference_tokens)
-    target = p.inference_aware.params
     sizes = {name: build_student(name, 8, n_labels).num_params() for name in STUDENT_SIZES}
-    name = min(sizes, key=lambda n: abs(math.log(sizes[n]) - math.log(target)))
+    name = nearest_size(sizes, p.inference_aware.params)
     return name, {"plan": p.to_json(), "chosen_size": name, "chosen_params": sizes[name]}
 
 

@@ -9,7 +9,6 @@ covers every token. The result is a Hugging Face model dir with `cascade.json` (
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -61,12 +60,11 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def pick_size(n_tokens: int, inference_tokens: float) -> tuple[str, dict]:
     """The named size closest (in log params) to the planner's inference-aware optimum."""
-    from training.planner import plan
+    from training.planner import nearest_size, plan
 
     p = plan(tokens=float(n_tokens), inference_tokens=inference_tokens)
-    target = p.inference_aware.params
     sizes = {name: _estimate(cfg) for name, cfg in SIZES.items()}
-    name = min(sizes, key=lambda n: abs(math.log(sizes[n]) - math.log(target)))
+    name = nearest_size(sizes, p.inference_aware.params)
     return name, {"plan": p.to_json(), "chosen_size": name, "chosen_params": sizes[name]}
 
 

@@ -77,8 +77,8 @@ def _point(fit: LossFit, params: float, tokens: float, inference_tokens: float) 
                      fit.loss(params, tokens))
 
 
-def _minimise_log(f, lo: float, hi: float, iters: int = 200) -> float:
-    """Golden-section search for the minimum of f on [lo, hi], in log space."""
+def minimise_log(f, lo: float, hi: float, iters: int = 200) -> float:
+    """Golden-section search for the minimum of a unimodal f on [lo, hi], in log space."""
     a, b = math.log(lo), math.log(hi)
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
@@ -108,7 +108,7 @@ def inference_aware_point(fit: LossFit, target_loss: float, inference_tokens: fl
     n_min = (fit.A / (target_loss - fit.E)) ** (1.0 / fit.alpha) * 1.000001
     # The total is convex-like in log N: huge below n_min's neighbourhood (data explodes),
     # growing linearly in N far above it.
-    params = _minimise_log(total, n_min, n_min * 1e8)
+    params = minimise_log(total, n_min, n_min * 1e8)
     return _point(fit, params, fit.tokens_for_loss(params, target_loss), inference_tokens)
 
 
@@ -137,6 +137,11 @@ def plan(*, compute: float | None = None, tokens: float | None = None, inference
     fit_optimal = _point(fit, n_fit, d_fit, inference_tokens)
     inference_aware = inference_aware_point(fit, fit_optimal.loss, inference_tokens)
     return Plan(compute_optimal, fit_optimal, inference_aware, inference_tokens)
+
+
+def nearest_size(sizes: dict[str, int], target: float) -> str:
+    """The name whose parameter count is nearest `target` in log space."""
+    return min(sizes, key=lambda n: abs(math.log(sizes[n]) - math.log(target)))
 
 
 def format_plan(p: Plan) -> str:
