@@ -1,0 +1,88 @@
+"""Engine configuration: the KV cache and the scheduler, each a validated dataclass.
+
+Every field has a bound checked at construction, so a bad value fails where it is set, with
+the field's name, not three layers down in a tensor shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}: {msg}")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache.
+
+    Attributes:
+        block_size: tokens per KV block (vLLM's default 16). Smaller wastes less of the last
+            block per sequence; larger means fewer block-table entries to gather.
+        num_blocks: blocks in the pool of every layer; None sizes the pool from `memory_gb`.
+        memory_gb: KV memory budget (all layers, K and V) used when `num_blocks` is None.
+        enable_prefix_caching: reuse full blocks across requests whose token prefix matches.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.block_size <= 1024, "block_size", f"{self.block_size} is not in 1..1024")
+        _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", f"{self.num_blocks} < 1")
+        _check(0 < self.memory_gb <= 4096, "memory_gb", f"{self.memory_gb} is not in (0, 4096]")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching.
+
+    Attributes:
+        max_num_seqs: most sequences in the running batch.
+        max_num_batched_tokens: token budget of one step (prefill chunks + one per decode).
+        long_prefill_chunk: a prompt longer than this is prefilled in chunks of this many
+            tokens, so one long prompt cannot stall the decodes of the running batch.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_num_seqs <= 4096, "max_num_seqs", f"{self.max_num_seqs} is not in 1..4096")
+        _check(1 <= self.max_num_batched_tokens <= 1 << 20, "max_num_batched_tokens",
+               f"{self.max_num_batched_tokens} is not in 1..1048576")
+        _check(1 <= self.long_prefill_chunk <= self.max_num_batched_tokens, "long_prefill_chunk",
+               f"{self.long_prefill_chunk} must be in 1..max_num_batched_tokens ({self.max_num_batched_tokens})")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the model dir.
+
+    Attributes:
+        dtype: "auto" (bf16 where the CPU/GPU runs it fast, else fp32), "bf16" or "fp32".
+        threads: torch intra-op threads (0 keeps torch's default).
+        max_model_len: longest prompt + output accepted; None takes the model's max_seq_len.
+    """
+
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    dtype: str = "auto"
+    threads: int = 0
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"{self.dtype!r} is not auto, bf16 or fp32")
+        _check(self.threads >= 0, "threads", f"{self.threads} < 0")
+        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", f"{self.max_model_len} < 2")
+
+    @classmethod
+    def default(cls, **overrides) -> EngineConfig:
+        cache = {k: overrides.pop(k) for k in list(overrides) if k in CacheConfig.__dataclass_fields__}
+        sched = {k: overrides.pop(k) for k in list(overrides) if k in SchedulerConfig.__dataclass_fields__}
+        return cls(CacheConfig(**cache), SchedulerConfig(**sched), **overrides)

@@ -1,0 +1,257 @@
+"""The built-in engine: requests in, tokens out, one scheduler step at a time.
+
+    engine = LLMEngine.from_model_dir("models/large-clinc150")
+    outs = engine.generate(["The capital of France is"], SamplingParams(max_tokens=8))
+    labels = engine.classify(prompts, choices=["<|balance|>", "<|transfer|>"])
+
+Layers, as vLLM's: this engine (requests, detokenizing, stop conditions) -> `Scheduler`
+(continuous batching) -> `KVCacheManager` (paged blocks, prefix cache) -> `ModelRunner` (the
+forward pass). `AsyncEngine` (serving/engine/async_engine.py) runs it in a thread for the app.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from serving.engine.config import EngineConfig
+from serving.engine.constrained import ChoiceState, TokenTrie
+from serving.engine.kv_cache import KVCacheManager, allocate_kv_tensors, kv_bytes_per_token
+from serving.engine.runner import ModelRunner
+from serving.engine.sampling import SamplingParams, sample_token, top_logprobs
+from serving.engine.scheduler import Request, Scheduler, Status
+from training.model import Transformer
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, bad parameters); the message says which."""
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: everything generated so far, and `delta`, the text new
+    since the last output (what a stream sends)."""
+
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    delta: str
+    finished: bool
+    finish_reason: str | None
+    cached_tokens: int = 0
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
+    choice: int | None = None  # index into SamplingParams.choices
+    choice_prob: float | None = None
+    choice_scores: list[float] | None = None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        from training.trainer import cpu_has_fast_bf16
+
+        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 eos_token_id: int | None = None):
+        self.config = config or EngineConfig.default()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        cfg = model.cfg
+        self.dtype = next(model.parameters()).dtype
+        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.max_model_len = self.config.max_model_len or cfg.max_seq_len
+        cache = self.config.cache
+        self.kv_bytes_per_token = kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.dtype)
+        num_blocks = cache.num_blocks or max(1, int(cache.memory_gb * 2**30 // (self.kv_bytes_per_token * cache.block_size)))
+        self.num_blocks = num_blocks
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        tensors = allocate_kv_tensors(cfg.n_layers, num_blocks, cache.block_size, cfg.n_kv_heads, cfg.head_dim,
+                                      self.dtype, next(model.parameters()).device)
+        self.runner = ModelRunner(model, tensors, cache.block_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._sent: dict[str, int] = {}
+        self.steps = 0
+        self.peak_kv = {"blocks": 0, "tokens": 0}
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        """Any HF Llama-family dir with a `tokenizer.json` (ours, an imported SmolLM2, ...)."""
+        from training.hf_io import load_hf
+
+        config = config or EngineConfig.default()
+        d = Path(model_dir)
+        if not (d / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{d / 'tokenizer.json'}: not found; the engine needs the model's fast tokenizer")
+        model = load_hf(d, dtype=resolve_dtype(config.dtype))
+        eos = None
+        gen = d / "generation_config.json"
+        if gen.exists():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            eos = e[0] if isinstance(e, list) else e
+        return cls(model, Tokenizer.from_file(str(d / "tokenizer.json")), config, eos)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("prompt: empty (no tokens)")
+        choice = None
+        if params.choices is not None:
+            seqs = [self.tokenizer.encode(c, add_special_tokens=False).ids for c in params.choices]
+            try:
+                trie = TokenTrie(seqs, self.eos_token_id)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
+            choice = ChoiceState(trie)
+            params.max_tokens = max(params.max_tokens, max(len(s) for s in seqs) + 1)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt: {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+                               f"exceeds the model's length {self.max_model_len}")
+        if math.ceil(total / self.kv.block_size) > self.num_blocks:
+            raise RequestError(f"prompt: {total} tokens need more KV blocks than the pool has ({self.num_blocks})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request_id: {rid!r} is already running")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed(params.seed)
+        req = Request(rid, ids, params, choice=choice, generator=gen)
+        self.requests[rid] = req
+        self._sent[rid] = 0
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        self._sent.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that produced text."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return []
+        logits = self.runner.execute(plan.seqs)
+        self.steps += 1
+        used = self.kv.num_used_blocks
+        if used > self.peak_kv["blocks"]:
+            self.peak_kv = {"blocks": used, "tokens": sum(r.num_tokens for r in self.scheduler.running)}
+        outputs, row = [], 0
+        for s in plan.seqs:
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new
+            if not s.samples:
+                continue
+            self._append_token(req, logits[row])
+            row += 1
+            outputs.append(self._output(req))
+        return outputs
+
+    def _append_token(self, req: Request, logits: torch.Tensor) -> None:
+        p = req.params
+        allowed = req.choice.allowed() if req.choice is not None else None
+        token, choice_probs = sample_token(logits, p, req.generator, allowed)
+        req.output_token_ids.append(token)
+        if p.logprobs is not None:
+            req.logprobs.append(top_logprobs(logits, token, p.logprobs))
+        if req.choice is not None:
+            if req.choice.advance(token, choice_probs):
+                req.text = p.choices[req.choice.label]
+                self.scheduler.finish(req, "stop")
+            return
+        stops = set(p.stop_token_ids)
+        if not p.ignore_eos and self.eos_token_id is not None:
+            stops.add(self.eos_token_id)
+        if token in stops:
+            req.text = self.tokenizer.decode(req.output_token_ids[:-1])
+            self.scheduler.finish(req, "stop")
+            return
+        req.text = self.tokenizer.decode(req.output_token_ids)
+        for stop in p.stop:
+            cut = req.text.find(stop)
+            if cut >= 0:
+                req.text = req.text[:cut]
+                self.scheduler.finish(req, "stop")
+                return
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self.scheduler.finish(req, "length")
+
+    def _output(self, req: Request) -> RequestOutput:
+        sent = self._sent.get(req.request_id, 0)
+        text = req.text
+        if not req.finished:
+            # Hold back what could still become a stop string, and half-decoded UTF-8.
+            hold = max((len(s) - 1 for s in req.params.stop), default=0)
+            safe = len(text) - hold
+            while safe > sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            text = text[:max(sent, safe)]
+        out = RequestOutput(req.request_id, len(req.prompt_token_ids), list(req.output_token_ids), req.text,
+                            text[sent:], req.finished, req.finish_reason, req.num_cached_tokens,
+                            list(req.logprobs) if req.params.logprobs is not None else None)
+        self._sent[req.request_id] = len(text)
+        if req.choice is not None and req.finished:
+            out.choice, out.choice_prob = req.choice.label, req.choice.path_prob
+            out.choice_scores = list(req.choice.scores)
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+            self._sent.pop(req.request_id, None)
+        return out
+
+    # --- offline helpers -------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (all admitted at once; continuous batching does the rest)."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, SamplingParams(**vars(sp)) if sp else None) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def classify(self, prompts: list[str], choices: list[str]) -> list[RequestOutput]:
+        """Constrained to `choices`: each output has `choice`, `choice_prob` and `choice_scores`."""
+        return self.generate(prompts, SamplingParams(max_tokens=1, choices=list(choices)))
+
+    def stats(self) -> dict:
+        """KV accounting: blocks allocated vs tokens held (at the peak), prefix-cache hits."""
+        bs = self.kv.block_size
+        peak_alloc = self.peak_kv["blocks"] * bs
+        return {
+            "num_blocks": self.num_blocks,
+            "block_size": bs,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "peak_blocks": self.peak_kv["blocks"],
+            "peak_tokens": self.peak_kv["tokens"],
+            "kv_waste_pct": 100.0 * (peak_alloc - self.peak_kv["tokens"]) / peak_alloc if peak_alloc else 0.0,
+            "prefix_hit_rate": self.kv.prefix_hits_tokens / max(1, self.kv.prefix_queries_tokens),
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.steps,
+        }
