@@ -85,3 +85,39 @@ class TableTier:
 @pytest.fixture
 def table_tier():
     return TableTier
+
+
+@pytest.fixture
+def serve_app():
+    """Run an ASGI app with a real uvicorn server on a free loopback port; yields its base URL."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    servers = []
+
+    @contextlib.contextmanager
+    def serve(app):
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append(server)
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
+
+    return serve

@@ -177,7 +177,15 @@ class LLMEngine:
         token, choice_probs = sample_token(logits, p, req.generator, allowed)
         req.output_token_ids.append(token)
         if p.logprobs is not None:
-            req.logprobs.append(top_logprobs(logits, token, p.logprobs))
+            if allowed is not None:
+                # Constrained: log-probabilities over the allowed tokens (what vLLM calls processed
+                # logprobs), so a client sees the label distribution, not the raw vocabulary's.
+                masked = torch.full_like(logits, float("-inf"))
+                masked[allowed] = logits[allowed]
+                k = min(p.logprobs, len(allowed))
+                req.logprobs.append(top_logprobs(masked, token, k))
+            else:
+                req.logprobs.append(top_logprobs(logits, token, p.logprobs))
         if req.choice is not None:
             if req.choice.advance(token, choice_probs):
                 req.text = p.choices[req.choice.label]

@@ -1,0 +1,68 @@
+"""What every large-model backend offers the cascade: constrained choice among labels, and
+plain completion. No torch here (the `openai` backend runs without it)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class ChoiceResult:
+    """One prompt's answer: the chosen choice's index, its probability, and the distribution
+    over all choices (sums to 1)."""
+
+    index: int
+    prob: float
+    scores: list[float]
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    name: str
+
+    def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
+        """Constrained decoding: each prompt's continuation is one of `choices`.
+
+        Args:
+            prompts: full prompts (template applied).
+            choices: the label strings the model may produce.
+
+        Returns:
+            One ChoiceResult per prompt, same order. Raises on backend failure.
+        """
+        ...
+
+    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> list[str]:
+        """Free generation (used by the batch tools and for smoke checks)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def distribution_from_logprobs(text: str, top: dict[str, float], choices: list[str],
+                               path_logprob: float | None = None) -> ChoiceResult:
+    """Turn a constrained answer and the top log-probabilities of its first position into a
+    distribution over `choices`.
+
+    Exact for single-token choices (the label-token models): the choices found among the top
+    entries are renormalised among themselves. For a multi-token answer that is not among the
+    top entries, the chosen choice gets its path probability and the rest is spread evenly.
+    """
+    stripped = text.strip()
+    try:
+        index = choices.index(text) if text in choices else [c.strip() for c in choices].index(stripped)
+    except ValueError:
+        raise ValueError(f"backend answered {text!r}, which is not one of the {len(choices)} choices") from None
+    found = {i: math.exp(top[c]) for i, c in enumerate(choices) if c in top}
+    if index in found:
+        total = sum(found.values())
+        scores = [found.get(i, 0.0) / total for i in range(len(choices))]
+        return ChoiceResult(index, scores[index], scores)
+    prob = math.exp(path_logprob) if path_logprob is not None else 1.0
+    rest = (1.0 - prob) / max(1, len(choices) - 1)
+    scores = [prob if i == index else rest for i in range(len(choices))]
+    return ChoiceResult(index, prob, scores)

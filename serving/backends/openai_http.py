@@ -1,0 +1,92 @@
+"""Any OpenAI-compatible server (`vllm serve`, `cascade serve` itself, ...) over HTTP.
+
+One pooled `httpx.Client` (keep-alive connections, bounded pool), a timeout per request, and
+retries with exponential backoff on connection errors, 429 (honouring Retry-After) and 5xx.
+Labels use `/v1/completions` with `guided_choice` (vLLM's and our extension) and the first
+position's `logprobs` for the distribution; a batch of prompts goes in one request.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from serving.backends.base import ChoiceResult, distribution_from_logprobs
+
+
+class BackendError(RuntimeError):
+    """The server could not answer after the retries; the message says what it last said."""
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 30.0,
+                 retries: int = 3, backoff_s: float = 0.5, max_connections: int = 16, batch_size: int = 32,
+                 choice_field: str = "guided_choice", max_choice_tokens: int = 16):
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/v1"):
+            self.url += "/v1"
+        self.model = model
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.batch_size = batch_size
+        self.choice_field = choice_field
+        self.max_choice_tokens = max_choice_tokens
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers,
+                                   limits=httpx.Limits(max_connections=max_connections,
+                                                       max_keepalive_connections=max_connections))
+
+    def _post(self, path: str, body: dict) -> dict:
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.post(self.url + path, json=body)
+            except httpx.TransportError as exc:  # refused, reset, timed out
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code != 429 and r.status_code < 500:
+                    raise BackendError(f"{self.url}{path}: {last}")  # our request is wrong: retrying won't help
+                if r.status_code == 429 and attempt < self.retries:
+                    time.sleep(min(30.0, float(r.headers.get("retry-after", self.backoff_s * 2**attempt))))
+                    continue
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        raise BackendError(f"{self.url}{path}: no answer after {self.retries + 1} tries; last: {last}")
+
+    def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
+        results: list[ChoiceResult] = []
+        k = min(20, len(choices))
+        for start in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[start:start + self.batch_size])
+            body = {"model": self.model, "prompt": batch, "max_tokens": self.max_choice_tokens, "temperature": 0.0,
+                    "logprobs": k, self.choice_field: list(choices)}
+            if self.choice_field == "structured_outputs":
+                body[self.choice_field] = {"choice": list(choices)}
+            data = self._post("/completions", body)
+            by_index = sorted(data["choices"], key=lambda c: c["index"])
+            if len(by_index) != len(batch):
+                raise BackendError(f"{self.url}/completions: {len(by_index)} answers for {len(batch)} prompts")
+            for c in by_index:
+                lp = c.get("logprobs") or {}
+                top = (lp.get("top_logprobs") or [{}])[0] or {}
+                path = sum(x for x in (lp.get("token_logprobs") or []) if x is not None) if lp else None
+                results.append(distribution_from_logprobs(c["text"], top, list(choices), path))
+        return results
+
+    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> list[str]:
+        body = {"model": self.model, "prompt": list(prompts), "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = stop
+        data = self._post("/completions", body)
+        return [c["text"] for c in sorted(data["choices"], key=lambda c: c["index"])]
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,206 @@
+"""OpenAI-compatible routes for the large model: /v1/completions, /v1/chat/completions, /v1/models.
+
+Request and response shapes are OpenAI's, so the official `openai` client works unchanged
+(streaming too, as server-sent events). Extensions, named as vLLM names them so clients of
+either work with both: `guided_choice` (constrain the output to one of these strings) and
+`seed`. Route handlers are thin: validate, turn the body into `SamplingParams`, and read the
+engine's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.engine.async_engine import AsyncEngine
+from serving.engine.engine import RequestError, RequestOutput
+from serving.engine.sampling import SamplingParams
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+
+    def sampling(self, default_max: int, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=self.max_tokens or default_max, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop=stop, logprobs=logprobs,
+                              choices=self.guided_choice)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: Literal[False] = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+def load_chat_template(model_dir: Path) -> str:
+    """The model's own template (chat_template.jinja, or tokenizer_config.json's), else ChatML."""
+    f = model_dir / "chat_template.jinja"
+    if f.exists():
+        return f.read_text()
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.exists():
+        tpl = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(tpl, str):
+            return tpl
+    return CHATML
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | None = None) -> APIRouter:
+    import jinja2
+
+    router = APIRouter()
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), autoescape=False)
+    chat_template = env.from_string(load_chat_template(model_dir) if model_dir else CHATML)
+    tokenizer = engine.engine.tokenizer
+    created = int(time.time())
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, model_name):
+            raise HTTPException(404, detail={"message": f"model: {name!r} is not served here; "
+                                                        f"this server has {model_name!r}", "param": "model"})
+
+    def logprobs_json(out: RequestOutput) -> dict | None:
+        if out.logprobs is None:
+            return None
+        # Decoded strings, as OpenAI returns them (not the byte-level BPE symbols).
+        toks = [tokenizer.decode([t], skip_special_tokens=False) for t in out.token_ids[: len(out.logprobs)]]
+        return {"tokens": toks, "token_logprobs": [lp for lp, _ in out.logprobs],
+                "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v for t, v in top.items()}
+                                 for _, top in out.logprobs],
+                "text_offset": []}
+
+    async def final(prompt, params: SamplingParams) -> RequestOutput:
+        last = None
+        try:
+            async for out in engine.stream(prompt, params):
+                last = out
+        except RequestError as exc:
+            raise HTTPException(400, detail={"message": str(exc), "param": "prompt"}) from exc
+        return last
+
+    def usage(outs: list[RequestOutput]) -> dict:
+        p, c = sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @router.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "cascade"}]}
+
+    @router.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise HTTPException(422, detail={"message": "prompt: empty list", "param": "prompt"})
+        try:
+            params = req.sampling(16, req.logprobs)
+        except ValueError as exc:
+            raise HTTPException(422, detail={"message": str(exc)}) from exc
+        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            if len(prompts) != 1:
+                raise HTTPException(422, detail={"message": "prompt: streaming takes one prompt", "param": "prompt"})
+
+            async def events():
+                try:
+                    async for out in engine.stream(prompts[0], params):
+                        if out.delta or out.finished:
+                            yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                                       "choices": [{"index": 0, "text": out.delta, "logprobs": None,
+                                                    "finish_reason": out.finish_reason}]})
+                except RequestError as exc:
+                    yield sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "prompt"}})
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        import asyncio
+
+        outs = await asyncio.gather(*(final(p, SamplingParams(**vars(params))) for p in prompts))
+        return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": i, "text": o.text, "logprobs": logprobs_json(o), "finish_reason": o.finish_reason}
+                            for i, o in enumerate(outs)],
+                "usage": usage(outs)}
+
+    @router.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        check_model(req.model)
+        prompt = chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in req.messages],
+                                      add_generation_prompt=True, bos_token="", eos_token="")
+        try:
+            params = req.sampling(256, (req.top_logprobs or 0) if req.logprobs else None)
+        except ValueError as exc:
+            raise HTTPException(422, detail={"message": str(exc)}) from exc
+        if req.max_completion_tokens:
+            params.max_tokens = req.max_completion_tokens
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            async def events():
+                head = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name}
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]})
+                try:
+                    async for out in engine.stream(prompt, params):
+                        if out.delta:
+                            yield sse({**head, "choices": [{"index": 0, "delta": {"content": out.delta},
+                                                            "finish_reason": None}]})
+                        if out.finished:
+                            yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
+                except RequestError as exc:
+                    yield sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "messages"}})
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        out = await final(prompt, params)
+        return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "logprobs": None, "finish_reason": out.finish_reason}],
+                "usage": usage([out])}
+
+    return router

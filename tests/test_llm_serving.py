@@ -1,0 +1,156 @@
+"""The large model served: OpenAI-compatible routes (official client, streaming), the backends
+behind one interface, and the large-model tier of the cascade."""
+
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+openai = pytest.importorskip("openai")
+
+from cascade.config import parse_config  # noqa: E402
+from serving.app import create_llm_app  # noqa: E402
+from serving.backends import build_backend  # noqa: E402
+from serving.backends.base import distribution_from_logprobs  # noqa: E402
+from serving.backends.openai_http import BackendError, OpenAIBackend  # noqa: E402
+from serving.engine.async_engine import AsyncEngine  # noqa: E402
+from serving.engine.config import EngineConfig  # noqa: E402
+from serving.engine.engine import LLMEngine  # noqa: E402
+from serving.engine.sampling import SamplingParams  # noqa: E402
+from tests.test_engine import id_tokenizer  # noqa: E402
+from training.hf_io import save_hf  # noqa: E402
+from training.model import build_model  # noqa: E402
+from training.task import TaskFormat, add_label_tokens, resize_for_labels  # noqa: E402
+
+LABELS = ["alpha", "beta", "gamma", "delta"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random GQA model fine-tuned-style: one added token per label, cascade.json."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("llm")
+    model = build_model("debug")
+    tok = id_tokenizer()
+    ids = add_label_tokens(tok, LABELS)
+    resize_for_labels(model, tok, LABELS, ids)
+    with torch.no_grad():  # make the label logits differ clearly between prompts
+        model.embed_tokens.weight[256:] += torch.randn(len(LABELS), model.cfg.dim)
+    tok.save(str(d / "tokenizer.json"))
+    save_hf(model, d, cascade_meta=TaskFormat(LABELS, ids, prompt_template="{text} 9").to_json())
+    return d
+
+
+def small_engine(model_dir) -> LLMEngine:
+    return LLMEngine.from_model_dir(model_dir, EngineConfig.default(dtype="fp32", num_blocks=128, block_size=4))
+
+
+PROMPTS = ["5 6 7", "100 101 102 103 104", "17", "33 34 35 36"]
+
+
+def test_openai_client_against_the_app(model_dir, serve_app):
+    engine = small_engine(model_dir)
+    expected = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=6, ignore_eos=True))[0].text
+    app = create_llm_app(model_dir, "tiny", engine=AsyncEngine(small_engine(model_dir)))
+    with serve_app(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+
+        done = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+        assert done.choices[0].text == expected and done.usage.completion_tokens == 6
+        assert done.choices[0].finish_reason == "length"
+
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=0, stream=True)
+        chunks = [c.choices[0].text for c in stream]
+        assert "".join(chunks) == expected and len([c for c in chunks if c]) > 1
+
+        batch = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=3, temperature=0, logprobs=2)
+        assert len(batch.choices) == 4 and all(len(c.logprobs.top_logprobs[0]) == 2 for c in batch.choices)
+
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "5 6"}],
+                                              max_tokens=4, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("length", "stop")
+        streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "5 6"}],
+                                                  max_tokens=4, temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == chat.choices[0].message.content
+
+        with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+            client.completions.create(model="tiny", prompt="5", temperature=7)
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.completions.create(model="gpt-4", prompt="5")
+        with pytest.raises(openai.BadRequestError, match="exceeds the model's length"):
+            client.completions.create(model="tiny", prompt=" ".join(["5"] * 250), max_tokens=20)
+
+
+def test_openai_backend_against_the_app_matches_the_engine(model_dir, serve_app):
+    choices = [f"<|{lab}|>" for lab in LABELS]
+    direct = small_engine(model_dir).classify(PROMPTS, choices)
+    app = create_llm_app(model_dir, "tiny", engine=AsyncEngine(small_engine(model_dir)))
+    with serve_app(app) as url:
+        backend = build_backend("openai", url=url, model="tiny", batch_size=3)
+        remote = backend.choose(PROMPTS, choices)
+        backend.close()
+    for d, r in zip(direct, remote):
+        assert r.index == d.choice
+        assert r.prob == pytest.approx(d.choice_prob, abs=1e-5)
+        assert r.scores == pytest.approx(d.choice_scores, abs=1e-5)
+
+
+def test_openai_backend_retries_then_names_the_failure():
+    backend = OpenAIBackend("http://127.0.0.1:9", "m", retries=2, backoff_s=0.01, timeout_s=1)
+    with pytest.raises(BackendError, match="3 tries"):
+        backend.choose(["x"], [" a", " b"])
+
+
+def test_builtin_backend_and_llm_tier_from_config(model_dir, tmp_path):
+    config = parse_config({"task": {"name": "t"}, "tiers": [{
+        "name": "llm", "kind": "llm", "path": str(model_dir),
+        "options": {"backend": "builtin", "dtype": "fp32", "num_blocks": 64, "block_size": 4}}]}, "test")
+    from cascade.config import build_cascade
+
+    cascade = build_cascade(config, tmp_path)
+    tier = cascade.tiers[0]
+    preds = tier.predict_batch(PROMPTS)
+    direct = small_engine(model_dir).classify([p + " 9" for p in PROMPTS], [f"<|{lab}|>" for lab in LABELS])
+    for p, d in zip(preds, direct):
+        assert p.label == LABELS[d.choice] and p.tier == "llm"
+        assert p.confidence == pytest.approx(max(p.scores.values()))
+        assert sum(p.scores.values()) == pytest.approx(1.0)
+    assert tier.cost > 0
+    tier.close()
+
+
+def test_llm_tier_rejects_unknown_options(model_dir, tmp_path):
+    config = parse_config({"task": {"name": "t"}, "tiers": [{
+        "name": "llm", "kind": "llm", "path": str(model_dir), "options": {"backend": "openai", "urll": "x"}}]}, "t")
+    from cascade.config import build_cascade
+
+    with pytest.raises(ValueError, match="urll"):
+        build_cascade(config, tmp_path)
+
+
+def test_distribution_from_logprobs():
+    r = distribution_from_logprobs("<|b|>", {"<|a|>": -2.0, "<|b|>": -0.5, "x": -0.1}, ["<|a|>", "<|b|>", "<|c|>"])
+    assert r.index == 1 and sum(r.scores) == pytest.approx(1) and r.scores[2] == 0
+    with pytest.raises(ValueError, match="not one of"):
+        distribution_from_logprobs("zzz", {}, ["a"])
+
+
+def test_openai_backend_and_tier_import_no_torch():
+    code = ("import sys, cascade.tiers.llm, serving.backends.openai_http, serving.backends; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_vllm_backend_on_gpu(model_dir):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM backend needs a CUDA device")
+    choices = [f"<|{lab}|>" for lab in LABELS]
+    backend = build_backend("vllm", model_dir=model_dir, gpu_memory_utilization=0.3, max_model_len=256)
+    results = backend.choose(PROMPTS, choices)
+    direct = small_engine(model_dir).classify(PROMPTS, choices)
+    assert [r.index for r in results] == [d.choice for d in direct]
