@@ -206,10 +206,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"fp8: {f['converted_layers']} feed-forward layers in e4m3 (first and last blocks kept); "
               f"val accuracy {f['accuracy_before']:.4f} -> {f['accuracy_fp8']:.4f} on {f['n']} texts")
     if args.int8:
-        q = quantize_int8(args.model, texts, static=args.static_int8)
+        q = quantize_int8(args.model, texts, static=args.static_int8, min_agreement=args.min_agreement or None)
         report["int8"] = q
+        kept = f"; {len(q['kept_fp32'])} sensitive MatMuls kept in fp32" if q["kept_fp32"] else ""
         print(f"wrote {q['int8']}: top-1 agreement with fp32 {q['top1_agreement']:.4f} on {q['agreement_texts']} "
-              "val texts")
+              f"val texts (all-int8: {q['agreement_all_int8']:.4f}{kept})")
+        if not q["target_met"]:
+            print(f"warning: int8 agreement {q['top1_agreement']:.4f} is below --min-agreement {args.min_agreement}",
+                  file=sys.stderr)
     (Path(args.model) / "export.json").write_text(_json.dumps(report, indent=1) + "\n")
     return 0
 
@@ -292,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
     p.add_argument("--parity-texts", type=int, default=256)
     p.add_argument("--static-int8", action="store_true", help="int8 as a static QDQ graph calibrated on val texts")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="int8 top-1 agreement target on val; below it the most sensitive MatMuls stay fp32 (0: off)")
     p.add_argument("--fp8", action="store_true", help="FP8 feed-forward weights (Llama 3 recipe); large models too")
     p.add_argument("--fp8-texts", type=int, default=500, help="val texts for the FP8 accuracy change")
     p.set_defaults(func=cmd_export)

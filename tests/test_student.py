@@ -96,6 +96,26 @@ def test_export_parity_and_int8_agreement(trained_student):
     assert sum(p.label == g for p, g in zip(preds, gold)) / len(gold) > 0.8
 
 
+def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_student, tmp_path):
+    import shutil
+
+    import onnx
+
+    d, texts, _ = trained_student
+    copy = tmp_path / "s"
+    shutil.copytree(d, copy)
+    if not (copy / "model.onnx").exists():
+        export_onnx(copy, texts[:16])
+    # an unreachable target: the fallback excludes up to max_excluded nodes and says it missed
+    q = quantize_int8(copy, texts, min_agreement=1.01, sensitivity_texts=64, max_excluded=3)
+    assert len(q["kept_fp32"]) == 3 and q["target_met"] is False
+    nodes = {n.name: n.op_type for n in onnx.load(str(copy / "model.int8.onnx")).graph.node}
+    assert all(nodes.get(name) == "MatMul" for name in q["kept_fp32"])  # still float
+    assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in nodes.values())  # the rest int8
+    reached = quantize_int8(copy, texts, min_agreement=q["agreement_all_int8"])
+    assert reached["target_met"] and reached["kept_fp32"] == []
+
+
 def test_static_qdq_int8_option(trained_student, tmp_path):
     import shutil
 
