@@ -167,7 +167,7 @@ def test_kv_bytes_per_token_formula(make_engine, tiny):
     engine = make_engine()
     assert engine.kv_bytes_per_token == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
     k, v = engine.runner.kv[0]
-    assert k.shape == (engine.num_blocks, 4, cfg.n_kv_heads, cfg.head_dim) and cfg.n_kv_heads < cfg.n_heads
+    assert k.shape == (engine.num_blocks, cfg.n_kv_heads, 4, cfg.head_dim) and cfg.n_kv_heads < cfg.n_heads
     assert k.numel() * k.element_size() * 2 * cfg.n_layers == engine.num_blocks * 4 * engine.kv_bytes_per_token
 
 

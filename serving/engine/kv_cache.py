@@ -1,7 +1,8 @@
 """The paged KV cache: a pool of fixed-size blocks per layer, and the manager that hands them out.
 
 Memory: every layer owns one preallocated K tensor and one V tensor of shape
-(num_blocks, block_size, n_kv_heads, head_dim): GQA models store their `n_kv_heads`, not
+(num_blocks, n_kv_heads, block_size, head_dim) (each head's tokens contiguous inside a block,
+so attention reads a block as one (block_size, head_dim) matrix): GQA models store their `n_kv_heads`, not
 `n_heads`, so SmolLM2-135M (9 query heads, 3 KV heads) keeps a third of what MHA would.
 
 Bookkeeping (`BlockPool`, `KVCacheManager`) never touches those tensors: it deals in block ids.
@@ -29,8 +30,8 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: tor
 
 def allocate_kv_tensors(n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                         dtype: torch.dtype, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each (num_blocks, block_size, n_kv_heads, head_dim), zeroed."""
-    shape = (num_blocks, block_size, n_kv_heads, head_dim)
+    """One (K, V) pair per layer, each (num_blocks, n_kv_heads, block_size, head_dim), zeroed."""
+    shape = (num_blocks, n_kv_heads, block_size, head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)]
 
