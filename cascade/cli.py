@@ -218,6 +218,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the large model served ----------------------------------------------------------------
+
+
+def cmd_llm_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import create_llm_app
+    from serving.engine.async_engine import AsyncEngine
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import LLMEngine
+
+    config = EngineConfig.default(dtype=args.dtype, block_size=args.block_size, memory_gb=args.kv_memory_gb,
+                                  enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = AsyncEngine(LLMEngine.from_model_dir(args.model, config))
+    name = args.name or Path(args.model).name
+    print(f"serving {name} (OpenAI-compatible) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_llm_app(args.model, name, engine=engine), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # --- quickstart ----------------------------------------------------------------------------
 
 
@@ -259,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="smollm2-135m | path to .gguf | Hugging Face Llama-family dir")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_import)
+
+    llm = sub.add_parser("llm", help="the large model on the built-in engine").add_subparsers(
+        dest="llm_command", required=True, metavar="ACTION")
+    p = llm.add_parser("serve", help="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models")
+    p.add_argument("--model", required=True, help="Hugging Face Llama-family model dir (with tokenizer.json)")
+    p.add_argument("--name", help="model name clients send (default: the dir name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-memory-gb", type=float, default=2.0, help="KV cache budget")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.set_defaults(func=cmd_llm_serve)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,
                                                                          metavar="WHAT")

@@ -154,3 +154,36 @@ def test_vllm_backend_on_gpu(model_dir):
     results = backend.choose(PROMPTS, choices)
     direct = small_engine(model_dir).classify(PROMPTS, choices)
     assert [r.index for r in results] == [d.choice for d in direct]
+
+
+def test_cascade_llm_serve_command(model_dir):
+    """The real command in its own process: it serves /v1/models and a completion on loopback."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "llm", "serve", "--model", str(model_dir),
+                             "--name", "tiny", "--port", str(port), "--dtype", "fp32", "--kv-memory-gb", "0.01"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(url + "/models", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        assert models["data"][0]["id"] == "tiny"
+        r = httpx.post(url + "/completions", json={"model": "tiny", "prompt": "5 6", "max_tokens": 3,
+                                                   "temperature": 0}, timeout=30).json()
+        assert r["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
