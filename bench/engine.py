@@ -33,6 +33,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine, resolve_dtype
 from serving.engine.sampling import SamplingParams
 from training.large import resolve_init
+from training.trainer import matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = (
@@ -50,15 +51,6 @@ INSTRUCTION = (
     "supports it. Treat misspellings and informal wording as their intended words. Requests may be short "
     "fragments; classify them by their most likely meaning in a personal assistant.\n\n"
 )
-
-
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
 def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
@@ -191,7 +183,7 @@ def main() -> None:
                     "prompt_tokens": sum(len(p) for p in prompts),
                     "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))]}
 
-    peaks = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
+    peaks = {p: matmul_peak(p, size=2048, repeats=8) for p in ("bf16", "fp32")}
     bw = memory_bandwidth()
     report["machine"] = {"matmul_flops_bf16": peaks["bf16"], "matmul_flops_fp32": peaks["fp32"],
                          "memory_bytes_per_s": bw}

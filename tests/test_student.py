@@ -96,16 +96,22 @@ def test_export_parity_and_int8_agreement(trained_student):
     assert sum(p.label == g for p, g in zip(preds, gold)) / len(gold) > 0.8
 
 
-def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_student, tmp_path):
+def exported_copy(d, texts, tmp_path):
+    """A copy of the trained student dir with its ONNX export, for tests that rewrite int8."""
     import shutil
 
-    import onnx
-
-    d, texts, _ = trained_student
     copy = tmp_path / "s"
     shutil.copytree(d, copy)
     if not (copy / "model.onnx").exists():
         export_onnx(copy, texts[:16])
+    return copy
+
+
+def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_student, tmp_path):
+    import onnx
+
+    d, texts, _ = trained_student
+    copy = exported_copy(d, texts, tmp_path)
     # an unreachable target: the fallback excludes up to max_excluded nodes and says it missed
     q = quantize_int8(copy, texts, min_agreement=1.01, sensitivity_texts=64, max_excluded=3)
     assert len(q["kept_fp32"]) == 3 and q["target_met"] is False
@@ -117,13 +123,8 @@ def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_
 
 
 def test_static_qdq_int8_option(trained_student, tmp_path):
-    import shutil
-
     d, texts, _ = trained_student
-    copy = tmp_path / "s"
-    shutil.copytree(d, copy)
-    if not (copy / "model.onnx").exists():
-        export_onnx(copy, texts[:16])
+    copy = exported_copy(d, texts, tmp_path)
     q = quantize_int8(copy, texts, static=True, calibration_texts=32)
     assert q["mode"] == "static-qdq" and q["top1_agreement"] >= 0.9
     import onnx
