@@ -134,6 +134,8 @@ def main() -> None:
         "int8_accuracy": int8_acc,
         "int8_accuracy_drop": student_acc - int8_acc,
         "int8_top1_agreement_val": int8["top1_agreement"],
+        "int8_top1_agreement_val_all_int8": int8["agreement_all_int8"],
+        "int8_kept_fp32": int8["kept_fp32"],
         "export_parity_max_abs_diff": export["parity_max_abs_diff"],
         "items_per_s": speed,
         "onnx_int8_over_torch": {k: speed["onnx_int8"][k] / speed["torch_fp32"][k] for k in ("batch1", "batch32")},

@@ -100,6 +100,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cascade.calibrate import CalibrationError, run_calibration
+
+    def progress(name: str, done: int, total: int) -> None:
+        print(f"\r  measuring {name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    try:
+        report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
+                                 args.candidates, args.limit, write=not args.dry_run, progress=progress)
+    except CalibrationError as exc:
+        raise DataError(str(exc)) from exc
+    c = report["chosen"]
+    print(report["table"])
+    print(f"chosen: accuracy {c['accuracy']:.4f}, llm share {c['llm_share']:.3f}, {c['cost_ms']:.3f} ms/item "
+          f"(the last tier alone: {report['last_tier_accuracy']:.4f}); plot {report['plot']}")
+    if not args.dry_run:
+        print(f"wrote the thresholds into {args.config}")
+    return 0
+
+
 # --- plan --------------------------------------------------------------------------------
 
 
@@ -394,6 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expected share of out-of-scope traffic; out-of-scope matches are weighted up to it")
     p.add_argument("--name", help="pack name (default: the file stem)")
     p.set_defaults(func=cmd_rules_mine)
+
+    p = sub.add_parser("calibrate", help="choose every tier's threshold jointly on validation data")
+    p.add_argument("--config", required=True, help="cascade.toml (its thresholds are rewritten)")
+    p.add_argument("--data", required=True, help="dataset dir")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-accuracy", help="reach this accuracy at the lowest cost; 'llm' = the last tier's own")
+    goal.add_argument("--max-llm-share", type=float, help="best accuracy with at most this share at the large model")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--candidates", type=int, default=24, help="threshold quantiles tried per tier")
+    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="evaluate a cascade on a labelled split")
     p.add_argument("--config", required=True, help="cascade.toml")

@@ -1,0 +1,242 @@
+"""Threshold calibration: pick every tier's confidence threshold jointly, on validation data.
+
+Each tier is first run on *every* validation text (not only the ones earlier tiers leave
+open), so any combination of thresholds can be simulated exactly without running a model
+again: an item is answered by the first tier whose prediction clears its threshold, else by the
+last tier, and it costs the mean milliseconds of every tier it passed through.
+
+Candidate thresholds per tier are quantiles of that tier's own confidences (RouteLLM's
+threshold-by-quantile), plus "never answer"; the search is the full product over the non-last
+tiers, so thresholds are chosen jointly, not one tier at a time. The result is a frontier of
+(accuracy, large-model share, cost) points; the chosen point is the cheapest that reaches the
+accuracy target, or the most accurate within a large-model share.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+NEVER = 1.000001  # a threshold no confidence reaches: the tier never answers
+
+
+class CalibrationError(ValueError):
+    """No thresholds meet the request; the message says what the best reachable point is."""
+
+
+@dataclass
+class TierRun:
+    """One tier measured on the validation split."""
+
+    name: str
+    labels: list[str | None]  # None: abstained
+    confidences: np.ndarray  # 0 where abstained
+    mean_ms: float
+    is_llm: bool = False
+
+
+@dataclass
+class Point:
+    thresholds: tuple[float, ...]  # one per tier; the last tier's is unused (0.0)
+    accuracy: float
+    llm_share: float
+    cost_ms: float  # expected ms per item
+    shares: tuple[float, ...]  # share answered by each tier
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def candidate_thresholds(confidences: np.ndarray, answered: np.ndarray, n: int) -> list[float]:
+    """Up to `n` quantiles of the confidences of the items the tier answered, plus NEVER."""
+    conf = confidences[answered]
+    if conf.size == 0:
+        return [NEVER]
+    qs = np.unique(np.quantile(conf, np.linspace(0.0, 1.0, n)))
+    return sorted({float(q) for q in qs}) + [NEVER]
+
+
+def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
+             correct: list[np.ndarray] | None = None) -> Point:
+    """The cascade's accuracy, large-model share and cost at these thresholds."""
+    n = len(gold)
+    correct = correct or [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
+    open_mask = np.ones(n, dtype=bool)
+    right = np.zeros(n, dtype=bool)
+    cost = np.zeros(n)
+    shares, llm = [], 0.0
+    last = len(runs) - 1
+    for k, run in enumerate(runs):
+        cost[open_mask] += run.mean_ms
+        if k == last:
+            takes = open_mask
+        else:
+            answered = np.array([lab is not None for lab in run.labels])
+            takes = open_mask & answered & (run.confidences >= thresholds[k])
+        right |= takes & correct[k]
+        share = float(takes.mean()) if n else 0.0
+        shares.append(share)
+        if run.is_llm:
+            llm += share
+        open_mask = open_mask & ~takes
+    return Point(tuple(thresholds), float(right.mean()) if n else 0.0, llm, float(cost.mean()) if n else 0.0,
+                 tuple(shares))
+
+
+def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24) -> list[Point]:
+    """Every joint threshold combination on the candidate grid, simulated."""
+    if not runs:
+        raise CalibrationError("no tiers to calibrate")
+    correct = [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
+    grids = []
+    for run in runs[:-1]:
+        answered = np.array([lab is not None for lab in run.labels])
+        grids.append(candidate_thresholds(run.confidences, answered, candidates))
+    return [simulate(runs, gold, tuple(combo) + (0.0,), correct) for combo in itertools.product(*grids)]
+
+
+def pareto(points: list[Point], cost_key: str = "cost_ms") -> list[Point]:
+    """Points not beaten by another that is at least as accurate and cheaper (by `cost_key`)."""
+    best: list[Point] = []
+    for p in sorted(points, key=lambda p: (getattr(p, cost_key), -p.accuracy)):
+        if not best or p.accuracy > best[-1].accuracy:
+            best.append(p)
+    return best
+
+
+def choose(points: list[Point], target_accuracy: float | None = None, max_llm_share: float | None = None) -> Point:
+    """The cheapest point reaching `target_accuracy`, or the most accurate within `max_llm_share`."""
+    if (target_accuracy is None) == (max_llm_share is None):
+        raise CalibrationError("give exactly one of --target-accuracy and --max-llm-share")
+    if target_accuracy is not None:
+        ok = [p for p in points if p.accuracy >= target_accuracy - 1e-12]
+        if not ok:
+            best = max(points, key=lambda p: p.accuracy)
+            raise CalibrationError(f"--target-accuracy {target_accuracy:.4f} is not reachable on this data: the "
+                                   f"best combination reaches {best.accuracy:.4f} (llm share {best.llm_share:.3f})")
+        return min(ok, key=lambda p: (p.cost_ms, p.llm_share, -p.accuracy))
+    ok = [p for p in points if p.llm_share <= max_llm_share + 1e-12]
+    if not ok:
+        least = min(points, key=lambda p: p.llm_share)
+        raise CalibrationError(f"--max-llm-share {max_llm_share:.3f} is not reachable: at least "
+                               f"{least.llm_share:.3f} of the items reach the large model")
+    return max(ok, key=lambda p: (p.accuracy, -p.cost_ms))
+
+
+# --- running tiers and writing results (the `cascade calibrate` command) -------------------
+
+
+def measure_tiers(cascade, is_llm: list[bool], texts: list[str], batch_size: int = 256,
+                  progress=None) -> list[TierRun]:
+    """Run every tier on every text (batched) and time it."""
+    import time
+
+    runs = []
+    for tier, llm in zip(cascade.tiers, is_llm):
+        labels: list[str | None] = []
+        conf: list[float] = []
+        t0 = time.perf_counter()
+        for start in range(0, len(texts), batch_size):
+            for pred in tier.predict_batch(texts[start:start + batch_size]):
+                labels.append(None if pred is None else pred.label)
+                conf.append(0.0 if pred is None else float(pred.confidence))
+            if progress:
+                progress(tier.name, min(len(texts), start + batch_size), len(texts))
+        ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(texts))
+        runs.append(TierRun(tier.name, labels, np.array(conf), ms, llm))
+    return runs
+
+
+def format_frontier(points: list[Point], names: list[str], chosen: Point) -> str:
+    head = "  ".join(f"{'thr ' + n:>12}" for n in names[:-1])
+    lines = [f"{head}  {'accuracy':>9}  {'llm share':>9}  {'ms/item':>8}"]
+    for p in points:
+        mark = "  <- chosen" if p == chosen else ""
+        thr = "  ".join(f"{'never' if t >= NEVER else f'{t:.4f}':>12}" for t in p.thresholds[:-1])
+        lines.append(f"{thr}  {p.accuracy:>9.4f}  {p.llm_share:>9.3f}  {p.cost_ms:>8.3f}{mark}")
+    return "\n".join(lines)
+
+
+def plot_frontier(points: list[Point], chosen: Point, path, llm_accuracy: float | None = None) -> None:
+    """Accuracy against large-model share and against cost, every grid point and the Pareto
+    fronts, the chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, xlabel in ((axes[0], "llm_share", "large-model share"), (axes[1], "cost_ms", "ms per item")):
+        ax.scatter([getattr(p, key) for p in points], [p.accuracy for p in points], s=6, c="0.75", label="grid")
+        front = pareto(points, key)
+        ax.plot([getattr(p, key) for p in front], [p.accuracy for p in front], "-o", ms=3, label="frontier")
+        ax.scatter([getattr(chosen, key)], [chosen.accuracy], s=90, marker="*", c="red", zorder=5, label="chosen")
+        if llm_accuracy is not None:
+            ax.axhline(llm_accuracy, ls="--", c="0.4", lw=1, label="last tier alone")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_calibration(config_path, data_dir, target_accuracy: float | str | None = None,
+                    max_llm_share: float | None = None, split: str = "val", candidates: int = 24,
+                    limit: int | None = None, write: bool = True, progress=None) -> dict:
+    """Measure the configured tiers on `split`, choose thresholds, and (with `write`) store them
+    in the config; the frontier goes beside it as `NAME.frontier.json` and `NAME.frontier.png`."""
+    import json
+    from pathlib import Path
+
+    from cascade.config import build_cascade, dump_config, load_config
+    from cascade.data import load_split
+    from cascade.evaluate import LLM_KINDS
+
+    config_path = Path(config_path)
+    config = load_config(config_path)
+    examples = load_split(data_dir, split)[:limit]
+    texts, gold = [ex.text for ex in examples], [ex.label for ex in examples]
+    cascade = build_cascade(config, config_path.parent)
+    try:
+        runs = measure_tiers(cascade, [spec.kind in LLM_KINDS for spec in config.tiers], texts, progress=progress)
+    finally:
+        for tier in cascade.tiers:
+            close = getattr(tier, "close", None)
+            if callable(close):
+                close()
+    last_accuracy = float(np.mean([p == g for p, g in zip(runs[-1].labels, gold)]))
+    if target_accuracy == "llm":
+        target_accuracy = last_accuracy
+    elif isinstance(target_accuracy, str):
+        try:
+            target_accuracy = float(target_accuracy)
+        except ValueError:
+            raise CalibrationError(f"--target-accuracy {target_accuracy!r}: a number in (0, 1] or 'llm'") from None
+    points = frontier(runs, gold, candidates)
+    chosen = choose(points, target_accuracy, max_llm_share)
+    names = [r.name for r in runs]
+    report = {
+        "split": split, "n": len(gold), "tiers": names,
+        "tier_accuracy_alone": {r.name: float(np.mean([p == g for p, g in zip(r.labels, gold)])) for r in runs},
+        "tier_mean_ms": {r.name: r.mean_ms for r in runs},
+        "target_accuracy": target_accuracy, "max_llm_share": max_llm_share,
+        "chosen": chosen.to_json(), "last_tier_accuracy": last_accuracy,
+        "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
+        "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
+        "grid_points": len(points),
+    }
+    report["table"] = format_frontier(pareto(points, "cost_ms"), names, chosen)
+    stem = config_path.with_suffix("")
+    report["plot"] = str(stem) + ".frontier.png"
+    plot_frontier(points, chosen, report["plot"], last_accuracy)
+    Path(str(stem) + ".frontier.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"},
+                                                             indent=1) + "\n")
+    if write:
+        for spec, thr in zip(config.tiers[:-1], chosen.thresholds[:-1]):
+            spec.threshold = min(1.0, thr)  # NEVER is stored as 1.0 plus a note in the frontier file
+        dump_config(config, config_path)
+    return report

@@ -1,0 +1,122 @@
+"""Joint threshold calibration on synthetic tiers with known accuracy and confidence."""
+
+import numpy as np
+import pytest
+
+from cascade.calibrate import NEVER, CalibrationError, TierRun, choose, frontier, pareto, simulate
+
+
+def synthetic(n=2000, seed=0):
+    """Rules: answer 20%, 99% right. Student: answers all, right with probability = its
+    confidence (well calibrated). LLM: 95% right, slow."""
+    rng = np.random.default_rng(seed)
+    gold = [f"l{i % 10}" for i in range(n)]
+    wrong = lambda g: "l" + str((int(g[1:]) + 1) % 10)  # noqa: E731
+    rules_hit = rng.random(n) < 0.2
+    rules = [g if rng.random() < 0.99 else wrong(g) for g in gold]
+    rules = [lab if hit else None for lab, hit in zip(rules, rules_hit)]
+    conf = rng.uniform(0.3, 1.0, n)
+    student = [g if rng.random() < c else wrong(g) for g, c in zip(gold, conf)]
+    llm = [g if rng.random() < 0.95 else wrong(g) for g in gold]
+    runs = [TierRun("rules", rules, np.where(rules_hit, 0.99, 0.0), 0.01),
+            TierRun("student", student, conf, 1.0),
+            TierRun("llm", llm, np.ones(n), 50.0, is_llm=True)]
+    return runs, gold
+
+
+def test_simulation_counts_costs_and_shares_exactly():
+    runs = [TierRun("a", ["x", None, "y"], np.array([0.9, 0.0, 0.4]), 1.0),
+            TierRun("b", ["x", "x", "x"], np.array([1.0, 1.0, 1.0]), 10.0, is_llm=True)]
+    p = simulate(runs, ["x", "x", "x"], (0.5, 0.0))
+    assert p.shares == (1 / 3, 2 / 3) and p.llm_share == pytest.approx(2 / 3)
+    assert p.accuracy == 1.0 and p.cost_ms == pytest.approx(1.0 + 20.0 / 3)
+    never = simulate(runs, ["x", "x", "x"], (NEVER, 0.0))
+    assert never.llm_share == 1.0
+
+
+def test_chosen_thresholds_meet_the_target_at_lower_cost_than_the_llm_alone():
+    runs, gold = synthetic()
+    points = frontier(runs, gold)
+    chosen = choose(points, target_accuracy=0.93)
+    assert chosen.accuracy >= 0.93
+    assert chosen.llm_share < 0.9 and chosen.cost_ms < 50.0
+    # refit-free check: simulating the chosen thresholds gives the reported figures
+    again = simulate(runs, gold, chosen.thresholds)
+    assert again.accuracy == chosen.accuracy and again.cost_ms == chosen.cost_ms
+    # no other grid point reaching the target is cheaper
+    assert all(p.cost_ms >= chosen.cost_ms for p in points if p.accuracy >= 0.93)
+
+
+def test_search_covers_the_joint_grid():
+    """Every pair of (rules, student) candidate thresholds is simulated: a tier's best threshold
+    depends on the others', so none is fixed first."""
+    runs, gold = synthetic()
+    points = frontier(runs, gold, candidates=8)
+    rules_grid = {p.thresholds[0] for p in points}
+    student_grid = {p.thresholds[1] for p in points}
+    assert len(points) == len(rules_grid) * len(student_grid)
+
+
+def test_max_llm_share_picks_the_most_accurate_within_it():
+    runs, gold = synthetic()
+    points = frontier(runs, gold)
+    chosen = choose(points, max_llm_share=0.3)
+    assert chosen.llm_share <= 0.3
+    assert chosen.accuracy == max(p.accuracy for p in points if p.llm_share <= 0.3)
+
+
+def test_infeasible_targets_say_what_is_reachable():
+    runs, gold = synthetic()
+    points = frontier(runs, gold)
+    with pytest.raises(CalibrationError, match="not reachable.*best combination reaches"):
+        choose(points, target_accuracy=0.999)
+    with pytest.raises(CalibrationError, match="exactly one"):
+        choose(points)
+
+
+def test_pareto_front_is_monotone():
+    runs, gold = synthetic()
+    front = pareto(frontier(runs, gold))
+    costs = [p.cost_ms for p in front]
+    accs = [p.accuracy for p in front]
+    assert costs == sorted(costs) and accs == sorted(accs) and len(front) >= 3
+
+
+def test_calibrate_command_writes_thresholds_frontier_and_plot(clinc_dir, tmp_path, capsys):
+    """The real command on CLINC150 val with the shipped rules pack and a one-label fallback:
+    the rules tier's threshold is chosen, written back, and the frontier saved and plotted."""
+    from pathlib import Path
+
+    from cascade.cli import main
+    from cascade.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "cascade.toml"
+    config.write_text(f'''[task]
+name = "clinc150"
+
+[[tiers]]
+name = "rules"
+kind = "rules"
+path = "{repo / 'rules' / 'clinc150.toml'}"
+threshold = 0.0
+
+[[tiers]]
+name = "fallback"
+kind = "majority"
+path = "{clinc_dir}"
+options = {{ label = "oos" }}
+''')
+    assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.05",
+                 "--limit", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "<- chosen" in out and "wrote the thresholds" in out
+    assert (tmp_path / "cascade.frontier.png").read_bytes()[:4] == b"\x89PNG"
+    report = __import__("json").loads((tmp_path / "cascade.frontier.json").read_text())
+    assert report["chosen"]["accuracy"] >= 0.05 and report["n"] == 600
+    assert load_config(config).tiers[0].threshold == pytest.approx(min(1.0, report["chosen"]["thresholds"][0]))
+    # an unreachable target fails with the reachable figure, and leaves the config alone
+    before = config.read_text()
+    assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.99",
+                 "--limit", "600"]) == 2
+    assert "not reachable" in capsys.readouterr().err and config.read_text() == before
