@@ -65,7 +65,7 @@ def main() -> None:
         run = train_student(data, teacher, args.out, size=args.size, from_teacher=args.size == "distil-smollm2",
                             cfg=TrainConfig(lr=args.lr or (1e-3 if args.size != "distil-smollm2" else 3e-4), epochs=args.epochs,
                                             batch_size=64, warmup_steps=50, ckpt_every=200))
-    train_s = time.perf_counter() - t0
+    train_s = run.summary.get("wall_s") if args.reuse else time.perf_counter() - t0
     export = export_onnx(args.out, [ex.text for ex in load_split(data, "val")][:256])
     int8 = quantize_int8(args.out, [ex.text for ex in load_split(data, "val")])
 
