@@ -259,6 +259,19 @@ def cmd_llm_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cascade.config import load_config
+    from serving.app import create_app
+
+    load_config(args.config)  # fail here, with the file and key, not inside the server
+    print(f"serving {args.config} on http://{args.host}:{args.port}/v1/classify", file=sys.stderr)
+    uvicorn.run(create_app(args.config), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.drain_s)
+    return 0
+
+
 # --- quickstart ----------------------------------------------------------------------------
 
 
@@ -300,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="smollm2-135m | path to .gguf | Hugging Face Llama-family dir")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_import)
+
+    p = sub.add_parser("serve", help="the cascade over HTTP: /v1/classify, /healthz, /readyz, /metrics")
+    p.add_argument("--config", required=True, help="cascade.toml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, how long in-flight requests may finish")
+    p.set_defaults(func=cmd_serve)
 
     llm = sub.add_parser("llm", help="the large model on the built-in engine").add_subparsers(
         dest="llm_command", required=True, metavar="ACTION")

@@ -78,6 +78,9 @@ class ServingConfig(BaseModel):
     micro_batch_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a tier waits to fill a batch")
     micro_batch_size: int = Field(default=32, ge=1, le=4096, description="largest batch a tier runs at once")
     tier_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="a tier slower than this counts as failed")
+    api_keys_env: str = Field(default="CASCADE_API_KEYS", min_length=1,
+                              description="env var with comma-separated API keys; when set, requests need one")
+    retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 429")
 
 
 class CascadeConfig(BaseModel):

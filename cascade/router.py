@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
 
 from cascade.types import Prediction, Tier
@@ -69,6 +69,25 @@ class Cascade:
             texts: the request texts.
             explain: attach every tier's prediction on the way (`Prediction.trail`).
         """
+        steps = self.route(texts, explain)
+        try:
+            level, batch = next(steps)
+            while True:
+                try:
+                    preds = self.tiers[level].predict_batch(batch)
+                except Exception as exc:  # handed to the routing, which decides what a failure means
+                    level, batch = steps.throw(exc)
+                else:
+                    level, batch = steps.send(preds)
+        except StopIteration as done:
+            return done.value
+
+    def route(self, texts: Sequence[str], explain: bool = False
+              ) -> Generator[tuple[int, list[str]], list, list[Prediction]]:
+        """The routing itself, without running any tier: yields `(tier index, open texts)` and
+        expects that tier's predictions sent back (or its exception thrown in); returns the
+        final Predictions. `predict_batch` drives it synchronously; the HTTP service drives it
+        with each tier's micro-batcher, so both share one set of rules."""
         results: list[Prediction | None] = [None] * len(texts)
         # Best answer seen so far per open item (even below threshold): the fallback if a later
         # tier fails.
@@ -86,7 +105,7 @@ class Cascade:
             counters.seen += len(batch)
             t0 = time.perf_counter()
             try:
-                preds = tier.predict_batch(batch)
+                preds = yield level, batch
                 if len(preds) != len(batch):
                     raise CascadeError(
                         f"tier {tier.name!r} returned {len(preds)} predictions for {len(batch)} texts"

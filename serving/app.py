@@ -1,16 +1,17 @@
-"""The FastAPI app. Route groups are built by their owners and mounted here:
-the large model's OpenAI-compatible routes (serving/openai_api.py) when a large model is served
-in-process. Errors are JSON `{"error": {"message", "type", "param"}}`, with a message that names
-the field.
+"""The FastAPI apps: `create_app` (`cascade serve`: the cascade, and the large model's OpenAI
+routes when its tier runs in-process) and `create_llm_app` (`cascade llm serve`: one large model).
+Route groups are built by their owners (serving/openai_api.py) and mounted here. Errors are JSON
+`{"error": {"message", "type", "param"}}`, with a message that names the field.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def _field(loc: tuple) -> str:
@@ -52,3 +53,111 @@ def create_llm_app(model_dir: str | Path, model_name: str | None = None, engine=
 
     app.state.engine = async_engine
     return app
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, description="one text")
+    texts: list[str] | None = Field(default=None, description="several texts, answered in order")
+    explain: bool = Field(default=False, description="add every tier's prediction on the way")
+
+
+def create_app(config_path: str | Path, service=None) -> FastAPI:
+    """`cascade serve`: POST /v1/classify, /healthz, /readyz, /metrics; and the large model's
+    OpenAI routes when its tier runs the built-in engine in this process."""
+    import os
+    from contextlib import asynccontextmanager
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from cascade.config import build_cascade, load_config
+    from serving.service import CascadeService, Overloaded
+
+    config_path = Path(config_path)
+    config = load_config(config_path)
+    limits = config.serving
+    keys = {k.strip() for k in os.environ.get(limits.api_keys_env, "").split(",") if k.strip()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal service
+        if service is None:
+            service = CascadeService(build_cascade(config, config_path.parent), limits.max_queue,
+                                     limits.micro_batch_size, limits.micro_batch_ms, limits.tier_timeout_s)
+        await service.start()
+        app.state.service = service
+        _mount_llm_routes(app, service)
+        yield
+        await service.stop()  # uvicorn has drained in-flight requests before this runs
+
+    app = FastAPI(title="cascade", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if not keys:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else request.headers.get("x-api-key")
+        if given not in keys:
+            raise HTTPException(401, detail={"message": "missing or unknown API key (Authorization: Bearer KEY)",
+                                             "param": "authorization"})
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request):
+        check_key(request)
+        if (body.text is None) == (body.texts is None):
+            raise HTTPException(422, detail={"message": "give exactly one of `text` and `texts`", "param": "text"})
+        texts = [body.text] if body.text is not None else body.texts
+        if not texts:
+            raise HTTPException(422, detail={"message": "texts: empty list", "param": "texts"})
+        if len(texts) > limits.max_batch_items:
+            raise HTTPException(413, detail={"message": f"texts: {len(texts)} items, the limit is "
+                                                        f"{limits.max_batch_items}", "param": "texts"})
+        for i, t in enumerate(texts):
+            if len(t) > limits.max_text_chars:
+                field = "text" if body.text is not None else f"texts[{i}]"
+                raise HTTPException(413, detail={"message": f"{field}: {len(t)} characters, the limit is "
+                                                            f"{limits.max_text_chars}", "param": field})
+        svc = request.app.state.service
+        try:
+            preds = await svc.classify(texts, body.explain)
+        except Overloaded as exc:
+            svc.metrics.requests.labels("429").inc()
+            raise HTTPException(429, detail={"message": f"overloaded: {exc}; retry later"},
+                                headers={"Retry-After": str(limits.retry_after_s)}) from exc
+        except Exception:
+            svc.metrics.requests.labels("500").inc()
+            raise
+        svc.metrics.requests.labels("200").inc()
+        answers = [p.to_dict() for p in preds]
+        return answers[0] if body.text is not None else {"predictions": answers}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        svc = getattr(request.app.state, "service", None)
+        if svc is None or not svc.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "tiers": [t.name for t in svc.cascade.tiers]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _mount_llm_routes(app: FastAPI, service) -> None:
+    """An llm tier on the built-in engine shares its engine with OpenAI-compatible routes."""
+    from serving.openai_api import build_openai_router
+
+    for tier in service.cascade.tiers:
+        backend = getattr(tier, "backend", None)
+        engine = getattr(backend, "async_engine", None)
+        if engine is not None:
+            app.include_router(build_openai_router(engine, backend.model_dir.name, backend.model_dir))
+            return

@@ -252,3 +252,18 @@ def test_loads_an_hf_dir_and_abort_frees_blocks(tmp_path, tiny):
     assert engine.kv.num_free_blocks < 32
     engine.abort(rid)
     assert engine.kv.num_free_blocks == 32 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_chunked_causal_attention_equals_sdpa(start):
+    from serving.engine.runner import causal_attention
+
+    torch.manual_seed(0)
+    H, K, D, T = 6, 2, 16, 300
+    q = torch.randn(H, T, D)
+    k, v = torch.randn(K, start + T, D), torch.randn(K, start + T, D)
+    mask = torch.arange(start + T)[None, :] <= (start + torch.arange(T))[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                                           enable_gqa=True)[0]
+    assert torch.allclose(causal_attention(q, k, v, start, chunk=64), ref, atol=1e-5)
+    assert torch.allclose(causal_attention(q, k, v, start, chunk=1024), ref, atol=1e-5)

@@ -46,17 +46,34 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of T queries over L keys with GQA: q (H, T, D), k/v (K, L, D), mask (T, L) bool
-    -> (H, T, D). Scores in fp32. Query heads of one KV group are batched against that head's
-    K/V, never copied per query head; on this CPU it is ~1.4x the SDPA flash kernel at T=512."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (H, T, D), k/v (K, L, D), mask (T, L) bool -> (H, T, D); scores in fp32. The query heads
+    of one KV group are stacked as rows against that head's K/V, never copied per query head."""
     H, T, D = q.shape
     K = k.shape[0]
-    qg = q.view(K, H // K * T, D)  # (K, G*T, D): heads h = kv * G + g, rows g*T + t
+    qg = q.reshape(K, H // K * T, D)  # (K, G*T, D): heads h = kv * G + g, rows g*T + t
     scores = torch.matmul(qg, k.transpose(-1, -2)).float().view(K, H // K, T, -1) * (D ** -0.5)
     scores = scores.masked_fill(~mask, float("-inf"))
     p = torch.softmax(scores, -1).to(v.dtype).view(K, H // K * T, -1)
     return torch.matmul(p, v).view(H, T, D)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int = 128) -> torch.Tensor:
+    """Causal attention of T new queries at positions start.. over keys 0..start + T - 1 with GQA:
+    q (H, T, D), k/v (K, start + T, D) -> (H, T, D).
+
+    Queries go in chunks of `chunk`, each against only the keys it can see, so the masked upper
+    triangle is mostly not computed (a 512-token prompt does 5/8 of the full T x T work). On this
+    CPU this is faster than SDPA's flash kernel with GQA (3.5 ms vs 2.4 ms unchunked at T=512).
+    """
+    T = q.shape[1]
+    outs = []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        ctx = start + b
+        mask = torch.arange(ctx, device=q.device)[None, :] <= (start + torch.arange(a, b, device=q.device))[:, None]
+        outs.append(_attend(q[:, a:b], k[:, :ctx], v[:, :ctx], mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class ModelRunner:
@@ -71,36 +88,55 @@ class ModelRunner:
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
         """(1, n_blocks) -> (K, length, D) contiguous context of one sequence."""
-        g = cache[tables[0]]  # (nb, K, bs, D)
+        g = cache.index_select(0, tables[0])  # (nb, K, bs, D)
         return g.transpose(0, 1).reshape(self.cfg.n_kv_heads, -1, self.cfg.head_dim)[:, :length]
 
     def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          d: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One query per sequence, all decoding sequences at once: q (B, H, D) -> (B, H, D).
+                          group: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One query per sequence for a group of decoding sequences of similar length:
+        q (B, H, D) -> (B, H, D).
 
-        The blocks of every sequence are gathered once into one flat (S, K, bs, D) batch, with no
-        padding to the longest sequence (lengths here range 16..576: padding would double the
-        copy). Each block is scored against its sequence's query heads, stacked by KV group so
-        each K/V head is read once for its whole group (GQA); the softmax over a sequence's
-        blocks is assembled with per-sequence max and sum (scatter/index_add), then normalised.
-        SDPA's CPU flash kernel spent ~3 ms per call on a one-token query here.
+        One gather through the block tables lands K (and V) directly as (B, K, L, D) — the
+        cache is head-major inside a block, so indexing its (num_blocks * K) rows by
+        `block * K + head` needs no transposed copy afterwards — then two batched matmuls with
+        the query heads of a KV group stacked as rows, so each K/V head is read once for its
+        whole group (GQA). Sequences are grouped by length before this, so the padding to the
+        group's longest is small. (SDPA's CPU flash kernel spent ~3 ms per call on a one-token
+        query here; a block-by-block variant spent its time in thousands of tiny GEMMs.)
         """
         B, H, D = q.shape
         K = self.cfg.n_kv_heads
-        G = H // K
-        owner = d["owner"]
-        kb, vb = k_cache[d["blocks"]], v_cache[d["blocks"]]  # (S, K, bs, D)
-        qg = q.view(B, K, G, D)[owner]  # heads h = kv * G + g, as repeat_interleave pairs them
-        scores = torch.matmul(qg, kb.transpose(-1, -2)).float() * (D ** -0.5)  # (S, K, G, bs)
-        scores = scores.masked_fill(~d["valid"][:, None, None, :], float("-inf"))
-        block_max = scores.amax(-1)  # (S, K, G)
-        seq_max = torch.full((B, K, G), float("-inf"), device=q.device).scatter_reduce(
-            0, owner[:, None, None].expand(-1, K, G), block_max, reduce="amax")
-        e = torch.exp(scores - seq_max[owner][..., None])
-        denom = torch.zeros(B, K, G, device=q.device).index_add_(0, owner, e.sum(-1))
-        o = torch.matmul(e.to(vb.dtype), vb).float()  # (S, K, G, D)
-        out = torch.zeros(B, K, G, D, device=q.device).index_add_(0, owner, o) / denom[..., None]
-        return out.to(q.dtype).view(B, H, D)
+        rows = group["rows"]  # (B, K, nb): row of (block, head) in the cache viewed as (num_blocks * K, bs, D)
+        # index_select, not advanced indexing: ~6x faster for this row gather on CPU (measured)
+        kb = k_cache.view(-1, self.block_size, D).index_select(0, rows.view(-1)).view(B, K, -1, D)  # (B, K, L, D)
+        vb = v_cache.view(-1, self.block_size, D).index_select(0, rows.view(-1)).view(B, K, -1, D)
+        qg = q.view(B, K, H // K, D)  # heads h = kv * G + g, as repeat_interleave pairs them
+        scores = torch.matmul(qg, kb.transpose(-1, -2)).float() * (D ** -0.5)  # (B, K, G, L)
+        scores = scores.masked_fill(~group["mask"][:, None, None, :], float("-inf"))
+        p = torch.softmax(scores, -1).to(vb.dtype)
+        return torch.matmul(p, vb).view(B, H, D)
+
+    def _decode_groups(self, seqs: list[ScheduledSeq], decode: list[int], offsets: list[int],
+                       group_size: int = 16) -> list[dict[str, torch.Tensor]]:
+        """Decoding sequences sorted by length and cut into groups, each padded to its longest."""
+        bs, dev, K = self.block_size, self.device, self.cfg.n_kv_heads
+        order = sorted(decode, key=lambda i: seqs[i].start)
+        groups = []
+        for g in range(0, len(order), group_size):
+            members = order[g:g + group_size]
+            lengths = [seqs[i].start + 1 for i in members]
+            nb = -(-max(lengths) // bs)
+            tables = torch.zeros((len(members), nb), dtype=torch.long)
+            for r, i in enumerate(members):
+                t = seqs[i].block_table[: -(-lengths[r] // bs)]
+                tables[r, : len(t)] = torch.tensor(t)
+            rows = tables[:, None, :] * K + torch.arange(K)[None, :, None]  # (B, K, nb)
+            groups.append({
+                "idx": torch.tensor([offsets[i] for i in members], device=dev),
+                "rows": rows.to(dev),
+                "mask": (torch.arange(nb * bs)[None, :] < torch.tensor(lengths)[:, None]).to(dev),
+            })
+        return groups
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -131,18 +167,7 @@ class ModelRunner:
             o += s.num_new
         decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
         prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
-        if decode:
-            d_idx = torch.tensor([offsets[i] for i in decode], device=dev)
-            blocks, owner, valid = [], [], []
-            for r, i in enumerate(decode):
-                length = seqs[i].start + 1
-                n = -(-length // bs)
-                blocks.extend(seqs[i].block_table[:n])
-                owner.extend([r] * n)
-                valid.extend([bs] * (n - 1) + [length - (n - 1) * bs])
-            d = {"blocks": torch.tensor(blocks, device=dev), "owner": torch.tensor(owner, device=dev),
-                 # (S, bs): which slots of each gathered block hold a token of its sequence
-                 "valid": torch.arange(bs, device=dev)[None, :] < torch.tensor(valid, device=dev)[:, None]}
+        groups = self._decode_groups(seqs, decode, offsets) if decode else []
 
         x = self.model.embed_tokens(tok)  # (N, C)
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv):
@@ -156,11 +181,12 @@ class ModelRunner:
             v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
 
             out = torch.empty_like(q)  # (N, H, D)
-            if decode:
-                out[d_idx] = self._decode_attention(q[d_idx], k_cache, v_cache, d)
+            for group in groups:
+                out.index_copy_(0, group["idx"], self._decode_attention(q.index_select(0, group["idx"]), k_cache,
+                                                                         v_cache, group))
             for i in prefill:
                 s, a = seqs[i], offsets[i]
-                qs = q[a:a + s.num_new].transpose(0, 1).contiguous()  # (H, T, D)
+                qs = q[a:a + s.num_new].transpose(0, 1)  # (H, T, D)
                 ctx = s.start + s.num_new
                 if s.start == 0:  # nothing cached: its own fresh K/V, no gather
                     ks = k[a:a + s.num_new].transpose(0, 1)
@@ -168,9 +194,7 @@ class ModelRunner:
                 else:
                     table = torch.tensor(s.block_table[: -(-ctx // bs)], device=dev)[None]
                     ks, vs = self._gather(k_cache, table, ctx), self._gather(v_cache, table, ctx)
-                # query i (at position start + i) sees keys 0..start + i
-                mask = torch.arange(ctx, device=dev)[None, :] <= (s.start + torch.arange(s.num_new, device=dev))[:, None]
-                out[a:a + s.num_new] = causal_attention(qs, ks, vs, mask).transpose(0, 1)
+                out[a:a + s.num_new] = causal_attention(qs, ks, vs, s.start).transpose(0, 1)
             x = x + attn.o_proj(out.view(-1, H * D))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
