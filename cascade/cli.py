@@ -259,6 +259,26 @@ def cmd_llm_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from serving.batch import run_batch
+
+    s = run_batch(args.input, args.config, args.out, resume=args.resume, batch_size=args.batch_size,
+                  text_field=args.text_field, id_field=args.id_field, label_field=args.label_field,
+                  progress=not args.no_progress)
+    shares = "  ".join(f"{k} {v:.1%}" for k, v in s["shares"].items())
+    print(f"wrote {s['rows']} rows to {s['out']} ({s['items_per_s']:.0f} items/s); answered by: {shares}")
+    if s["malformed"]:
+        print(f"{s['malformed']} malformed rows -> {s['errors_file']} (with their line numbers)")
+    if s["accuracy"] is not None:
+        print(f"accuracy on the {s['labelled']} labelled rows: {s['accuracy']:.4f}")
+    if s["all_llm_cost_ms"]:
+        print(f"compute: {s['cost_ms'] / 1000:.1f}s in the cascade vs ~{s['all_llm_cost_ms'] / 1000:.1f}s "
+              "with every row at the large model")
+    if s["degraded"]:
+        print(f"{s['degraded']} answers degraded (the large model failed; an earlier tier's answer was used)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -313,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="smollm2-135m | path to .gguf | Hugging Face Llama-family dir")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_import)
+
+    p = sub.add_parser("batch", help="classify a JSONL/CSV file; resumable, in input order")
+    p.add_argument("input", help="JSONL or CSV with a text column (optional id and label)")
+    p.add_argument("--config", required=True, help="cascade.toml")
+    p.add_argument("--out", required=True, help="OUT.jsonl (errors: OUT.errors.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("serve", help="the cascade over HTTP: /v1/classify, /healthz, /readyz, /metrics")
     p.add_argument("--config", required=True, help="cascade.toml")

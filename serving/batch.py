@@ -1,0 +1,199 @@
+"""`cascade batch INPUT --config cascade.toml --out OUT.jsonl [--resume]`: a file through the cascade.
+
+Streams: rows are read, routed and written a chunk at a time, so memory stays flat whatever the
+file size. Output rows keep the input order and carry the input line number. Malformed rows
+(bad JSON, no text) go to `OUT.errors.jsonl` with their line and the reason; the run goes on.
+
+Resumable without loss or duplicates: after each chunk both files are flushed and fsynced, then
+`OUT.progress.json` records the last input line they cover. `--resume` cuts both files back to
+that line (dropping whatever a killed run wrote after its last checkpoint) and continues from
+the next input line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.data import DataError
+
+
+@dataclass
+class Row:
+    line: int
+    id: str
+    text: str
+    label: str | None
+
+
+@dataclass
+class Malformed:
+    line: int
+    reason: str
+
+
+def iter_rows(path: Path, text_field: str = "text", id_field: str = "id",
+              label_field: str = "label") -> Iterator[Row | Malformed]:
+    """JSONL (one object per line) or CSV (header row), by extension; line numbers are 1-based."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or text_field not in reader.fieldnames:
+                raise DataError(f"{path}:1: no {text_field!r} column (columns: {reader.fieldnames})")
+            while True:
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield Malformed(reader.line_num, f"CSV: {exc}")
+                    continue
+                yield _row(rec, reader.line_num, text_field, id_field, label_field)
+    else:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield Malformed(n, f"not JSON: {exc.msg} at column {exc.colno}")
+                    continue
+                if not isinstance(rec, dict):
+                    yield Malformed(n, f"a JSON {type(rec).__name__}, not an object with {text_field!r}")
+                    continue
+                yield _row(rec, n, text_field, id_field, label_field)
+
+
+def _row(rec: dict, line: int, text_field: str, id_field: str, label_field: str) -> Row | Malformed:
+    text = rec.get(text_field)
+    if not isinstance(text, str) or not text.strip():
+        return Malformed(line, f"field {text_field!r} is missing or empty")
+    label = rec.get(label_field)
+    return Row(line, str(rec.get(id_field) or line), text, None if label in (None, "") else str(label))
+
+
+def _cut_back(path: Path, last_line: int) -> int:
+    """Keep the rows of `path` whose `line` <= last_line (and drop a torn final line)."""
+    if not path.exists():
+        return 0
+    kept = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with path.open(encoding="utf-8") as src, tmp.open("w", encoding="utf-8") as dst:
+        for line in src:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by the kill: it was past the checkpoint anyway
+            if rec.get("line", 0) <= last_line:
+                dst.write(line if line.endswith("\n") else line + "\n")
+                kept += 1
+    tmp.replace(path)
+    return kept
+
+
+def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | Path, resume: bool = False,
+              batch_size: int = 256, text_field: str = "text", id_field: str = "id", label_field: str = "label",
+              progress: bool = True) -> dict:
+    from cascade.config import build_cascade, load_config
+    from cascade.evaluate import LLM_KINDS
+
+    input_path, out_path, config_path = Path(input_path), Path(out_path), Path(config_path)
+    if not input_path.exists():
+        raise FileNotFoundError(f"{input_path}: not found")
+    errors_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".errors.jsonl")
+    progress_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".progress.json")
+    done_line, done_rows = 0, 0
+    if resume and progress_path.exists():
+        done_line = json.loads(progress_path.read_text())["line"]
+        done_rows = _cut_back(out_path, done_line)
+        _cut_back(errors_path, done_line)
+    elif out_path.exists() and not resume:
+        raise DataError(f"{out_path}: exists; pass --resume to continue it, or remove it")
+    elif resume:  # nothing checkpointed yet: start clean
+        out_path.unlink(missing_ok=True)
+        errors_path.unlink(missing_ok=True)
+
+    config = load_config(config_path)
+    cascade = build_cascade(config, config_path.parent)
+    llm_tiers = {spec.name for spec in config.tiers if spec.kind in LLM_KINDS}
+    shares: Counter = Counter()
+    n_rows = n_bad = n_gold = n_right = n_degraded = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="cascade batch", unit="item", initial=done_rows, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
+        def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
+            nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
+            preds = cascade.predict_batch([r.text for r in rows]) if rows else []
+            for r, p in zip(rows, preds):
+                rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
+                       "degraded": p.degraded, "latency_ms": p.latency_ms}
+                if r.label is not None:
+                    rec["gold"] = r.label
+                    n_gold += 1
+                    n_right += r.label == p.label
+                out.write(json.dumps(rec) + "\n")
+                shares[p.tier] += 1
+                n_degraded += p.degraded
+            for b in bad:
+                errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(input_path)}) + "\n")
+            for f in (out, errs):
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = progress_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"line": last_line}))
+            tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
+            n_rows += len(rows)
+            n_bad += len(bad)
+            if bar is not None:
+                bar.update(len(rows))
+                total = sum(shares.values())
+                bar.set_postfix_str(" ".join(f"{k} {v / total:.0%}" for k, v in shares.items()) + f" bad {n_bad}")
+
+        rows: list[Row] = []
+        bad: list[Malformed] = []
+        last = done_line
+        for item in iter_rows(input_path, text_field, id_field, label_field):
+            if item.line <= done_line:
+                continue
+            (rows if isinstance(item, Row) else bad).append(item)
+            last = item.line
+            if len(rows) >= batch_size:
+                flush(rows, bad, last)
+                rows, bad = [], []
+        if rows or bad:
+            flush(rows, bad, last)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    total = sum(shares.values())
+    counters = cascade.counters
+    ms = {name: c.mean_ms for name, c in counters.items()}
+    spent = sum(c.seconds for c in counters.values()) * 1000.0
+    llm_ms = max((ms[n] for n in llm_tiers if counters[n].seen), default=None)
+    summary = {
+        "input": str(input_path), "out": str(out_path), "errors_file": str(errors_path),
+        "rows": n_rows, "malformed": n_bad, "resumed_after_line": done_line or None,
+        "shares": {k: v / total for k, v in shares.items()} if total else {},
+        "degraded": n_degraded, "items_per_s": n_rows / seconds if seconds else 0.0,
+        "accuracy": n_right / n_gold if n_gold else None, "labelled": n_gold,
+        "cost_ms": spent,
+        # what the same rows would have cost at the large model's measured ms per item
+        "all_llm_cost_ms": llm_ms * n_rows if llm_ms is not None else None,
+    }
+    for tier in cascade.tiers:
+        close = getattr(tier, "close", None)
+        if callable(close):
+            close()
+    return summary
