@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=500)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--skip-generate-batch", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for the engine and generate")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     args = ap.parse_args()
     import transformers
@@ -189,14 +190,17 @@ def main() -> None:
                          "memory_bytes_per_s": bw}
     print(json.dumps(report["machine"]), flush=True)
 
-    wall, stats, engine_tokens = run_engine(model_dir, prompts, args.new_tokens, dtype_name)
-    report["builtin"] = {"wall_s": wall, **stats}
+    # Best of `--repeats` for the two fast systems: this machine is shared and noisy.
+    runs = [run_engine(model_dir, prompts, args.new_tokens, dtype_name) for _ in range(args.repeats)]
+    wall, stats, engine_tokens = min(runs, key=lambda r: r[0])
+    report["builtin"] = {"wall_s": wall, "all_wall_s": [r[0] for r in runs], **stats}
     print("builtin", wall, stats, flush=True)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     pad = tokenizer.token_to_id("<|endoftext|>") or 0
-    hf_wall, hf_tokens = run_hf_generate(hf, prompts, args.new_tokens, args.hf_batch, pad)
-    report["hf_generate"] = {"wall_s": hf_wall, "batch": args.hf_batch}
+    hf_runs = [run_hf_generate(hf, prompts, args.new_tokens, args.hf_batch, pad) for _ in range(args.repeats)]
+    hf_wall, hf_tokens = min(hf_runs, key=lambda r: r[0])
+    report["hf_generate"] = {"wall_s": hf_wall, "all_wall_s": [r[0] for r in hf_runs], "batch": args.hf_batch}
     print("hf generate", hf_wall, flush=True)
     same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
     report["greedy_agreement_with_hf_generate"] = same / len(prompts)

@@ -95,8 +95,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, limit=args.limit)
     print(format_report(report))
     if args.json:
+        from cascade.report import markdown_report
+
         _write_json(report, args.json)
-        print(f"wrote {args.json}")
+        md = markdown_report(report, Path(args.json).with_suffix(".md"))
+        print(f"wrote {args.json} and {md}")
     return 0
 
 
@@ -298,7 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cascade.quickstart import run_quickstart
 
-    run_quickstart(args.source, args.workdir)
+    run_quickstart(args.workdir, data=args.data, smoke=args.smoke)
     return 0
 
 
@@ -312,10 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="the main job, end to end, on a built-in task")
-    p.add_argument("--source", default="../shared/data/clinc150",
-                   help="CLINC150 directory (data_full.json) to build the demo task from")
-    p.add_argument("--workdir", default="runs/quickstart", help="where data, rules, config and reports go")
+    p = sub.add_parser("quickstart", help="the main job, end to end, on the built-in demo task")
+    p.add_argument("--workdir", default="runs/quickstart", help="where data, models, config and reports go")
+    p.add_argument("--data", help="a prepared dataset dir instead of the generated demo task")
+    p.add_argument("--smoke", action="store_true", help="toy scale (tiny models, few steps): checks the wiring fast")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="Chinchilla and inference-aware model sizing for a budget")

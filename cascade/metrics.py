@@ -67,6 +67,7 @@ def classification_report(gold: Sequence[str], preds: Sequence[Prediction], tier
         "items_per_s": len(preds) / seconds if seconds > 0 else float("inf"),
         "seconds": seconds,
     }
+    report["confused_pairs"] = most_confused(gold, labels)
     if oos_label is not None:
         p, r, f = precision_recall_f1(gold, labels, oos_label)
         report.update({"oos_precision": p, "oos_recall": r, "oos_f1": f})
@@ -75,3 +76,11 @@ def classification_report(gold: Sequence[str], preds: Sequence[Prediction], tier
             sum(labels[i] == gold[i] for i in in_scope) / len(in_scope) if in_scope else 0.0
         )
     return report
+
+
+def most_confused(gold: Sequence[str], pred: Sequence[str], top: int = 10) -> list[dict]:
+    """The most frequent (gold, predicted) error pairs, most frequent first."""
+    from collections import Counter
+
+    pairs = Counter((g, p) for g, p in zip(gold, pred) if g != p)
+    return [{"gold": g, "pred": p, "count": c} for (g, p), c in pairs.most_common(top)]

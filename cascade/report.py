@@ -1,0 +1,44 @@
+"""The Markdown report `cascade eval` writes beside its JSON: the summary, the per-tier table,
+the most confused labels, and the calibration frontier plot when `cascade calibrate` made one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _f(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_report(report: dict, out: str | Path) -> Path:
+    out = Path(out)
+    lines = [f"# Cascade evaluation: {Path(report.get('config', '')).name or 'cascade'} on "
+             f"{report.get('split', '?')}", "",
+             f"- items: {report['n']}", f"- accuracy: {report['accuracy']:.4f} (macro-F1 {report['macro_f1']:.4f})",
+             f"- large-model share: {report['llm_share']:.3f}", f"- throughput: {report['items_per_s']:.0f} items/s",
+             f"- degraded answers: {report.get('degraded', 0)}"]
+    if "oos_recall" in report:
+        lines.append(f"- out-of-scope precision {report['oos_precision']:.4f}, recall {report['oos_recall']:.4f}")
+    if "baseline" in report:
+        b = report["baseline"]
+        lines.append(f"- **{b['tier']} alone**: accuracy {b['accuracy']:.4f}, {b['items_per_s']:.0f} items/s "
+                     f"(the cascade: {report['items_per_s'] / max(b['items_per_s'], 1e-9):.1f}x the throughput)")
+    lines += ["", "## Tiers", "", "| tier | share | accuracy on its answers | mean ms per item seen |", "|---|---:|---:|---:|"]
+    for row in report["tiers"]:
+        lines.append(f"| {row['name']} | {row['share']:.3f} | {_f(row['accuracy'])} | {row['mean_ms']:.3f} |")
+    pairs = report.get("confused_pairs") or []
+    if pairs:
+        lines += ["", "## Most confused labels", "", "| gold | predicted | count |", "|---|---|---:|"]
+        lines += [f"| {p['gold']} | {p['pred']} | {p['count']} |" for p in pairs]
+    config = report.get("config")
+    if config:
+        plot = Path(config).with_suffix("").as_posix() + ".frontier.png"
+        if Path(plot).exists():
+            rel = os.path.relpath(plot, out.parent)
+            lines += ["", "## Calibration frontier", "", f"![accuracy against large-model share and cost]({rel})"]
+        else:
+            lines += ["", "## Calibration frontier", "",
+                      f"(none yet: `cascade calibrate --config {config} --data DIR --target-accuracy llm` draws it)"]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
