@@ -211,7 +211,8 @@ class Transformer(nn.Module):
 
 def build_model(size: str | ModelConfig, **overrides) -> Transformer:
     cfg = size if isinstance(size, ModelConfig) else SIZES[size]
-    if overrides:
-        cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
+    # Always a copy: the model owns its config (resizing for label tokens edits vocab_size),
+    # and the named sizes must stay as they are for the next model.
+    cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
     model = Transformer(cfg)
     return model
