@@ -3,7 +3,8 @@
     python bench/load.py [--rates 50,100,200,400] [--seconds 10]
 
 Starts `cascade serve` in a subprocess on a free loopback port with rules -> student (ONNX
-int8) -> large model (built-in engine), then offers single-text requests open-loop at each
+int8) -> large model (by default in its own `cascade llm serve` process behind the openai
+backend, so its Python work does not share the front end's GIL; `--llm inline` runs it in-process), then offers single-text requests open-loop at each
 rate (Poisson arrivals, real CLINC150 test texts) for a fixed time, and reports per rate:
 p50/p99 latency overall and per answering tier, throughput, 429s, errors and lost requests
 (sent, never answered). Needs runs/large-clinc150 and runs/student-clinc150-e6 (the
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -31,7 +33,7 @@ from cascade.data import load_split
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, student: Path, large: Path, thresholds: tuple[float, float]) -> None:
+def write_config(path: Path, student: Path, large: Path, thresholds: tuple[float, float], llm_options: str) -> None:
     path.write_text(f'''[task]
 name = "clinc150"
 
@@ -52,7 +54,7 @@ options = {{ threads = 1 }}
 name = "llm"
 kind = "llm"
 path = "{large}"
-options = {{ backend = "builtin", memory_gb = 0.5, threads = 1 }}
+options = {llm_options}
 
 [serving]
 max_queue = 256
@@ -60,6 +62,25 @@ micro_batch_ms = 2.0
 micro_batch_size = 32
 tier_timeout_s = 10.0
 ''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{url}: the server did not become ready")
+        time.sleep(0.5)
 
 
 def pct(xs, q):
@@ -99,6 +120,7 @@ async def offer(url: str, texts: list[str], rate: float, seconds: float, seed: i
         "rate": rate, "sent": sent, "ok": len(ok),
         "rejected_429": sum(1 for c, _, _ in results if c == 429),
         "errors": sum(1 for c, _, _ in results if c not in (200, 429)),
+        "error_codes": {str(c): n for c, n in Counter(c for c, _, _ in results if c not in (200, 429)).items()},
         "lost": sent - len(results),
         "throughput_per_s": len(ok) / wall,
         "p50_ms": pct([m for m, _ in ok], 50), "p99_ms": pct([m for m, _ in ok], 99),
@@ -114,30 +136,33 @@ def main() -> None:
     ap.add_argument("--student", default=str(ROOT / "runs" / "student-clinc150-e6"))
     ap.add_argument("--large", default=str(ROOT / "runs" / "large-clinc150"))
     ap.add_argument("--thresholds", default="0.0,0.9", help="rules,student (from cascade calibrate)")
+    ap.add_argument("--llm", default="process", choices=["process", "inline"],
+                    help="process: the large model in its own `cascade llm serve` process behind the openai "
+                         "backend (no GIL shared with the front end); inline: the builtin backend in-process")
     args = ap.parse_args()
     work = ROOT / "runs" / "load"
     work.mkdir(parents=True, exist_ok=True)
     config = work / "cascade.toml"
-    write_config(config, Path(args.student), Path(args.large), tuple(float(x) for x in args.thresholds.split(",")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    llm_server = None
+    if args.llm == "process":
+        llm_port = free_port()
+        llm_server = subprocess.Popen([sys.executable, "-m", "cascade", "llm", "serve", "--model", args.large,
+                                       "--name", "large", "--port", str(llm_port), "--kv-memory-gb", "0.5"], env=env)
+        wait_ready(f"http://127.0.0.1:{llm_port}/v1/models", llm_server)
+        llm_options = f'{{ backend = "openai", url = "http://127.0.0.1:{llm_port}/v1", model = "large", timeout_s = 30 }}'
+    else:
+        llm_options = '{ backend = "builtin", memory_gb = 0.5, threads = 1 }'
+    write_config(config, Path(args.student), Path(args.large), tuple(float(x) for x in args.thresholds.split(",")),
+                 llm_options)
     texts = [ex.text for ex in load_split(ROOT / "runs" / "data" / "clinc150", "test")]
     random.Random(0).shuffle(texts)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cascade", "serve", "--config", str(config), "--port", str(port)],
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.5)
+        wait_ready(url + "/readyz", server)
         asyncio.run(offer(url, texts[:200], 20, 3.0, seed=99))  # warm-up: sessions, first batches
         report = {"config": str(config), "seconds_per_rate": args.seconds, "rates": []}
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
@@ -148,8 +173,11 @@ def main() -> None:
                                   if line.startswith(("cascade_answers_total", "cascade_rejected_total",
                                                       "cascade_degraded_total", "cascade_tier_errors_total"))]
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for proc in (server, llm_server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
+    report["llm"] = args.llm
     out = ROOT / "bench" / "results" / "load.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

@@ -121,3 +121,29 @@ def serve_app():
             sock.close()
 
     return serve
+
+
+def rules_cascade_config(directory: Path, data_dir: Path | str, threshold: float = 0.5, **serving) -> Path:
+    """Write `directory/cascade.toml`: the shipped CLINC150 rule pack, then a one-label fallback
+    (the majority tier reading `data_dir`); `serving` fills the [serving] table."""
+    lines = "\n".join(f"{k} = {v}" for k, v in serving.items())
+    cfg = Path(directory) / "cascade.toml"
+    cfg.write_text(f'''[task]
+name = "clinc150"
+
+[[tiers]]
+name = "rules"
+kind = "rules"
+path = "{REPO / 'rules' / 'clinc150.toml'}"
+threshold = {threshold}
+
+[[tiers]]
+name = "fallback"
+kind = "majority"
+path = "{data_dir}"
+options = {{ label = "oos" }}
+
+[serving]
+{lines}
+''')
+    return cfg

@@ -12,28 +12,13 @@ import pytest
 
 from cascade.cli import main
 from cascade.data import load_split
+from tests.conftest import rules_cascade_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def config_for(tmp_path, data_dir) -> Path:
-    cfg = tmp_path / "cascade.toml"
-    cfg.write_text(f'''[task]
-name = "clinc150"
-
-[[tiers]]
-name = "rules"
-kind = "rules"
-path = "{REPO / 'rules' / 'clinc150.toml'}"
-threshold = 0.5
-
-[[tiers]]
-name = "fallback"
-kind = "majority"
-path = "{data_dir}"
-options = {{ label = "oos" }}
-''')
-    return cfg
+    return rules_cascade_config(tmp_path, data_dir)
 
 
 def read_jsonl(path):

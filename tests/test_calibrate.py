@@ -85,28 +85,11 @@ def test_pareto_front_is_monotone():
 def test_calibrate_command_writes_thresholds_frontier_and_plot(clinc_dir, tmp_path, capsys):
     """The real command on CLINC150 val with the shipped rules pack and a one-label fallback:
     the rules tier's threshold is chosen, written back, and the frontier saved and plotted."""
-    from pathlib import Path
-
     from cascade.cli import main
     from cascade.config import load_config
+    from tests.conftest import rules_cascade_config
 
-    repo = Path(__file__).resolve().parents[1]
-    config = tmp_path / "cascade.toml"
-    config.write_text(f'''[task]
-name = "clinc150"
-
-[[tiers]]
-name = "rules"
-kind = "rules"
-path = "{repo / 'rules' / 'clinc150.toml'}"
-threshold = 0.0
-
-[[tiers]]
-name = "fallback"
-kind = "majority"
-path = "{clinc_dir}"
-options = {{ label = "oos" }}
-''')
+    config = rules_cascade_config(tmp_path, clinc_dir, threshold=0.0)
     assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.05",
                  "--limit", "600"]) == 0
     out = capsys.readouterr().out

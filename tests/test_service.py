@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from cascade.router import Cascade
-from cascade.tiers.rules import RulesTier  # noqa: F401  (the real rules tier is built from the config)
 from serving.app import create_app
 from serving.service import CascadeService
+from tests.conftest import rules_cascade_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,27 +38,7 @@ class SlowTier:
 
 
 def write_config(tmp_path, **serving):
-    lines = [f"{k} = {v}" for k, v in serving.items()]
-    cfg = tmp_path / "cascade.toml"
-    cfg.write_text(f'''[task]
-name = "clinc150"
-
-[[tiers]]
-name = "rules"
-kind = "rules"
-path = "{REPO / 'rules' / 'clinc150.toml'}"
-threshold = 0.5
-
-[[tiers]]
-name = "fallback"
-kind = "majority"
-path = "{REPO / 'tests'}"
-options = {{ label = "oos" }}
-
-[serving]
-{chr(10).join(lines)}
-''')
-    return cfg
+    return rules_cascade_config(tmp_path, REPO / "tests", **serving)  # the fallback is never built here
 
 
 def service_with(tiers, thresholds, **kw):
