@@ -58,8 +58,8 @@ options = {llm_options}
 
 [serving]
 max_queue = 256
-micro_batch_ms = 2.0
-micro_batch_size = 32
+micro_batch_ms = 1.0
+micro_batch_size = 16
 tier_timeout_s = 10.0
 ''')
 
@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--llm", default="process", choices=["process", "inline"],
                     help="process: the large model in its own `cascade llm serve` process behind the openai "
                          "backend (no GIL shared with the front end); inline: the builtin backend in-process")
+    ap.add_argument("--llm-threads", type=int, default=1,
+                    help="torch threads of the large-model process (the rest of the 2 cores serve the front end)")
     args = ap.parse_args()
     work = ROOT / "runs" / "load"
     work.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,8 @@ def main() -> None:
     if args.llm == "process":
         llm_port = free_port()
         llm_server = subprocess.Popen([sys.executable, "-m", "cascade", "llm", "serve", "--model", args.large,
-                                       "--name", "large", "--port", str(llm_port), "--kv-memory-gb", "0.5"], env=env)
+                                       "--name", "large", "--port", str(llm_port), "--kv-memory-gb", "0.5",
+                                       "--threads", str(args.llm_threads)], env=env)
         wait_ready(f"http://127.0.0.1:{llm_port}/v1/models", llm_server)
         llm_options = f'{{ backend = "openai", url = "http://127.0.0.1:{llm_port}/v1", model = "large", timeout_s = 30 }}'
     else:
@@ -164,7 +167,7 @@ def main() -> None:
     try:
         wait_ready(url + "/readyz", server)
         asyncio.run(offer(url, texts[:200], 20, 3.0, seed=99))  # warm-up: sessions, first batches
-        report = {"config": str(config), "seconds_per_rate": args.seconds, "rates": []}
+        report = {"config": str(config), "thresholds": args.thresholds, "llm_threads": args.llm_threads, "seconds_per_rate": args.seconds, "rates": []}
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
             row = asyncio.run(offer(url, texts, rate, args.seconds, seed=i))
             print(json.dumps(row), flush=True)

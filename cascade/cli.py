@@ -254,7 +254,7 @@ def cmd_llm_serve(args: argparse.Namespace) -> int:
 
     config = EngineConfig.default(dtype=args.dtype, block_size=args.block_size, memory_gb=args.kv_memory_gb,
                                   enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens)
+                                  max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads)
     engine = AsyncEngine(LLMEngine.from_model_dir(args.model, config))
     name = args.name or Path(args.model).name
     print(f"serving {name} (OpenAI-compatible) on http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=cmd_llm_serve)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,

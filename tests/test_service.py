@@ -166,3 +166,35 @@ def test_serve_builds_the_configured_tiers(tmp_path, serve_app, clinc_dir):
     cfg.write_text(cfg.read_text().replace(str(REPO / "tests"), str(clinc_dir)))
     with serve_app(create_app(cfg)) as url:
         assert httpx.post(url + "/v1/classify", json={"text": RULE_TEXT}).json()["tier"] == "rules"
+
+
+def test_shutdown_drains_in_flight_requests(tmp_path):
+    """A request in flight when the server is told to stop still gets its answer."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    slow = SlowTier("fallback", delay=0.8)
+    app = create_app(write_config(tmp_path), service=service_with([slow], [0.0]))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    result = {}
+    client = threading.Thread(target=lambda: result.update(
+        r=httpx.post(url + "/v1/classify", json={"text": "x"}, timeout=10)))
+    client.start()
+    while not slow.batches:  # the request has reached the tier
+        time.sleep(0.01)
+    server.should_exit = True  # what SIGTERM does
+    client.join(timeout=10)
+    thread.join(timeout=10)
+    assert result["r"].status_code == 200 and result["r"].json()["tier"] == "fallback"
+    assert not thread.is_alive()
+    with pytest.raises(httpx.ConnectError):  # and it is really gone
+        httpx.post(url + "/v1/classify", json={"text": "x"}, timeout=2)
