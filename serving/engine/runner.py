@@ -13,6 +13,7 @@ The weights are the plain `training.model.Transformer`'s; nothing in the model i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from serving.engine.scheduler import ScheduledSeq
 from training.model import Transformer, rope_tables
@@ -76,6 +77,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def pack_linear_weights(model: Transformer) -> dict[int, torch.Tensor]:
+    """oneDNN's prepacked layout of every Linear weight, for bf16 on CPU (else empty).
+
+    `F.linear` re-lays out the weight on every call; packed once, the same products (bit for
+    bit) ran 1.65x faster at 64 rows (decode) and 1.2x at 2048 (prefill) here. fp32 is left
+    alone: its packed path rounds differently, and fp32 is the exact-parity mode.
+    """
+    p = next(model.parameters())
+    if p.dtype != torch.bfloat16 or p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return {}
+    try:
+        return {id(m): torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+                for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    except (RuntimeError, AttributeError):  # a torch build without the op: plain F.linear
+        return {}
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         keep_freed_memory()
@@ -85,6 +103,13 @@ class ModelRunner:
         self.block_size = block_size
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.packed = pack_linear_weights(model)
+
+    def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        w = self.packed.get(id(module))
+        if w is None:
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
         """(1, n_blocks) -> (K, length, D) contiguous context of one sequence."""
@@ -173,9 +198,9 @@ class ModelRunner:
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, H, D)
-            k = attn.k_proj(h).view(-1, K, D)
-            v = attn.v_proj(h).view(-1, K, D)
+            q = self._linear(attn.q_proj, h).view(-1, H, D)
+            k = self._linear(attn.k_proj, h).view(-1, K, D)
+            v = self._linear(attn.v_proj, h).view(-1, K, D)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             k_cache.view(-1, D).index_copy_(0, rows, k.reshape(-1, D))
             v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
@@ -195,11 +220,13 @@ class ModelRunner:
                     table = torch.tensor(s.block_table[: -(-ctx // bs)], device=dev)[None]
                     ks, vs = self._gather(k_cache, table, ctx), self._gather(v_cache, table, ctx)
                 out[a:a + s.num_new] = causal_attention(qs, ks, vs, s.start).transpose(0, 1)
-            x = x + attn.o_proj(out.view(-1, H * D))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._linear(attn.o_proj, out.view(-1, H * D))
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            x = x + self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h))
 
         last = [offsets[i] + s.num_new - 1 for i, s in enumerate(seqs) if s.samples]
         if not last:
             return torch.empty(0, cfg.vocab_size)
         h = self.model.norm(x[torch.tensor(last, device=dev)])
-        return self.model.lm_head(h).float()
+        return self._linear(self.model.lm_head, h).float()
