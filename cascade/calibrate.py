@@ -59,7 +59,7 @@ def candidate_thresholds(confidences: np.ndarray, answered: np.ndarray, n: int) 
 
 
 def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
-             correct: list[np.ndarray] | None = None) -> Point:
+             correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None) -> Point:
     """The cascade's accuracy, large-model share and cost at these thresholds."""
     n = len(gold)
     correct = correct or [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
@@ -68,13 +68,13 @@ def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...]
     cost = np.zeros(n)
     shares, llm = [], 0.0
     last = len(runs) - 1
+    answered = answered or [np.array([lab is not None for lab in r.labels]) for r in runs]
     for k, run in enumerate(runs):
         cost[open_mask] += run.mean_ms
         if k == last:
             takes = open_mask
         else:
-            answered = np.array([lab is not None for lab in run.labels])
-            takes = open_mask & answered & (run.confidences >= thresholds[k])
+            takes = open_mask & answered[k] & (run.confidences >= thresholds[k])
         right |= takes & correct[k]
         share = float(takes.mean()) if n else 0.0
         shares.append(share)
@@ -90,11 +90,9 @@ def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24) -> list
     if not runs:
         raise CalibrationError("no tiers to calibrate")
     correct = [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
-    grids = []
-    for run in runs[:-1]:
-        answered = np.array([lab is not None for lab in run.labels])
-        grids.append(candidate_thresholds(run.confidences, answered, candidates))
-    return [simulate(runs, gold, tuple(combo) + (0.0,), correct) for combo in itertools.product(*grids)]
+    answered = [np.array([lab is not None for lab in r.labels]) for r in runs]
+    grids = [candidate_thresholds(run.confidences, mask, candidates) for run, mask in zip(runs[:-1], answered)]
+    return [simulate(runs, gold, tuple(combo) + (0.0,), correct, answered) for combo in itertools.product(*grids)]
 
 
 def pareto(points: list[Point], cost_key: str = "cost_ms") -> list[Point]:
@@ -204,10 +202,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     try:
         runs = measure_tiers(cascade, [spec.kind in LLM_KINDS for spec in config.tiers], texts, progress=progress)
     finally:
-        for tier in cascade.tiers:
-            close = getattr(tier, "close", None)
-            if callable(close):
-                close()
+        cascade.close()
     last_accuracy = float(np.mean([p == g for p, g in zip(runs[-1].labels, gold)]))
     if target_accuracy == "llm":
         target_accuracy = last_accuracy
@@ -237,6 +232,6 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
                                                              indent=1) + "\n")
     if write:
         for spec, thr in zip(config.tiers[:-1], chosen.thresholds[:-1]):
-            spec.threshold = min(1.0, thr)  # NEVER is stored as 1.0 plus a note in the frontier file
+            spec.threshold = thr  # NEVER (> 1) is stored as is: that tier never answers
         dump_config(config, config_path)
     return report

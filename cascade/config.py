@@ -41,8 +41,9 @@ class TierConfig(BaseModel):
     name: str = Field(min_length=1, description="unique name, reported as Prediction.tier")
     kind: str = Field(description="tier kind, see cascade.tiers.TIER_KINDS")
     path: str | None = Field(default=None, description="artifact path, relative to the config file")
-    threshold: float = Field(default=0.0, ge=0.0, le=1.0,
-                             description="answer when confidence >= threshold; ignored for the last tier")
+    threshold: float = Field(default=0.0, ge=0.0, le=2.0,
+                             description="answer when confidence >= threshold (above 1: never answers, as "
+                                         "calibration may choose); ignored for the last tier")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
 
     @field_validator("kind")

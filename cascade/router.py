@@ -59,6 +59,13 @@ class Cascade:
         for tier in self.tiers:
             self.counters.setdefault(tier.name, TierCounters())
 
+    def close(self) -> None:
+        """Release what the tiers hold (engine threads, HTTP pools); tiers without `close` are skipped."""
+        for tier in self.tiers:
+            close = getattr(tier, "close", None)
+            if callable(close):
+                close()
+
     def predict(self, text: str, explain: bool = False) -> Prediction:
         return self.predict_batch([text], explain=explain)[0]
 

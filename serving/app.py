@@ -87,7 +87,7 @@ def create_app(config_path: str | Path, service=None) -> FastAPI:
                                      limits.micro_batch_size, limits.micro_batch_ms, limits.tier_timeout_s)
         await service.start()
         app.state.service = service
-        _mount_llm_routes(app, service)
+        _mount_llm_routes(app, service, check_key)
         yield
         await service.stop()  # uvicorn has drained in-flight requests before this runs
 
@@ -151,13 +151,17 @@ def create_app(config_path: str | Path, service=None) -> FastAPI:
     return app
 
 
-def _mount_llm_routes(app: FastAPI, service) -> None:
-    """An llm tier on the built-in engine shares its engine with OpenAI-compatible routes."""
+def _mount_llm_routes(app: FastAPI, service, check_key) -> None:
+    """An llm tier on the built-in engine shares its engine with OpenAI-compatible routes,
+    behind the same API keys as /v1/classify."""
+    from fastapi import Depends
+
     from serving.openai_api import build_openai_router
 
     for tier in service.cascade.tiers:
         backend = getattr(tier, "backend", None)
         engine = getattr(backend, "async_engine", None)
         if engine is not None:
-            app.include_router(build_openai_router(engine, backend.model_dir.name, backend.model_dir))
+            app.include_router(build_openai_router(engine, backend.model_dir.name, backend.model_dir),
+                               dependencies=[Depends(check_key)])
             return

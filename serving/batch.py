@@ -132,50 +132,53 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
         bar = tqdm(desc="cascade batch", unit="item", initial=done_rows, dynamic_ncols=True)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
-        def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
-            nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
-            preds = cascade.predict_batch([r.text for r in rows]) if rows else []
-            for r, p in zip(rows, preds):
-                rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
-                       "degraded": p.degraded, "latency_ms": p.latency_ms}
-                if r.label is not None:
-                    rec["gold"] = r.label
-                    n_gold += 1
-                    n_right += r.label == p.label
-                out.write(json.dumps(rec) + "\n")
-                shares[p.tier] += 1
-                n_degraded += p.degraded
-            for b in bad:
-                errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(input_path)}) + "\n")
-            for f in (out, errs):
-                f.flush()
-                os.fsync(f.fileno())
-            tmp = progress_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"line": last_line}))
-            tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
-            n_rows += len(rows)
-            n_bad += len(bad)
-            if bar is not None:
-                bar.update(len(rows))
-                total = sum(shares.values())
-                bar.set_postfix_str(" ".join(f"{k} {v / total:.0%}" for k, v in shares.items()) + f" bad {n_bad}")
+    try:
+        with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
+            def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
+                nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
+                preds = cascade.predict_batch([r.text for r in rows]) if rows else []
+                for r, p in zip(rows, preds):
+                    rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
+                           "degraded": p.degraded, "latency_ms": p.latency_ms}
+                    if r.label is not None:
+                        rec["gold"] = r.label
+                        n_gold += 1
+                        n_right += r.label == p.label
+                    out.write(json.dumps(rec) + "\n")
+                    shares[p.tier] += 1
+                    n_degraded += p.degraded
+                for b in bad:
+                    errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(input_path)}) + "\n")
+                for f in (out, errs):
+                    f.flush()
+                    os.fsync(f.fileno())
+                tmp = progress_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"line": last_line}))
+                tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
+                n_rows += len(rows)
+                n_bad += len(bad)
+                if bar is not None:
+                    bar.update(len(rows))
+                    total = sum(shares.values())
+                    bar.set_postfix_str(" ".join(f"{k} {v / total:.0%}" for k, v in shares.items()) + f" bad {n_bad}")
 
-        rows: list[Row] = []
-        bad: list[Malformed] = []
-        last = done_line
-        for item in iter_rows(input_path, text_field, id_field, label_field):
-            if item.line <= done_line:
-                continue
-            (rows if isinstance(item, Row) else bad).append(item)
-            last = item.line
-            if len(rows) >= batch_size:
+            rows: list[Row] = []
+            bad: list[Malformed] = []
+            last = done_line
+            for item in iter_rows(input_path, text_field, id_field, label_field):
+                if item.line <= done_line:
+                    continue
+                (rows if isinstance(item, Row) else bad).append(item)
+                last = item.line
+                if len(rows) + len(bad) >= batch_size:  # bad rows count too: a run of them still checkpoints
+                    flush(rows, bad, last)
+                    rows, bad = [], []
+            if rows or bad:
                 flush(rows, bad, last)
-                rows, bad = [], []
-        if rows or bad:
-            flush(rows, bad, last)
-    if bar is not None:
-        bar.close()
+    finally:  # also on errors: engine threads and HTTP pools are released, the bar closed
+        cascade.close()
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     total = sum(shares.values())
     counters = cascade.counters
@@ -192,8 +195,4 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
         # what the same rows would have cost at the large model's measured ms per item
         "all_llm_cost_ms": llm_ms * n_rows if llm_ms is not None else None,
     }
-    for tier in cascade.tiers:
-        close = getattr(tier, "close", None)
-        if callable(close):
-            close()
     return summary

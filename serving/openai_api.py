@@ -173,8 +173,11 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
         check_model(req.model)
         prompt = chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in req.messages],
                                       add_generation_prompt=True, bos_token="", eos_token="")
+        if req.logprobs:
+            raise HTTPException(422, detail={"message": "logprobs: not served on chat completions; use "
+                                                        "/v1/completions with `logprobs`", "param": "logprobs"})
         try:
-            params = req.sampling(256, (req.top_logprobs or 0) if req.logprobs else None)
+            params = req.sampling(256, None)
         except ValueError as exc:
             raise HTTPException(422, detail={"message": str(exc)}) from exc
         if req.max_completion_tokens:

@@ -73,6 +73,20 @@ class TierWorker:
         return await fut
 
     async def _loop(self) -> None:
+        try:
+            await self._serve()
+        except BaseException as exc:  # cancelled at shutdown, or a bug: nobody may wait forever
+            self._fail_pending(exc if isinstance(exc, Exception) else RuntimeError(f"tier {self.tier.name!r} stopped"))
+            raise
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for _, fut in self.pending:
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+        self.pending_items = 0
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self.wakeup.wait()
@@ -89,6 +103,8 @@ class TierWorker:
             if not self.pending:
                 self.wakeup.clear()
             batch = [t for texts, _ in take for t in texts]
+            if not batch:
+                continue
             self.metrics.batch_size.labels(self.tier.name).observe(len(batch))
             try:
                 preds = await asyncio.wait_for(loop.run_in_executor(self.executor, self.tier.predict_batch, batch),
@@ -112,6 +128,11 @@ class TierWorker:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+            try:
+                await self.task
+            except BaseException:  # noqa: S110  the cancellation we asked for
+                pass
+        self._fail_pending(RuntimeError(f"tier {self.tier.name!r} is shut down"))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -137,10 +158,7 @@ class CascadeService:
         self.ready = False
         for w in self.workers:
             await w.stop()
-        for tier in self.cascade.tiers:
-            close = getattr(tier, "close", None)
-            if callable(close):
-                close()
+        self.cascade.close()
 
     async def classify(self, texts: list[str], explain: bool = False) -> list[Prediction]:
         if self.in_flight + len(texts) > self.max_queue:
@@ -148,7 +166,6 @@ class CascadeService:
             raise Overloaded(f"{self.in_flight} items in flight; the queue holds {self.max_queue}")
         self.in_flight += len(texts)
         self.metrics.queue.set(self.in_flight)
-        t0 = time.perf_counter()
         try:
             steps = self.cascade.route(texts, explain)
             try:
@@ -166,11 +183,11 @@ class CascadeService:
         finally:
             self.in_flight -= len(texts)
             self.metrics.queue.set(self.in_flight)
-        wall = time.perf_counter() - t0
         self.metrics.items.inc(len(texts))
         for pred in out:
             self.metrics.answers.labels(pred.tier).inc()
-            self.metrics.latency.labels(pred.tier).observe(wall)
+            # per item: the time it spent in the tiers it went through, queueing included
+            self.metrics.latency.labels(pred.tier).observe(pred.latency_ms / 1000.0)
             if pred.degraded:
                 self.metrics.degraded.inc()
         return out

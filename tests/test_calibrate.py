@@ -97,9 +97,33 @@ def test_calibrate_command_writes_thresholds_frontier_and_plot(clinc_dir, tmp_pa
     assert (tmp_path / "cascade.frontier.png").read_bytes()[:4] == b"\x89PNG"
     report = __import__("json").loads((tmp_path / "cascade.frontier.json").read_text())
     assert report["chosen"]["accuracy"] >= 0.05 and report["n"] == 600
-    assert load_config(config).tiers[0].threshold == pytest.approx(min(1.0, report["chosen"]["thresholds"][0]))
+    assert load_config(config).tiers[0].threshold == pytest.approx(report["chosen"]["thresholds"][0])
     # an unreachable target fails with the reachable figure, and leaves the config alone
     before = config.read_text()
     assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.99",
                  "--limit", "600"]) == 2
     assert "not reachable" in capsys.readouterr().err and config.read_text() == before
+
+
+def test_a_tier_calibrated_off_stays_off_after_the_config_round_trip(tmp_path):
+    """NEVER (> 1) is written as is: a rules tier, whose confidence can be 1.0, must not answer."""
+    from cascade.config import dump_config, load_config, parse_config
+    from cascade.router import Cascade
+    from cascade.types import Prediction
+
+    config = parse_config({"task": {"name": "t"}, "tiers": [
+        {"name": "a", "kind": "majority", "threshold": NEVER}, {"name": "b", "kind": "majority"}]}, "t")
+    dump_config(config, tmp_path / "c.toml")
+    threshold = load_config(tmp_path / "c.toml").tiers[0].threshold
+    assert threshold > 1.0
+
+    class Sure:
+        name, cost = "a", 0.0
+
+        def predict_batch(self, texts):
+            return [Prediction("x", 1.0, self.name) for _ in texts]
+
+    class Last(Sure):
+        name = "b"
+
+    assert Cascade([Sure(), Last()], [threshold, 0.0]).predict("hi").tier == "b"

@@ -38,7 +38,7 @@ def test_good_config_builds_a_cascade_with_relative_paths(workdir):
 
 
 @pytest.mark.parametrize("bad, key", [
-    (GOOD.replace("threshold = 0.5", "threshold = 1.5"), "tiers[0].threshold"),
+    (GOOD.replace("threshold = 0.5", "threshold = 2.5"), "tiers[0].threshold"),
     (GOOD.replace('kind = "majority"', 'kind = "magic"'), "tiers[1].kind"),
     (GOOD.replace('path = "data"', 'path = "data"\ntreshold = 0.2'), "tiers[1].treshold"),
     (GOOD.replace('name = "demo"', ""), "task.name"),

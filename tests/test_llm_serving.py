@@ -187,3 +187,39 @@ def test_cascade_llm_serve_command(model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_async_engine_timeout_aborts_step_failure_recovers_and_shutdown_answers(model_dir):
+    import time
+
+    engine = small_engine(model_dir)
+    runner = AsyncEngine(engine)
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    with pytest.raises(TimeoutError):
+        runner.run_sync(["5 6 7"], [long], timeout=0.001)
+    deadline = time.monotonic() + 10
+    while engine.has_unfinished():  # the timed-out request is aborted, its blocks freed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.kv.num_free_blocks == engine.num_blocks
+
+    real = engine.runner.execute
+    calls = {"n": 0}
+
+    def failing(seqs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real(seqs)
+
+    engine.runner.execute = failing
+    with pytest.raises(RuntimeError, match="simulated kernel failure"):
+        runner.run_sync(["5 6 7 8"], [SamplingParams(max_tokens=3)], timeout=10)
+    assert not engine.kv.pool.cached  # half-written blocks are not served to anyone later
+    ok = runner.run_sync(["5 6 7 8"], [SamplingParams(max_tokens=3, ignore_eos=True)], timeout=10)[0]
+    assert len(ok.token_ids) == 3
+
+    got = []
+    runner.submit("5 6", long, got.append)
+    runner.shutdown()
+    assert got and isinstance(got[-1], RuntimeError) and "shut down" in str(got[-1])

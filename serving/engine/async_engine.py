@@ -9,6 +9,7 @@ work remains, and sleeps on a condition when idle. `stream()` (asyncio) and `run
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -23,20 +24,23 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._cond = threading.Condition()
-        self._inbox: list[tuple[str | list[int], SamplingParams, Sink]] = []
+        self._inbox: list[tuple[str | list[int], SamplingParams, Sink, str]] = []
         self._aborts: list[str] = []
         self._sinks: dict[str, Sink] = {}
         self._stop = False
-        self.error: BaseException | None = None
+        self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="cascade-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Sink) -> None:
+    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Sink) -> str:
+        """Queue a request; returns its id at once (so it can be aborted before any output)."""
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is shut down")
-            self._inbox.append((prompt, params, sink))
+            rid = f"async-{next(self._ids)}"
+            self._inbox.append((prompt, params, sink, rid))
             self._cond.notify()
+            return rid
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -49,10 +53,16 @@ class AsyncEngine:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    @property
-    def load(self) -> int:
-        """Requests queued or running: the app's overload signal."""
-        return len(self._sinks) + len(self._inbox)
+    def _deliver(self, rid: str, sink: Sink, item: RequestOutput | BaseException) -> bool:
+        """Hand an item to a caller; a sink that raises (its event loop closed, say) loses its
+        request, not the engine thread."""
+        try:
+            sink(item)
+            return True
+        except Exception:
+            self.engine.abort(rid)
+            self._sinks.pop(rid, None)
+            return False
 
     def _loop(self) -> None:
         while True:
@@ -60,39 +70,37 @@ class AsyncEngine:
                 while not (self._stop or self._inbox or self._aborts or self.engine.has_unfinished()):
                     self._cond.wait()
                 if self._stop:
-                    pending = list(self._sinks.values()) + [s for _, _, s in self._inbox]
+                    pending = list(self._sinks.items()) + [(rid, s) for _, _, s, rid in self._inbox]
                     break
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-            for rid in aborts:
-                self.engine.abort(rid)
-                self._sinks.pop(rid, None)
-            for prompt, params, sink in inbox:
+            for prompt, params, sink, rid in inbox:
                 try:
-                    rid = self.engine.add_request(prompt, params)
+                    self.engine.add_request(prompt, params, request_id=rid)
                 except Exception as exc:  # a bad request fails alone, with its reason
-                    sink(exc)
+                    self._deliver(rid, sink, exc)
                     continue
                 self._sinks[rid] = sink
+            for rid in aborts:  # after adding: an abort may name a request queued in the same batch
+                self.engine.abort(rid)
+                self._sinks.pop(rid, None)
             if not self.engine.has_unfinished():
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # the model failed: every caller hears it, none hangs
-                self.error = exc
                 for rid, sink in list(self._sinks.items()):
-                    sink(exc)
+                    self._deliver(rid, sink, exc)
                     self.engine.abort(rid)
                 self._sinks.clear()
+                self.engine.kv.reset_prefix_cache()  # blocks of the failed step may be half written
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
-                if sink is not None:
-                    sink(out)
-                    if out.finished:
-                        del self._sinks[out.request_id]
-        for sink in pending:
-            sink(RuntimeError("the engine shut down before the request finished"))
+                if sink is not None and self._deliver(out.request_id, sink, out) and out.finished:
+                    del self._sinks[out.request_id]
+        for rid, sink in pending:
+            self._deliver(rid, sink, RuntimeError("the engine shut down before the request finished"))
 
     # --- the two ways in -------------------------------------------------------------------
 
@@ -100,26 +108,27 @@ class AsyncEngine:
         """Every output of one request as it is produced; raises the request's error."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.submit(prompt, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-        rid = None
+        rid = self.submit(prompt, params, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        done = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    done = True
                     raise item
-                rid = item.request_id
                 yield item
                 if item.finished:
-                    rid = None
+                    done = True
                     return
         finally:
-            if rid is not None:  # the client went away mid-stream: free its blocks
+            if not done:  # the client went away (even before any output): free its blocks
                 self.abort(rid)
 
     def run_sync(self, prompts: list[str | list[int]], params: list[SamplingParams],
                  timeout: float | None = None) -> list[RequestOutput]:
         """Blocking: submit all, wait for all final outputs (in order)."""
         futures: list[Future] = []
+        rids: list[str] = []
         for prompt, p in zip(prompts, params):
             fut: Future = Future()
 
@@ -129,6 +138,12 @@ class AsyncEngine:
                 elif item.finished:
                     fut.set_result(item)
 
-            self.submit(prompt, p, sink)
+            rids.append(self.submit(prompt, p, sink))
             futures.append(fut)
-        return [f.result(timeout=timeout) for f in futures]
+        try:
+            return [f.result(timeout=timeout) for f in futures]
+        except BaseException:  # timed out (or one failed): stop computing the rest
+            for rid, fut in zip(rids, futures):
+                if not fut.done():
+                    self.abort(rid)
+            raise

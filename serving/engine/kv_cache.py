@@ -109,15 +109,6 @@ class BlockPool:
         self.cached[block_hash] = block.block_id
 
 
-def block_hashes(tokens: list[int], block_size: int, start: int = 0, parent: int | None = None) -> list[int]:
-    """Hashes of the full blocks of `tokens` from block index `start`; each chains its parent's."""
-    out = []
-    for b in range(start, len(tokens) // block_size):
-        parent = hash((parent, tuple(tokens[b * block_size:(b + 1) * block_size])))
-        out.append(parent)
-    return out
-
-
 @dataclass
 class KVCacheBlocks:
     """What the scheduler gets from `allocate_slots`: the block ids added for a request."""
@@ -154,9 +145,20 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries_tokens += len(tokens)
-        self.prefix_hits_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count an admitted request's lookup (not every retry while it waits for blocks)."""
+        self.prefix_queries_tokens += num_tokens
+        self.prefix_hits_tokens += num_cached
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's contents (after a failed step wrote some K/V partially)."""
+        self.pool.cached.clear()
+        for block in self.pool.blocks:
+            block.block_hash, block.tokens = None, ()
+        for hashes in self.req_hashes.values():
+            hashes.clear()
 
     def block_table(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, [])]

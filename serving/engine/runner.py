@@ -193,6 +193,9 @@ class ModelRunner:
         decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
         prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
         groups = self._decode_groups(seqs, decode, offsets) if decode else []
+        # Block tables of prefill chunks that attend to cached context, built once for all layers.
+        tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
+                                  device=dev)[None] for i in prefill if seqs[i].start > 0}
 
         x = self.model.embed_tokens(tok)  # (N, C)
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv):
@@ -217,8 +220,7 @@ class ModelRunner:
                     ks = k[a:a + s.num_new].transpose(0, 1)
                     vs = v[a:a + s.num_new].transpose(0, 1)
                 else:
-                    table = torch.tensor(s.block_table[: -(-ctx // bs)], device=dev)[None]
-                    ks, vs = self._gather(k_cache, table, ctx), self._gather(v_cache, table, ctx)
+                    ks, vs = self._gather(k_cache, tables[i], ctx), self._gather(v_cache, tables[i], ctx)
                 out[a:a + s.num_new] = causal_attention(qs, ks, vs, s.start).transpose(0, 1)
             x = x + self._linear(attn.o_proj, out.view(-1, H * D))
             h = layer.post_attention_layernorm(x)

@@ -138,6 +138,7 @@ class Scheduler:
             if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_cached, num_new, hits) is None:
                 break
             self.waiting.popleft()
+            self.kv.record_prefix_lookup(req.num_tokens, num_cached)
             req.num_computed_tokens = num_cached
             req.num_cached_tokens = num_cached
             req.status = Status.RUNNING
