@@ -1,8 +1,10 @@
 """The built-in demo task: customer-support intents, generated here, seeded.
 
 Twenty intents, each from several phrasings with slots (order numbers, dates, products,
-amounts), a share of typos, and a slice of long or ambiguous messages (chatter first, two
-topics, the request last) that simple rules and small models tend to get wrong. Written as a
+amounts), a share of typos, a slice of long or ambiguous messages (chatter first, two topics,
+the request last), and in val and test 15% held-out wording that train never shows: the mined
+rules cannot match it and a small model trained on train has not seen it, while a pre-trained
+large model can still read it. Written as a
 dataset dir like any other (`train/val/test.jsonl`, `labels.json`).
 """
 
@@ -71,6 +73,51 @@ INTENTS: dict[str, list[str]] = {
                       "connect me with customer service", "is there someone i can call"],
 }
 
+# Held-out wording: used only in val and test, so neither the mined rules nor a small model
+# trained on train has seen it; a pre-trained large model can still read it.
+UNSEEN: dict[str, list[str]] = {
+    "track_order": ["any news on when the parcel shows up", "the courier status for {order} please",
+                    "i'm still waiting on my delivery, whereabouts is it"],
+    "cancel_order": ["scrap the purchase i just made", "i changed my mind about {order}, call it off",
+                     "please void that transaction before dispatch"],
+    "return_item": ["i'd like to ship the {product} back to you", "can this go back to the warehouse",
+                    "sending back the purchase, what's the process"],
+    "refund_status": ["the money for the {product} i sent back hasn't landed", "still no reimbursement on my card",
+                      "when does the credit for my returned parcel show up"],
+    "change_address": ["i relocated last week, deliver to my new place", "the parcel should go to my office instead",
+                       "my postcode on {order} is outdated"],
+    "payment_failed": ["the bank refused the charge", "it keeps saying transaction unsuccessful at checkout",
+                       "why won't my visa go through"],
+    "update_payment_method": ["swap the card you bill me on", "i got a new visa, use that from now on",
+                              "set apple pay as my default"],
+    "invoice_request": ["i need the paperwork for my expense report", "a bill with the tax breakdown for {order}",
+                        "accounting wants a copy of what i paid"],
+    "reset_password": ["the login keeps saying wrong credentials and i don't recall them",
+                       "need a new passcode, the old one is gone from my head", "how do i get back in without my pass"],
+    "account_locked": ["too many tries and now it won't let me in at all", "my profile got frozen",
+                       "it blocked me from signing in"],
+    "delete_account": ["wipe everything you have on me", "i'm leaving for good, erase my profile",
+                       "gdpr request: remove my personal information"],
+    "change_email": ["my inbox address changed, please update it", "use my work mail for the login instead",
+                     "swap the contact address on file"],
+    "product_availability": ["can i still buy the {product} or is it gone", "any {product} left in the warehouse",
+                             "when is the next batch of {product} coming in"],
+    "price_match": ["a competitor lists it lower, will you honour that", "i found a better deal elsewhere for the {product}",
+                    "can you beat the price at the other shop"],
+    "warranty_claim": ["the {product} died after six weeks", "it quit working and it's still under guarantee",
+                       "defective {product}, what does the guarantee cover"],
+    "damaged_delivery": ["the courier must have dropped it, it's smashed", "opened the parcel and the {product} was dented",
+                         "the goods came in bad shape"],
+    "wrong_item": ["that's not what i picked at checkout", "the parcel had a totally different thing in it",
+                   "somebody mixed up my {order}, it's not my product"],
+    "discount_code": ["the voucher won't apply at checkout", "my coupon {code} gets rejected",
+                      "the promotion didn't take off any money"],
+    "subscription_cancel": ["end the recurring plan", "i don't want to be billed every month anymore",
+                            "stop renewing my membership automatically"],
+    "talk_to_human": ["put me through to a person", "i'd rather chat with somebody real",
+                      "is there a phone number for support staff"],
+}
+
 PRODUCTS = ["headphones", "blender", "running shoes", "laptop sleeve", "coffee maker", "desk lamp", "phone case",
             "backpack", "smart watch", "air fryer", "winter jacket", "keyboard", "yoga mat", "vacuum cleaner"]
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
@@ -119,8 +166,10 @@ def _typo(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def generate_text(label: str, rng: random.Random, hard_share: float = 0.1, typo_share: float = 0.15) -> str:
-    text = rng.choice(INTENTS[label]).format(**_slots(rng))
+def generate_text(label: str, rng: random.Random, hard_share: float = 0.1, typo_share: float = 0.15,
+                  unseen_share: float = 0.0) -> str:
+    pool = UNSEEN[label] if rng.random() < unseen_share else INTENTS[label]
+    text = rng.choice(pool).format(**_slots(rng))
     if rng.random() < hard_share:
         prefix = DISTRACTORS.get(label) or rng.choice(CHATTER)
         text = f"{rng.choice(CHATTER)} {prefix} {text}"
@@ -144,7 +193,7 @@ def make_demo(out: str | Path, per_label: tuple[int, int, int] = (120, 25, 40), 
         for label in INTENTS:
             made = 0
             while made < n:
-                text = generate_text(label, rng)
+                text = generate_text(label, rng, unseen_share=0.0 if split == "train" else 0.15)
                 if text in seen:
                     continue
                 seen.add(text)
