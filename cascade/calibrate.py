@@ -58,39 +58,72 @@ def candidate_thresholds(confidences: np.ndarray, answered: np.ndarray, n: int) 
     return sorted({float(q) for q in qs}) + [NEVER]
 
 
-def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
-             correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None) -> Point:
-    """The cascade's accuracy, large-model share and cost at these thresholds."""
+def _simulate_items(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
+                    correct: list[np.ndarray], answered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list, float]:
+    """Per item: right or wrong, and cost; per tier: share answered; and the large-model share."""
     n = len(gold)
-    correct = correct or [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
     open_mask = np.ones(n, dtype=bool)
     right = np.zeros(n, dtype=bool)
     cost = np.zeros(n)
     shares, llm = [], 0.0
     last = len(runs) - 1
-    answered = answered or [np.array([lab is not None for lab in r.labels]) for r in runs]
     for k, run in enumerate(runs):
         cost[open_mask] += run.mean_ms
-        if k == last:
-            takes = open_mask
-        else:
-            takes = open_mask & answered[k] & (run.confidences >= thresholds[k])
+        takes = open_mask if k == last else open_mask & answered[k] & (run.confidences >= thresholds[k])
         right |= takes & correct[k]
         share = float(takes.mean()) if n else 0.0
         shares.append(share)
         if run.is_llm:
             llm += share
         open_mask = open_mask & ~takes
+    return right, cost, shares, llm
+
+
+def _masks(runs: list[TierRun], gold: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    correct = [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
+    answered = [np.array([lab is not None for lab in r.labels]) for r in runs]
+    return correct, answered
+
+
+def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
+             correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None) -> Point:
+    """The cascade's accuracy, large-model share and cost at these thresholds."""
+    if correct is None or answered is None:
+        correct, answered = _masks(runs, gold)
+    right, cost, shares, llm = _simulate_items(runs, gold, thresholds, correct, answered)
+    n = len(gold)
     return Point(tuple(thresholds), float(right.mean()) if n else 0.0, llm, float(cost.mean()) if n else 0.0,
                  tuple(shares))
+
+
+def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: float,
+                  against_last: bool = False) -> float:
+    """One-sided confidence that the cascade at `point` reaches `target` beyond this sample
+    (normal approximation): of accuracy >= target, or with `against_last`, of accuracy >= the
+    last tier's alone, from the paired per-item difference (the two share their errors, so the
+    paired bound is much tighter than two separate ones)."""
+    from statistics import NormalDist
+
+    correct, answered = _masks(runs, gold)
+    right = _simulate_items(runs, gold, point.thresholds, correct, answered)[0].astype(float)
+    n = len(gold)
+    if against_last:
+        diff = right - correct[-1].astype(float)
+        mean, se = diff.mean(), diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+    else:
+        mean = right.mean() - target
+        p = right.mean()
+        se = np.sqrt(max(p * (1 - p), 1e-12) / n)
+    if se == 0:
+        return 1.0 if mean >= 0 else 0.0
+    return NormalDist().cdf(mean / se)
 
 
 def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24) -> list[Point]:
     """Every joint threshold combination on the candidate grid, simulated."""
     if not runs:
         raise CalibrationError("no tiers to calibrate")
-    correct = [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
-    answered = [np.array([lab is not None for lab in r.labels]) for r in runs]
+    correct, answered = _masks(runs, gold)
     grids = [candidate_thresholds(run.confidences, mask, candidates) for run, mask in zip(runs[:-1], answered)]
     return [simulate(runs, gold, tuple(combo) + (0.0,), correct, answered) for combo in itertools.product(*grids)]
 
@@ -104,8 +137,13 @@ def pareto(points: list[Point], cost_key: str = "cost_ms") -> list[Point]:
     return best
 
 
-def choose(points: list[Point], target_accuracy: float | None = None, max_llm_share: float | None = None) -> Point:
-    """The cheapest point reaching `target_accuracy`, or the most accurate within `max_llm_share`."""
+def choose(points: list[Point], target_accuracy: float | None = None, max_llm_share: float | None = None,
+           confident=None) -> Point:
+    """The cheapest point reaching `target_accuracy`, or the most accurate within `max_llm_share`.
+
+    `confident(point) -> bool`, when given, must also hold for a `target_accuracy` point: the
+    cheapest point that just reaches the target on validation data is, by selection, likely to
+    miss it on new data; a confidence bound asks for a margin the data supports."""
     if (target_accuracy is None) == (max_llm_share is None):
         raise CalibrationError("give exactly one of --target-accuracy and --max-llm-share")
     if target_accuracy is not None:
@@ -114,7 +152,14 @@ def choose(points: list[Point], target_accuracy: float | None = None, max_llm_sh
             best = max(points, key=lambda p: p.accuracy)
             raise CalibrationError(f"--target-accuracy {target_accuracy:.4f} is not reachable on this data: the "
                                    f"best combination reaches {best.accuracy:.4f} (llm share {best.llm_share:.3f})")
-        return min(ok, key=lambda p: (p.cost_ms, p.llm_share, -p.accuracy))
+        ok.sort(key=lambda p: (p.cost_ms, p.llm_share, -p.accuracy))
+        if confident is None:
+            return ok[0]
+        for p in ok:
+            if confident(p):
+                return p
+        raise CalibrationError(f"--target-accuracy {target_accuracy:.4f}: points reach it on this data, but none "
+                               "with the asked confidence; lower --confidence or use more validation data")
     ok = [p for p in points if p.llm_share <= max_llm_share + 1e-12]
     if not ok:
         least = min(points, key=lambda p: p.llm_share)
@@ -184,7 +229,8 @@ def plot_frontier(points: list[Point], chosen: Point, path, llm_accuracy: float 
 
 def run_calibration(config_path, data_dir, target_accuracy: float | str | None = None,
                     max_llm_share: float | None = None, split: str = "val", candidates: int = 24,
-                    limit: int | None = None, write: bool = True, progress=None) -> dict:
+                    limit: int | None = None, write: bool = True, progress=None,
+                    confidence: float | None = None) -> dict:
     """Measure the configured tiers on `split`, choose thresholds, and (with `write`) store them
     in the config; the frontier goes beside it as `NAME.frontier.json` and `NAME.frontier.png`."""
     import json
@@ -204,7 +250,8 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     finally:
         cascade.close()
     last_accuracy = float(np.mean([p == g for p, g in zip(runs[-1].labels, gold)]))
-    if target_accuracy == "llm":
+    against_last = target_accuracy == "llm"
+    if against_last:
         target_accuracy = last_accuracy
     elif isinstance(target_accuracy, str):
         try:
@@ -212,14 +259,20 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         except ValueError:
             raise CalibrationError(f"--target-accuracy {target_accuracy!r}: a number in (0, 1] or 'llm'") from None
     points = frontier(runs, gold, candidates)
-    chosen = choose(points, target_accuracy, max_llm_share)
+    confident = None
+    if confidence is not None and target_accuracy is not None:
+        def confident(p: Point) -> bool:
+            return confidence_of(runs, gold, p, target_accuracy, against_last) >= confidence
+    chosen = choose(points, target_accuracy, max_llm_share, confident)
     names = [r.name for r in runs]
     report = {
         "split": split, "n": len(gold), "tiers": names,
         "tier_accuracy_alone": {r.name: float(np.mean([p == g for p, g in zip(r.labels, gold)])) for r in runs},
         "tier_mean_ms": {r.name: r.mean_ms for r in runs},
-        "target_accuracy": target_accuracy, "max_llm_share": max_llm_share,
+        "target_accuracy": target_accuracy, "max_llm_share": max_llm_share, "confidence": confidence,
         "chosen": chosen.to_json(), "last_tier_accuracy": last_accuracy,
+        "chosen_confidence": (confidence_of(runs, gold, chosen, target_accuracy, against_last)
+                              if target_accuracy is not None else None),
         "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
         "grid_points": len(points),

@@ -111,7 +111,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
-                                 args.candidates, args.limit, write=not args.dry_run, progress=progress)
+                                 args.candidates, args.limit, write=not args.dry_run, progress=progress,
+                                 confidence=args.confidence)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--max-llm-share", type=float, help="best accuracy with at most this share at the large model")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--candidates", type=int, default=24, help="threshold quantiles tried per tier")
+    p.add_argument("--confidence", type=float,
+                   help="with --target-accuracy: also require this one-sided confidence that the target holds "
+                        "beyond the validation sample (paired with the large model for 'llm'), e.g. 0.9")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.set_defaults(func=cmd_calibrate)

@@ -119,13 +119,14 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     print(f"      parity {exp['parity_max_abs_diff']:.1e}; int8 agreement {q['top1_agreement']:.4f}"
           + (f" ({len(q['kept_fp32'])} MatMuls kept fp32)" if q["kept_fp32"] else ""))
 
-    step("write cascade.toml and calibrate the thresholds on val (target: the large model's own accuracy)")
+    step("write cascade.toml and calibrate the thresholds on val (target: the large model's own accuracy, "
+         "with 90% confidence)")
     from cascade.calibrate import CalibrationError, run_calibration
 
     config_path = workdir / "cascade.toml"
     config_path.write_text(CONFIG_TEMPLATE.format(task=task), encoding="utf-8")
     try:
-        cal = run_calibration(config_path, data_dir, "llm")
+        cal = run_calibration(config_path, data_dir, "llm", confidence=0.9)
     except CalibrationError as exc:  # tiny smoke models may not reach it: take the best within the llm share
         print(f"      {exc}; calibrating for the best accuracy instead")
         cal = run_calibration(config_path, data_dir, max_llm_share=1.0)

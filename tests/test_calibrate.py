@@ -127,3 +127,19 @@ def test_a_tier_calibrated_off_stays_off_after_the_config_round_trip(tmp_path):
         name = "b"
 
     assert Cascade([Sure(), Last()], [threshold, 0.0]).predict("hi").tier == "b"
+
+
+def test_a_confidence_bound_buys_a_margin_over_the_bare_target():
+    from cascade.calibrate import confidence_of
+
+    runs, gold = synthetic()
+    points = frontier(runs, gold)
+    bare = choose(points, target_accuracy=0.93)
+    sure = choose(points, target_accuracy=0.93, confident=lambda p: confidence_of(runs, gold, p, 0.93) >= 0.95)
+    assert confidence_of(runs, gold, bare, 0.93) < 0.95 <= confidence_of(runs, gold, sure, 0.93)
+    assert sure.accuracy > bare.accuracy and sure.cost_ms > bare.cost_ms
+    # paired with the last tier: the LLM alone (NEVER everywhere) is as good as itself, with certainty
+    alone = simulate(runs, gold, (NEVER, NEVER, 0.0))
+    assert confidence_of(runs, gold, alone, 0.0, against_last=True) == 1.0
+    with pytest.raises(CalibrationError, match="asked confidence"):
+        choose(points, target_accuracy=0.93, confident=lambda p: False)
