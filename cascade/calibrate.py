@@ -277,7 +277,10 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
         "grid_points": len(points),
     }
-    report["table"] = format_frontier(pareto(points, "cost_ms"), names, chosen)
+    # The chosen point is shown even when a confidence bound made it leave the frontier.
+    rows = pareto(points, "cost_ms")
+    rows = sorted(rows + ([chosen] if chosen not in rows else []), key=lambda p: p.cost_ms)
+    report["table"] = format_frontier(rows, names, chosen)
     stem = config_path.with_suffix("")
     report["plot"] = str(stem) + ".frontier.png"
     plot_frontier(points, chosen, report["plot"], last_accuracy)
