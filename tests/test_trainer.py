@@ -138,8 +138,9 @@ def test_two_rank_fsdp_matches_one_process_and_shards_state(tmp_path, clinc_dir)
     one = subprocess.run([sys.executable, "-m", "cascade", "train", "large", "--out", str(tmp_path / "one"), *args],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cascade",
-                          "train", "large", "--out", str(tmp_path / "two"), *args],
+    # --standalone: rendezvous on a free port (the default 29500 can be taken or in TIME_WAIT)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "cascade", "train", "large", "--out", str(tmp_path / "two"), *args],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     single = json.loads((tmp_path / "one" / "train_summary.json").read_text())
