@@ -261,8 +261,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     points = frontier(runs, gold, candidates)
     confident = None
     if confidence is not None and target_accuracy is not None:
-        def confident(p: Point) -> bool:
-            return confidence_of(runs, gold, p, target_accuracy, against_last) >= confidence
+        confident = lambda p: confidence_of(runs, gold, p, target_accuracy, against_last) >= confidence  # noqa: E731
     chosen = choose(points, target_accuracy, max_llm_share, confident)
     names = [r.name for r in runs]
     report = {

@@ -9,6 +9,7 @@ engine's outputs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -160,8 +161,6 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        import asyncio
-
         outs = await asyncio.gather(*(final(p, SamplingParams(**vars(params))) for p in prompts))
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
                 "choices": [{"index": i, "text": o.text, "logprobs": logprobs_json(o), "finish_reason": o.finish_reason}

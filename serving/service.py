@@ -11,7 +11,6 @@ student return as soon as that tier answers; they never wait for the large model
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -57,12 +56,14 @@ class TierWorker:
         self.metrics = metrics
         self.pending: list[tuple[list[str], asyncio.Future]] = []
         self.pending_items = 0
-        self.wakeup: asyncio.Event | None = None
+        self.wakeup: asyncio.Event | None = None  # something is pending
+        self.full: asyncio.Event | None = None  # a whole batch is pending: stop waiting early
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{tier.name}")
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.wakeup = asyncio.Event()
+        self.full = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def predict(self, texts: list[str]) -> list[Prediction | None]:
@@ -70,6 +71,8 @@ class TierWorker:
         self.pending.append((texts, fut))
         self.pending_items += len(texts)
         self.wakeup.set()
+        if self.pending_items >= self.max_batch:
+            self.full.set()
         return await fut
 
     async def _loop(self) -> None:
@@ -90,9 +93,11 @@ class TierWorker:
         loop = asyncio.get_running_loop()
         while True:
             await self.wakeup.wait()
-            deadline = loop.time() + self.max_wait
-            while self.pending_items < self.max_batch and loop.time() < deadline:
-                await asyncio.sleep(min(0.0005, max(0.0, deadline - loop.time())))
+            if self.pending_items < self.max_batch:  # wait for a full batch, at most max_wait
+                try:
+                    await asyncio.wait_for(self.full.wait(), self.max_wait)
+                except asyncio.TimeoutError:
+                    pass
             # Take whole requests up to the batch size (at least one, even if it is larger).
             take, n = [], 0
             while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
@@ -102,6 +107,8 @@ class TierWorker:
             self.pending_items -= n
             if not self.pending:
                 self.wakeup.clear()
+            if self.pending_items < self.max_batch:
+                self.full.clear()
             batch = [t for texts, _ in take for t in texts]
             if not batch:
                 continue

@@ -101,7 +101,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
                 cfg: TrainConfig | None = None, resume: bool = False, limit_train: int | None = None,
                 eval_limit: int = 300, vocab_size: int = 4096, inference_tokens: float = 0.0,
                 template: str | None = None, progress: bool = True) -> LargeRun:
-    from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel
+    from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel, shutdown_distributed
 
     cfg = cfg or TrainConfig()
     rank, world_size, device = init_distributed()
@@ -204,6 +204,8 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
                 "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>", "model_max_length": model_cfg.max_seq_len}, indent=1) + "\n")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if world_size > 1:
+        shutdown_distributed()
     return LargeRun(out, summary)
 
 

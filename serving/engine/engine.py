@@ -25,7 +25,7 @@ from serving.engine.constrained import ChoiceState, TokenTrie
 from serving.engine.kv_cache import KVCacheManager, allocate_kv_tensors, kv_bytes_per_token
 from serving.engine.runner import ModelRunner
 from serving.engine.sampling import SamplingParams, sample_token, top_logprobs
-from serving.engine.scheduler import Request, Scheduler, Status
+from serving.engine.scheduler import Request, Scheduler
 from training.model import Transformer
 
 
