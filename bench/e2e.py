@@ -1,0 +1,497 @@
+"""End to end on real data: the cascade against its peers, in one command, resumable by stage.
+
+    python bench/e2e.py --dataset clinc150        # or banking77; reads ../shared/data/<dataset>
+    python bench/e2e.py --dataset clinc150 --redo calibrate   # re-run a stage and all after it
+    python bench/e2e.py --dataset clinc150 --tiny --limit 200 --workdir /tmp/e2e   # toy scale (CI)
+
+Stages, each leaving `WORKDIR/stages/<stage>.json` when it is done, so a second run skips what
+is finished (an interrupted training stage resumes from its last checkpoint):
+
+    prepare    the dataset dir (train/val/test JSONL); Banking77's val is carved from train
+    rules      a rule pack mined from train, kept only where precise on val
+    large      SmolLM2-135M fine-tuned on train (label-token head), bf16
+    student    distilled from it (teacher label distributions, temperature-calibrated)
+    export     ONNX fp32 (parity-checked) and int8 (agreement-checked on val)
+    calibrate  rules -> student -> llm thresholds on val; target: the large model's val accuracy
+    measure    on test, in one process and back to back: the cascade, the large model alone,
+               the student alone, TF-IDF + logistic regression, and a two-tier threshold router
+               that sends a fixed share of requests to the large model (RouteLLM-style)
+    report     bench/results/<dataset>.json and .md, the frontier plot, docs/results.md
+
+`cost_per_1k_rel` is compute per request relative to the large model alone: every system runs on
+the same 2 CPU threads here, so it is the inverse ratio of items/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/e2e.py` from a checkout without an install
+
+STAGES = ("prepare", "rules", "large", "student", "export", "calibrate", "measure", "report")
+SYSTEMS = ("cascade", "large_only", "student_only", "tfidf", "threshold_router")
+TARGET_GAP_PT, TARGET_LLM_SHARE, TARGET_SPEEDUP = 0.5, 0.20, 5.0
+
+CONFIG_TEMPLATE = """\
+# Written by bench/e2e.py; `cascade calibrate` rewrote the thresholds.
+[task]
+name = "{task}"
+
+[[tiers]]
+name = "rules"
+kind = "rules"
+path = "rules.toml"
+threshold = 0.0
+
+[[tiers]]
+name = "student"
+kind = "student"
+path = "student"
+threshold = 0.0
+
+[[tiers]]
+name = "llm"
+kind = "llm"
+path = "large"
+options = {{ backend = "builtin", memory_gb = 0.5 }}
+"""
+
+
+@dataclass
+class E2EConfig:
+    """One benchmark run. `tiny` swaps in toy models (a debug-size large model trained from
+    scratch, a debug student, a few steps each) so the harness itself can be tested in CI."""
+
+    dataset: str
+    workdir: Path
+    source: Path
+    results_dir: Path
+    docs: Path | None
+    tiny: bool = False
+    limit: int | None = None  # rows per split (seeded sample)
+    large_epochs: float = 1.0
+    large_lr: float = 1e-4
+    student_epochs: float = 6.0
+    student_lr: float = 5e-4
+    confidence: float | None = None  # calibrate's one-sided bound against the large model
+    router_share: float | None = None  # None: the cascade's large-model share on val
+    seed: int = 0
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "data"
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def stage_prepare(cfg: E2EConfig) -> dict:
+    from cascade.data import SPLITS, load_labels, load_split, prepare, write_dataset
+
+    report = prepare(cfg.dataset, cfg.source, cfg.data)
+    if cfg.limit:
+        rng = random.Random(cfg.seed)
+        splits = {s: load_split(cfg.data, s) for s in SPLITS}
+        splits = {s: rng.sample(rows, min(cfg.limit, len(rows))) for s, rows in splits.items()}
+        write_dataset(cfg.data, splits, load_labels(cfg.data).oos_label)
+    counts = {s: len(load_split(cfg.data, s)) for s in SPLITS}
+    return {"counts": counts, "labels": len(load_labels(cfg.data).labels), "source": str(cfg.source),
+            "full_counts": report.counts}
+
+
+def stage_rules(cfg: E2EConfig) -> dict:
+    from cascade.data import load_labels, load_split
+    from cascade.rulecheck import check_pack
+    from cascade.rulemine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rulepack import load_pack
+
+    labels = load_labels(cfg.data)
+    train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    mine_cfg = MineConfig(min_train_support=2 if cfg.tiny else 8, min_val_support=1 if cfg.tiny else 3,
+                          oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
+    pack, _ = mine_pack(train, val, cfg.dataset, mine_cfg)
+    write_pack(pack, cfg.workdir / "rules.toml")
+    check = check_pack(load_pack(cfg.workdir / "rules.toml"), val)
+    return {"rules": len(pack["rule"]), "val_coverage": check["coverage"], "val_precision": check["precision"]}
+
+
+def stage_large(cfg: E2EConfig) -> dict:
+    from training.large import train_large
+    from training.trainer import TrainConfig
+
+    out = cfg.workdir / "large"
+    if cfg.tiny:
+        run = train_large(cfg.data, out, size="debug", vocab_size=512, resume=True,
+                          cfg=TrainConfig(lr=3e-3, max_steps=12, batch_size=16, warmup_steps=2, ckpt_every=6))
+    else:
+        run = train_large(cfg.data, out, init="smollm2-135m", resume=True, eval_limit=10_000,
+                          cfg=TrainConfig(lr=cfg.large_lr, epochs=cfg.large_epochs, batch_size=32, warmup_steps=30,
+                                          eval_every=0, ckpt_every=100, log_every=10))
+    return _training_summary(run.summary, out)
+
+
+def stage_student(cfg: E2EConfig) -> dict:
+    from training.distill import train_student
+    from training.trainer import TrainConfig
+
+    out = cfg.workdir / "student"
+    run = train_student(cfg.data, cfg.workdir / "large", out, resume=True,
+                        size="debug" if cfg.tiny else "distil-smollm2", from_teacher=not cfg.tiny,
+                        cfg=TrainConfig(lr=1e-3 if cfg.tiny else cfg.student_lr, max_steps=12 if cfg.tiny else None,
+                                        epochs=cfg.student_epochs, batch_size=64, warmup_steps=5 if cfg.tiny else 50,
+                                        ckpt_every=6 if cfg.tiny else 200))
+    return _training_summary(run.summary, out)
+
+
+def _training_summary(summary: dict, out: Path) -> dict:
+    log = out / "train_log.jsonl"
+    speed = [e for e in map(json.loads, log.read_text().splitlines()) if "tokens_per_s" in e] if log.exists() else []
+    keep = ("steps", "params", "non_embedding_params", "val_accuracy", "wall_s", "precision")
+    res = {k: summary[k] for k in keep if k in summary}
+    if speed:
+        res["tokens_per_s"] = sum(e["tokens_per_s"] for e in speed) / len(speed)
+        if "model_flops_per_s" in speed[0]:
+            res["model_flops_per_s"] = sum(e["model_flops_per_s"] for e in speed) / len(speed)
+    return res
+
+
+def stage_export(cfg: E2EConfig) -> dict:
+    from cascade.data import load_split
+    from training.export import export_onnx, quantize_int8
+
+    texts = [ex.text for ex in load_split(cfg.data, "val")]
+    exp = export_onnx(cfg.workdir / "student", texts[:256])
+    q = quantize_int8(cfg.workdir / "student", texts, min_agreement=0.99, sensitivity_texts=512)
+    return {"parity_max_abs_diff": exp["parity_max_abs_diff"], "int8_top1_agreement_val": q["top1_agreement"],
+            "int8_kept_fp32": q["kept_fp32"], "int8_target_met": q.get("target_met", True)}
+
+
+def stage_calibrate(cfg: E2EConfig) -> dict:
+    from cascade.calibrate import CalibrationError, run_calibration
+
+    config_path = cfg.workdir / "cascade.toml"
+    config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset), encoding="utf-8")
+    try:
+        cal = run_calibration(config_path, cfg.data, "llm", confidence=cfg.confidence)
+        met = True
+    except CalibrationError as exc:  # toy models may not reach it: the best accuracy instead, said so
+        print(f"calibrate: {exc}; taking the most accurate point instead", file=sys.stderr)
+        cal = run_calibration(config_path, cfg.data, max_llm_share=1.0)
+        met = False
+    print(cal["table"])
+    keep = ("n", "tiers", "tier_accuracy_alone", "tier_mean_ms", "target_accuracy", "confidence", "chosen",
+            "last_tier_accuracy", "chosen_confidence", "plot", "grid_points")
+    return {**{k: cal[k] for k in keep}, "target_met": met}
+
+
+def _timed_predict(cascade, texts: list[str], batch_size: int = 256):
+    preds, t0 = [], time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        preds.extend(cascade.predict_batch(texts[start:start + batch_size]))
+    return preds, time.perf_counter() - t0
+
+
+def router_threshold(val_confidences: list[float], share: float) -> float:
+    """The student confidence below which `share` of the val items go to the large model."""
+    import numpy as np
+
+    if share <= 0:
+        return 0.0
+    if share >= 1:
+        return 2.0  # above any probability: everything escalates
+    return float(np.quantile(np.asarray(val_confidences), share))
+
+
+def stage_measure(cfg: E2EConfig, done: dict) -> dict:
+    """Every system on the whole test split, one after another in this process."""
+    from cascade.config import build_cascade, load_config
+    from cascade.data import load_labels, load_split
+    from cascade.metrics import classification_report
+    from cascade.router import Cascade
+    from cascade.types import Prediction
+
+    config_path = cfg.workdir / "cascade.toml"
+    config = load_config(config_path)
+    oos = load_labels(cfg.data).oos_label
+    test, val = load_split(cfg.data, "test"), load_split(cfg.data, "val")
+    texts, gold = [ex.text for ex in test], [ex.label for ex in test]
+    full = build_cascade(config, config_path.parent)
+    rules, student, llm = full.tiers
+    try:
+        warm = [ex.text for ex in val[:64]]
+        for tier in full.tiers:  # first calls pay for lazy init (oneDNN weight packing, ORT arenas)
+            tier.predict_batch(warm)
+
+        val_conf = [p.confidence for p in student.predict_batch([ex.text for ex in val])]
+        share = cfg.router_share if cfg.router_share is not None else done["calibrate"]["chosen"]["llm_share"]
+        router_thr = router_threshold(val_conf, share)
+        systems = {
+            "cascade": (full, ["llm"]),
+            "large_only": (Cascade([llm], [0.0]), ["llm"]),
+            "student_only": (Cascade([student], [0.0]), []),
+            "threshold_router": (Cascade([student, llm], [router_thr, 0.0]), ["llm"]),
+        }
+        results = {}
+        for name, (cascade, llm_tiers) in systems.items():
+            preds, seconds = _timed_predict(cascade, texts)
+            rep = classification_report(gold, preds, [t.name for t in cascade.tiers], seconds, oos, llm_tiers)
+            results[name] = rep
+            print(f"measure: {name:<17} accuracy {rep['accuracy']:.4f}  llm share {rep['llm_share']:.3f}  "
+                  f"{rep['items_per_s']:.0f} items/s", flush=True)
+        results["threshold_router"].update({"student_threshold": router_thr, "target_llm_share": share})
+
+        labels, seconds = tfidf_predict(cfg, texts)
+        preds = [Prediction(lab, 1.0, "tfidf") for lab in labels]
+        results["tfidf"] = classification_report(gold, preds, ["tfidf"], seconds, oos, [])
+        print(f"measure: tfidf             accuracy {results['tfidf']['accuracy']:.4f}  "
+              f"{results['tfidf']['items_per_s']:.0f} items/s", flush=True)
+    finally:
+        full.close()
+    return {"systems": results, "threads": _threads(), "n": len(texts)}
+
+
+def tfidf_predict(cfg: E2EConfig, texts: list[str]) -> tuple[list[str], float]:
+    """TF-IDF (word 1-2 grams) + logistic regression fitted on train; timed on `texts` in the
+    same batches of 256 the other systems get."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from cascade.data import load_split
+
+    train = load_split(cfg.data, "train")
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    clf = LogisticRegression(C=10.0, max_iter=2000)
+    clf.fit(vec.fit_transform([ex.text for ex in train]), [ex.label for ex in train])
+    labels, t0 = [], time.perf_counter()
+    for start in range(0, len(texts), 256):
+        labels.extend(clf.predict(vec.transform(texts[start:start + 256])).tolist())
+    return labels, time.perf_counter() - t0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --- the report ---------------------------------------------------------------------------
+
+ROW_NAMES = {"cascade": "cascade (rules → student → large)", "large_only": "large model alone",
+             "student_only": "student alone (int8 ONNX)", "tfidf": "TF-IDF + logistic regression",
+             "threshold_router": "threshold router (student → large)"}
+
+
+def build_result(cfg: E2EConfig, done: dict) -> dict:
+    systems = done["measure"]["systems"]
+    large_rate = systems["large_only"]["items_per_s"]
+    result: dict = {"dataset": cfg.dataset, "tiny": cfg.tiny, "n_test": done["measure"]["n"],
+                    "threads": done["measure"]["threads"]}
+    for name in SYSTEMS:
+        rep = systems[name]
+        row = {k: rep[k] for k in ("accuracy", "macro_f1", "llm_share", "items_per_s", "n")}
+        row["cost_per_1k_rel"] = large_rate / rep["items_per_s"]
+        row["core_s_per_1k"] = 1000.0 / rep["items_per_s"] * done["measure"]["threads"]
+        row["tier_shares"] = {t["name"]: t["share"] for t in rep["tiers"]}
+        row["tier_accuracy"] = {t["name"]: t["accuracy"] for t in rep["tiers"]}
+        for k in ("oos_recall", "oos_precision", "in_scope_accuracy"):
+            if k in rep:
+                row[k] = rep[k]
+        result[name] = row
+    result["threshold_router"]["student_threshold"] = systems["threshold_router"]["student_threshold"]
+    c, big = result["cascade"], result["large_only"]
+    gap_pt = 100 * (c["accuracy"] - big["accuracy"])
+    result["targets"] = {
+        "accuracy_gap_pt": gap_pt, "accuracy_within_0.5pt": gap_pt >= -TARGET_GAP_PT,
+        "llm_share": c["llm_share"], "llm_share_at_most_20pct": c["llm_share"] <= TARGET_LLM_SHARE,
+        "speedup": c["items_per_s"] / big["items_per_s"], "speedup_at_least_5x": c["items_per_s"] / big["items_per_s"] >= TARGET_SPEEDUP,
+    }
+    cal = done["calibrate"]
+    result["calibration"] = {"thresholds": dict(zip(cal["tiers"], cal["chosen"]["thresholds"])),
+                             "val_accuracy": cal["chosen"]["accuracy"], "val_llm_share": cal["chosen"]["llm_share"],
+                             "target_accuracy": cal["target_accuracy"], "confidence": cal["confidence"],
+                             "target_met": cal["target_met"], "n_val": cal["n"]}
+    result["stages"] = {k: done[k] for k in ("prepare", "rules", "large", "student", "export")}
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    has_oos = "oos_recall" in result["cascade"]
+    head = ["system", "accuracy", "macro-F1"] + (["OOS recall"] if has_oos else []) + \
+        ["large-model share", "share per tier", "items/s", "cost per 1k (rel.)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name in SYSTEMS:
+        r = result[name]
+        shares = ", ".join(f"{t} {s:.1%}" for t, s in r["tier_shares"].items())
+        cells = [ROW_NAMES[name], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}"]
+        cells += [f"{r['oos_recall']:.3f}"] if has_oos else []
+        cells += [f"{r['llm_share']:.1%}", shares, f"{r['items_per_s']:.0f}", f"{r['cost_per_1k_rel']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(result: dict, plot_name: str | None) -> str:
+    t, cal = result["targets"], result["calibration"]
+    mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    thr = ", ".join(f"{k} {v:.4f}" if v <= 1 else f"{k} never" for k, v in list(cal["thresholds"].items())[:-1])
+    lines = [
+        f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""),
+        "",
+        f"{result['n_test']} test items, {result['threads']} CPU threads. Command: "
+        f"`python bench/e2e.py --dataset {result['dataset']}`.",
+        "",
+        markdown_table(result),
+        "",
+        f"- Accuracy against the large model alone: {t['accuracy_gap_pt']:+.2f} pt (target ≥ -0.5: "
+        f"{mark(t['accuracy_within_0.5pt'])}).",
+        f"- Large-model share: {t['llm_share']:.1%} (target ≤ 20%: {mark(t['llm_share_at_most_20pct'])}).",
+        f"- Throughput: {t['speedup']:.2f}× the large model alone (target ≥ 5×: {mark(t['speedup_at_least_5x'])}).",
+        f"- Calibrated on {cal['n_val']} val items: thresholds {thr}; val accuracy {cal['val_accuracy']:.4f} "
+        f"against the large model's {cal['target_accuracy']:.4f}, large-model share {cal['val_llm_share']:.1%}"
+        + (f", {cal['confidence']:.0%} one-sided confidence." if cal["confidence"] else "."),
+        f"- Threshold router: student confidence < {result['threshold_router']['student_threshold']:.4f} goes "
+        f"to the large model (the cascade's val share, {cal['val_llm_share']:.1%}).",
+    ]
+    if plot_name:
+        lines += ["", f"![calibration frontier, {result['dataset']}]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+DOC_HEAD = """# Results: the cascade against its peers on real data
+
+Written by `bench/e2e.py` from `bench/results/<dataset>.json`; do not edit by hand. Each
+dataset is one command on this repo's 2-core CPU machine (no GPU), from the raw files in
+`../shared/data` to the test-set table:
+
+    python bench/e2e.py --dataset clinc150     # then: --dataset banking77
+
+It prepares the data, mines rules, fine-tunes SmolLM2-135M (the large model), distils the
+student, exports it to int8 ONNX, calibrates the cascade on val (target: the large model's val
+accuracy) and measures every system on test, one after another in one process. A stopped run
+resumes at the stage it was in (`--redo STAGE` re-runs one stage and those after it).
+
+The peers: the large model alone (the built-in engine, label-token choice), the distilled
+student alone (int8 ONNX), TF-IDF + logistic regression (scikit-learn, fitted on train), and a
+threshold router that sends the cascade's val share of requests to the large model by one
+threshold on the student's confidence (the RouteLLM-style two-tier baseline). Cost per 1,000
+requests is compute relative to the large model alone (the inverse ratio of items/s: every
+system runs on the same two threads). The headline targets: accuracy within 0.5 pt of the
+large model, at most 20% of requests at the large model, at least 5× its items/s.
+"""
+
+
+def write_docs(results_dir: Path, docs: Path) -> None:
+    parts = [DOC_HEAD]
+    for name in ("clinc150", "banking77"):
+        file = results_dir / f"{name}.json"
+        if file.exists():
+            result = json.loads(file.read_text())
+            plot = results_dir / f"{name}.frontier.png"
+            rel = os.path.relpath(plot, docs.parent) if plot.exists() else None
+            parts.append(markdown_report(result, rel))
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text("\n".join(parts), encoding="utf-8")
+
+
+def stage_report(cfg: E2EConfig, done: dict) -> dict:
+    result = build_result(cfg, done)
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    plot = Path(done["calibrate"]["plot"])
+    plot_name = None
+    if plot.exists():
+        plot_name = f"{cfg.dataset}.frontier.png"
+        shutil.copyfile(plot, cfg.results_dir / plot_name)
+    (cfg.results_dir / f"{cfg.dataset}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown_report(result, plot_name)
+    (cfg.results_dir / f"{cfg.dataset}.md").write_text(md, encoding="utf-8")
+    if cfg.docs:
+        write_docs(cfg.results_dir, cfg.docs)
+    print(md)
+    return {"json": str(cfg.results_dir / f"{cfg.dataset}.json"), "targets": result["targets"]}
+
+
+# --- the stage runner ---------------------------------------------------------------------
+
+RUNNERS = {"prepare": stage_prepare, "rules": stage_rules, "large": stage_large, "student": stage_student,
+           "export": stage_export, "calibrate": stage_calibrate}
+
+
+def stage_file(cfg: E2EConfig, stage: str) -> Path:
+    return cfg.workdir / "stages" / f"{stage}.json"
+
+
+def run_stages(cfg: E2EConfig, redo: str | None = None, until: str | None = None) -> dict:
+    """Run the stages in order, skipping those whose record exists; `redo` drops the record of
+    that stage and every later one first; `until` stops after that stage."""
+    for name in (redo, until):
+        if name is not None and name not in STAGES:
+            raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    (cfg.workdir / "stages").mkdir(parents=True, exist_ok=True)
+    if redo:
+        for stage in STAGES[STAGES.index(redo):]:
+            stage_file(cfg, stage).unlink(missing_ok=True)
+    done: dict = {}
+    t_start = time.perf_counter()
+    for stage in STAGES:
+        file = stage_file(cfg, stage)
+        if file.exists():
+            done[stage] = json.loads(file.read_text())
+            print(f"[{stage}] done before, skipped ({file})", flush=True)
+        else:
+            print(f"[{stage}] running   ({time.perf_counter() - t_start:.0f}s so far)", flush=True)
+            t0 = time.perf_counter()
+            if stage in RUNNERS:
+                record = RUNNERS[stage](cfg)
+            elif stage == "measure":
+                record = stage_measure(cfg, done)
+            else:
+                record = stage_report(cfg, done)
+            record["stage_s"] = time.perf_counter() - t0
+            tmp = file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(file)  # the record appears only once the stage is complete
+            done[stage] = record
+        if stage == until:
+            break
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", required=True, choices=("clinc150", "banking77"))
+    ap.add_argument("--source", help="raw dataset dir (default ../shared/data/<dataset>)")
+    ap.add_argument("--workdir", help="where models and stage records go (default runs/e2e-<dataset>)")
+    ap.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), help="'' to not write it")
+    ap.add_argument("--redo", choices=STAGES, help="re-run this stage and all after it")
+    ap.add_argument("--until", choices=STAGES, help="stop after this stage")
+    ap.add_argument("--tiny", action="store_true", help="toy models, a few steps (tests the harness)")
+    ap.add_argument("--limit", type=int, help="at most this many rows per split (seeded sample)")
+    ap.add_argument("--large-epochs", type=float, default=1.0)
+    ap.add_argument("--student-epochs", type=float, default=6.0)
+    ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
+    ap.add_argument("--router-share", type=float, help="threshold router's large-model share (default: the cascade's)")
+    args = ap.parse_args(argv)
+    cfg = E2EConfig(
+        dataset=args.dataset,
+        workdir=Path(args.workdir or ROOT / "runs" / f"e2e-{args.dataset}"),
+        source=Path(args.source or ROOT.parent / "shared" / "data" / args.dataset),
+        results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
+        tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs, student_epochs=args.student_epochs,
+        confidence=args.confidence, router_share=args.router_share,
+    )
+    run_stages(cfg, args.redo, args.until)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""bench/e2e.py, the end-to-end benchmark harness, at toy scale on real dataset slices: stages
+resume, `--redo` re-runs from a stage on, the result JSON has the promised keys."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SYSTEMS = ("cascade", "large_only", "student_only", "tfidf", "threshold_router")
+KEYS = {"accuracy", "macro_f1", "llm_share", "items_per_s", "cost_per_1k_rel"}
+
+
+def e2e(workdir: Path, dataset: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / "e2e.py"), "--dataset", dataset, "--tiny", "--limit", "150",
+           "--workdir", str(workdir), "--results-dir", str(workdir / "results"), "--docs", str(workdir / "results.md"),
+           *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def records(workdir: Path) -> dict[str, float]:
+    return {p.stem: p.stat().st_mtime_ns for p in (workdir / "stages").glob("*.json")}
+
+
+@pytest.mark.skipif(not (SHARED / "clinc150").exists(), reason="../shared/data/clinc150 not present")
+def test_e2e_stages_resume_and_the_result_has_every_system(tmp_path):
+    work = tmp_path / "clinc"
+    first = e2e(work, "clinc150", "--until", "student")
+    assert set(records(work)) == {"prepare", "rules", "large", "student"}
+    assert "[student] running" in first.stdout and "[export]" not in first.stdout
+    counts = json.loads((work / "stages" / "prepare.json").read_text())["counts"]
+    assert counts == {"train": 150, "val": 150, "test": 150}
+    before = records(work)
+
+    second = e2e(work, "clinc150")  # picks up where the first stopped
+    for stage in ("prepare", "rules", "large", "student"):
+        assert f"[{stage}] done before, skipped" in second.stdout
+    after = records(work)
+    assert {k: after[k] for k in before} == before  # finished stages were not re-run
+    assert set(after) == {"prepare", "rules", "large", "student", "export", "calibrate", "measure", "report"}
+
+    result = json.loads((work / "results" / "clinc150.json").read_text())
+    for name in SYSTEMS:
+        assert KEYS <= set(result[name]), name
+        assert result[name]["n"] == 150
+        assert 0.0 <= result[name]["accuracy"] <= 1.0 and result[name]["items_per_s"] > 0
+        assert "oos_recall" in result[name]
+    assert result["large_only"]["llm_share"] == 1.0 and result["large_only"]["cost_per_1k_rel"] == 1.0
+    assert result["student_only"]["llm_share"] == 0.0 and result["tfidf"]["llm_share"] == 0.0
+    assert abs(sum(result["cascade"]["tier_shares"].values()) - 1.0) < 1e-9
+    assert set(result["targets"]) >= {"accuracy_gap_pt", "llm_share", "speedup"}
+    md = (work / "results" / "clinc150.md").read_text()
+    assert "| large model alone |" in md and "OOS recall" in md
+    assert (work / "results" / "clinc150.frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## clinc150 (toy scale)" in (work / "results.md").read_text()
+
+    third = e2e(work, "clinc150", "--redo", "calibrate")
+    assert "[export] done before, skipped" in third.stdout
+    assert "[calibrate] running" in third.stdout and "[measure] running" in third.stdout
+    again = records(work)
+    assert all(again[k] == after[k] for k in ("prepare", "rules", "large", "student", "export"))
+    assert all(again[k] > after[k] for k in ("calibrate", "measure", "report"))
+
+
+@pytest.mark.skipif(not (SHARED / "banking77").exists(), reason="../shared/data/banking77 not present")
+def test_e2e_banking77_has_no_out_of_scope_column(tmp_path):
+    work = tmp_path / "bank"
+    e2e(work, "banking77")
+    result = json.loads((work / "results" / "banking77.json").read_text())
+    assert all(KEYS <= set(result[name]) for name in SYSTEMS)
+    assert "oos_recall" not in result["cascade"]
+    assert "OOS recall" not in (work / "results" / "banking77.md").read_text()
+
+
+def test_router_threshold_sends_the_asked_share():
+    sys.path.insert(0, str(REPO / "bench"))
+    from e2e import router_threshold
+
+    conf = np.random.default_rng(0).random(1000).tolist()
+    thr = router_threshold(conf, 0.25)
+    assert sum(c < thr for c in conf) == 250
+    assert router_threshold(conf, 0.0) == 0.0 and router_threshold(conf, 1.0) > 1.0
