@@ -315,7 +315,9 @@ def build_result(cfg: E2EConfig, done: dict) -> dict:
         "speedup": c["items_per_s"] / big["items_per_s"], "speedup_at_least_5x": c["items_per_s"] / big["items_per_s"] >= TARGET_SPEEDUP,
     }
     cal = done["calibrate"]
+    label_thr = cal["chosen"].get("label_thresholds") or []
     result["calibration"] = {"thresholds": dict(zip(cal["tiers"], cal["chosen"]["thresholds"])),
+                             "label_thresholds": {t: v for t, v in zip(cal["tiers"], label_thr) if v is not None},
                              "val_accuracy": cal["chosen"]["accuracy"], "val_llm_share": cal["chosen"]["llm_share"],
                              "target_accuracy": cal["target_accuracy"], "confidence": cal["confidence"],
                              "target_met": cal["target_met"], "n_val": cal["n"]}
@@ -343,6 +345,8 @@ def markdown_report(result: dict, plot_name: str | None) -> str:
     t, cal = result["targets"], result["calibration"]
     mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
     thr = ", ".join(f"{k} {v:.4f}" if v <= 1 else f"{k} never" for k, v in list(cal["thresholds"].items())[:-1])
+    for tier, v in cal.get("label_thresholds", {}).items():
+        thr += f", {tier} on out-of-scope answers {v:.4f}" if v <= 1 else f", {tier} on out-of-scope answers never"
     lines = [
         f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""),
         "",

@@ -10,6 +10,11 @@ threshold-by-quantile), plus "never answer"; the search is the full product over
 tiers, so thresholds are chosen jointly, not one tier at a time. The result is a frontier of
 (accuracy, large-model share, cost) points; the chosen point is the cheapest that reaches the
 accuracy target, or the most accurate within a large-model share.
+
+With an out-of-scope label (labels.json's `oos_label`), a tier that answers it gets a second
+threshold, searched jointly with the others, for those answers only: a low top probability on
+"none of the intents" does not mean the tier is unsure the way it does between two intents, and
+the large model is often no better on them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Point:
     llm_share: float
     cost_ms: float  # expected ms per item
     shares: tuple[float, ...]  # share answered by each tier
+    # per tier: the threshold for answers of the special (out-of-scope) label; None: `thresholds`
+    label_thresholds: tuple[float | None, ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,7 +66,9 @@ def candidate_thresholds(confidences: np.ndarray, answered: np.ndarray, n: int) 
 
 
 def _simulate_items(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
-                    correct: list[np.ndarray], answered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list, float]:
+                    correct: list[np.ndarray], answered: list[np.ndarray],
+                    label_thresholds: tuple[float | None, ...] = (), is_label: list[np.ndarray] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, list, float]:
     """Per item: right or wrong, and cost; per tier: share answered; and the large-model share."""
     n = len(gold)
     open_mask = np.ones(n, dtype=bool)
@@ -69,7 +78,10 @@ def _simulate_items(runs: list[TierRun], gold: list[str], thresholds: tuple[floa
     last = len(runs) - 1
     for k, run in enumerate(runs):
         cost[open_mask] += run.mean_ms
-        takes = open_mask if k == last else open_mask & answered[k] & (run.confidences >= thresholds[k])
+        thr = thresholds[k]
+        if k < len(label_thresholds) and label_thresholds[k] is not None and is_label is not None:
+            thr = np.where(is_label[k], label_thresholds[k], thr)
+        takes = open_mask if k == last else open_mask & answered[k] & (run.confidences >= thr)
         right |= takes & correct[k]
         share = float(takes.mean()) if n else 0.0
         shares.append(share)
@@ -85,19 +97,25 @@ def _masks(runs: list[TierRun], gold: list[str]) -> tuple[list[np.ndarray], list
     return correct, answered
 
 
+def _label_masks(runs: list[TierRun], label: str | None) -> list[np.ndarray] | None:
+    return None if label is None else [np.array([lab == label for lab in r.labels]) for r in runs]
+
+
 def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
-             correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None) -> Point:
-    """The cascade's accuracy, large-model share and cost at these thresholds."""
+             correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None,
+             label_thresholds: tuple[float | None, ...] = (), is_label: list[np.ndarray] | None = None) -> Point:
+    """The cascade's accuracy, large-model share and cost at these thresholds (`label_thresholds`:
+    per tier, the threshold for answers where `is_label` is set, None for the tier's own)."""
     if correct is None or answered is None:
         correct, answered = _masks(runs, gold)
-    right, cost, shares, llm = _simulate_items(runs, gold, thresholds, correct, answered)
+    right, cost, shares, llm = _simulate_items(runs, gold, thresholds, correct, answered, label_thresholds, is_label)
     n = len(gold)
     return Point(tuple(thresholds), float(right.mean()) if n else 0.0, llm, float(cost.mean()) if n else 0.0,
-                 tuple(shares))
+                 tuple(shares), tuple(label_thresholds))
 
 
 def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: float,
-                  against_last: bool = False) -> float:
+                  against_last: bool = False, label: str | None = None) -> float:
     """One-sided confidence that the cascade at `point` reaches `target` beyond this sample
     (normal approximation): of accuracy >= target, or with `against_last`, of accuracy >= the
     last tier's alone, from the paired per-item difference (the two share their errors, so the
@@ -105,7 +123,8 @@ def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: fl
     from statistics import NormalDist
 
     correct, answered = _masks(runs, gold)
-    right = _simulate_items(runs, gold, point.thresholds, correct, answered)[0].astype(float)
+    right = _simulate_items(runs, gold, point.thresholds, correct, answered, point.label_thresholds,
+                            _label_masks(runs, label))[0].astype(float)
     n = len(gold)
     if against_last:
         diff = right - correct[-1].astype(float)
@@ -119,13 +138,29 @@ def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: fl
     return NormalDist().cdf(mean / se)
 
 
-def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24) -> list[Point]:
-    """Every joint threshold combination on the candidate grid, simulated."""
+def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24, label: str | None = None,
+             min_label_answers: int = 10) -> list[Point]:
+    """Every joint threshold combination on the candidate grid, simulated. With `label`, every
+    non-last tier that gives that answer at least `min_label_answers` times gets a second grid
+    for those answers (None in the grid: the tier's own threshold)."""
     if not runs:
         raise CalibrationError("no tiers to calibrate")
     correct, answered = _masks(runs, gold)
+    is_label = _label_masks(runs, label)
     grids = [candidate_thresholds(run.confidences, mask, candidates) for run, mask in zip(runs[:-1], answered)]
-    return [simulate(runs, gold, tuple(combo) + (0.0,), correct, answered) for combo in itertools.product(*grids)]
+    label_grids: list[list[float | None]] = []
+    for k, run in enumerate(runs[:-1]):
+        if is_label is not None and int((answered[k] & is_label[k]).sum()) >= min_label_answers:
+            label_grids.append([None] + candidate_thresholds(run.confidences, answered[k] & is_label[k],
+                                                              max(4, candidates // 2)))
+        else:
+            label_grids.append([None])
+    points = []
+    for combo in itertools.product(*grids):
+        for label_combo in itertools.product(*label_grids):
+            lt = tuple(label_combo) + (None,) if any(t is not None for t in label_combo) else ()
+            points.append(simulate(runs, gold, tuple(combo) + (0.0,), correct, answered, lt, is_label))
+    return points
 
 
 def pareto(points: list[Point], cost_key: str = "cost_ms") -> list[Point]:
@@ -192,12 +227,19 @@ def measure_tiers(cascade, is_llm: list[bool], texts: list[str], batch_size: int
     return runs
 
 
-def format_frontier(points: list[Point], names: list[str], chosen: Point) -> str:
-    head = "  ".join(f"{'thr ' + n:>12}" for n in names[:-1])
+def format_frontier(points: list[Point], names: list[str], chosen: Point, label: str | None = None) -> str:
+    def fmt(t: float | None) -> str:
+        return "-" if t is None else "never" if t >= NEVER else f"{t:.4f}"
+
+    # a column per tier that has a label threshold somewhere in the table
+    label_cols = [k for k in range(len(names) - 1)
+                  if any(k < len(p.label_thresholds) and p.label_thresholds[k] is not None for p in points)]
+    head = "  ".join([f"{'thr ' + n:>12}" for n in names[:-1]] + [f"{f'{names[k]}:{label}':>16}" for k in label_cols])
     lines = [f"{head}  {'accuracy':>9}  {'llm share':>9}  {'ms/item':>8}"]
     for p in points:
         mark = "  <- chosen" if p == chosen else ""
-        thr = "  ".join(f"{'never' if t >= NEVER else f'{t:.4f}':>12}" for t in p.thresholds[:-1])
+        lt = lambda k: p.label_thresholds[k] if k < len(p.label_thresholds) else None  # noqa: E731
+        thr = "  ".join([f"{fmt(t):>12}" for t in p.thresholds[:-1]] + [f"{fmt(lt(k)):>16}" for k in label_cols])
         lines.append(f"{thr}  {p.accuracy:>9.4f}  {p.llm_share:>9.3f}  {p.cost_ms:>8.3f}{mark}")
     return "\n".join(lines)
 
@@ -230,14 +272,14 @@ def plot_frontier(points: list[Point], chosen: Point, path, llm_accuracy: float 
 def run_calibration(config_path, data_dir, target_accuracy: float | str | None = None,
                     max_llm_share: float | None = None, split: str = "val", candidates: int = 24,
                     limit: int | None = None, write: bool = True, progress=None,
-                    confidence: float | None = None) -> dict:
+                    confidence: float | None = None, oos_threshold: bool = True) -> dict:
     """Measure the configured tiers on `split`, choose thresholds, and (with `write`) store them
     in the config; the frontier goes beside it as `NAME.frontier.json` and `NAME.frontier.png`."""
     import json
     from pathlib import Path
 
     from cascade.config import build_cascade, dump_config, load_config
-    from cascade.data import load_split
+    from cascade.data import load_labels, load_split
     from cascade.evaluate import LLM_KINDS
 
     config_path = Path(config_path)
@@ -258,10 +300,11 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
             target_accuracy = float(target_accuracy)
         except ValueError:
             raise CalibrationError(f"--target-accuracy {target_accuracy!r}: a number in (0, 1] or 'llm'") from None
-    points = frontier(runs, gold, candidates)
+    label = load_labels(data_dir).oos_label if oos_threshold else None
+    points = frontier(runs, gold, candidates, label)
     confident = None
     if confidence is not None and target_accuracy is not None:
-        confident = lambda p: confidence_of(runs, gold, p, target_accuracy, against_last) >= confidence  # noqa: E731
+        confident = lambda p: confidence_of(runs, gold, p, target_accuracy, against_last, label) >= confidence  # noqa: E731
     chosen = choose(points, target_accuracy, max_llm_share, confident)
     names = [r.name for r in runs]
     report = {
@@ -269,8 +312,9 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         "tier_accuracy_alone": {r.name: float(np.mean([p == g for p, g in zip(r.labels, gold)])) for r in runs},
         "tier_mean_ms": {r.name: r.mean_ms for r in runs},
         "target_accuracy": target_accuracy, "max_llm_share": max_llm_share, "confidence": confidence,
+        "label_threshold_label": label,
         "chosen": chosen.to_json(), "last_tier_accuracy": last_accuracy,
-        "chosen_confidence": (confidence_of(runs, gold, chosen, target_accuracy, against_last)
+        "chosen_confidence": (confidence_of(runs, gold, chosen, target_accuracy, against_last, label)
                               if target_accuracy is not None else None),
         "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
@@ -279,14 +323,19 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     # The chosen point is shown even when a confidence bound made it leave the frontier.
     rows = pareto(points, "cost_ms")
     rows = sorted(rows + ([chosen] if chosen not in rows else []), key=lambda p: p.cost_ms)
-    report["table"] = format_frontier(rows, names, chosen)
+    report["table"] = format_frontier(rows, names, chosen, label)
     stem = config_path.with_suffix("")
     report["plot"] = str(stem) + ".frontier.png"
     plot_frontier(points, chosen, report["plot"], last_accuracy)
     Path(str(stem) + ".frontier.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"},
                                                              indent=1) + "\n")
     if write:
-        for spec, thr in zip(config.tiers[:-1], chosen.thresholds[:-1]):
+        for k, (spec, thr) in enumerate(zip(config.tiers[:-1], chosen.thresholds[:-1])):
             spec.threshold = thr  # NEVER (> 1) is stored as is: that tier never answers
+            # the simulation knew only these label thresholds: any other stored one would route
+            # differently from what was calibrated
+            spec.label_thresholds = {}
+            if label is not None and k < len(chosen.label_thresholds) and chosen.label_thresholds[k] is not None:
+                spec.label_thresholds[label] = chosen.label_thresholds[k]
         dump_config(config, config_path)
     return report

@@ -112,7 +112,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
                                  args.candidates, args.limit, write=not args.dry_run, progress=progress,
-                                 confidence=args.confidence)
+                                 confidence=args.confidence, oos_threshold=not args.no_oos_threshold)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -483,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float,
                    help="with --target-accuracy: also require this one-sided confidence that the target holds "
                         "beyond the validation sample (paired with the large model for 'llm'), e.g. 0.9")
+    p.add_argument("--no-oos-threshold", action="store_true",
+                   help="no separate threshold for out-of-scope answers (labels.json's oos_label)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.set_defaults(func=cmd_calibrate)

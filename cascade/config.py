@@ -44,7 +44,19 @@ class TierConfig(BaseModel):
     threshold: float = Field(default=0.0, ge=0.0, le=2.0,
                              description="answer when confidence >= threshold (above 1: never answers, as "
                                          "calibration may choose); ignored for the last tier")
+    label_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="label -> threshold, replacing `threshold` when the tier answers that label; calibration "
+                    "sets one for the out-of-scope label, whose confidence means 'none of the intents'")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
+
+    @field_validator("label_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0.0 <= v <= 2.0}
+        if bad:
+            raise ValueError(f"thresholds must be in [0, 2] (above 1: never answers), got {bad}")
+        return value
 
     @field_validator("kind")
     @classmethod
@@ -134,4 +146,5 @@ def build_cascade(config: CascadeConfig, base_dir: str | Path):
 
     base_dir = Path(base_dir)
     tiers = [build_tier(spec, base_dir) for spec in config.tiers]
-    return Cascade(tiers, [spec.threshold for spec in config.tiers])
+    return Cascade(tiers, [spec.threshold for spec in config.tiers],
+                   label_thresholds=[dict(spec.label_thresholds) for spec in config.tiers])

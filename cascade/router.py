@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from cascade.types import Prediction, Tier
@@ -45,6 +45,9 @@ class Cascade:
     tiers: Sequence[Tier]
     thresholds: Sequence[float]
     counters: dict[str, TierCounters] = field(default_factory=dict)
+    # Per tier, thresholds that replace the tier's own when its answer is that label: an
+    # out-of-scope answer's confidence means "none of the intents", not "which intent".
+    label_thresholds: Sequence[Mapping[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -53,11 +56,19 @@ class Cascade:
             raise ValueError(
                 f"got {len(self.thresholds)} thresholds for {len(self.tiers)} tiers; give one per tier"
             )
+        if self.label_thresholds is None:
+            self.label_thresholds = [{} for _ in self.tiers]
+        if len(self.label_thresholds) != len(self.tiers):
+            raise ValueError(f"got {len(self.label_thresholds)} label-threshold maps for {len(self.tiers)} tiers")
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         for tier in self.tiers:
             self.counters.setdefault(tier.name, TierCounters())
+
+    def threshold_for(self, level: int, pred: Prediction) -> float:
+        """The confidence this tier's answer needs to stand."""
+        return self.label_thresholds[level].get(pred.label, self.thresholds[level])
 
     def close(self) -> None:
         """Release what the tiers hold (engine threads, HTTP pools); tiers without `close` are skipped."""
@@ -104,7 +115,7 @@ class Cascade:
         open_idx = list(range(len(texts)))
         last = len(self.tiers) - 1
 
-        for level, (tier, threshold) in enumerate(zip(self.tiers, self.thresholds)):
+        for level, tier in enumerate(self.tiers):
             if not open_idx:
                 break
             batch = [texts[i] for i in open_idx]
@@ -155,7 +166,7 @@ class Cascade:
                 pred.latency_ms = per_item_ms
                 if explain:
                     trails[i].append(replace(pred))
-                if level == last or pred.confidence >= threshold:
+                if level == last or pred.confidence >= self.threshold_for(level, pred):
                     counters.answered += 1
                     results[i] = pred
                 else:

@@ -202,7 +202,6 @@ class CascadeService:
     def _count_escalations(self, level: int, preds: list[Prediction | None]) -> None:
         if level == len(self.workers) - 1:
             return
-        threshold = self.cascade.thresholds[level]
-        passed = sum(1 for p in preds if p is None or p.confidence < threshold)
+        passed = sum(1 for p in preds if p is None or p.confidence < self.cascade.threshold_for(level, p))
         if passed:
             self.metrics.escalations.labels(self.cascade.tiers[level].name).inc(passed)

@@ -143,3 +143,60 @@ def test_a_confidence_bound_buys_a_margin_over_the_bare_target():
     assert confidence_of(runs, gold, alone, 0.0, against_last=True) == 1.0
     with pytest.raises(CalibrationError, match="asked confidence"):
         choose(points, target_accuracy=0.93, confident=lambda p: False)
+
+
+def oos_synthetic(n=3000, seed=1):
+    """The CLINC150 pattern: the student's out-of-scope answers are right though unsure (low top
+    probability), and the large model is worse than the student on exactly those items."""
+    rng = np.random.default_rng(seed)
+    gold = ["oos" if i % 5 == 0 else f"l{i % 7}" for i in range(n)]
+    conf = np.where([g == "oos" for g in gold], rng.uniform(0.2, 0.5, n), rng.uniform(0.3, 1.0, n))
+    student = [g if (g == "oos" or rng.random() < c) else "l9" for g, c in zip(gold, conf)]
+    llm = [("l1" if rng.random() < 0.4 else g) if g == "oos" else (g if rng.random() < 0.97 else "l9") for g in gold]
+    return [TierRun("student", student, conf, 1.0), TierRun("llm", llm, np.ones(n), 50.0, is_llm=True)], gold
+
+
+def test_an_out_of_scope_threshold_is_searched_jointly_and_pays():
+    from cascade.calibrate import confidence_of
+
+    runs, gold = oos_synthetic()
+    plain = choose(frontier(runs, gold), target_accuracy=0.89)
+    points = frontier(runs, gold, label="oos")
+    with_label = choose(points, target_accuracy=0.89)
+    assert plain.label_thresholds == ()
+    # the oos answers (confidence <= 0.5) stand under their own threshold below the tier's
+    assert with_label.label_thresholds[0] is not None and with_label.label_thresholds[0] < with_label.thresholds[0]
+    assert with_label.llm_share < plain.llm_share - 0.1 and with_label.accuracy >= 0.89
+    # the reported figures are what simulating the chosen thresholds gives
+    is_oos = [np.array([lab == "oos" for lab in r.labels]) for r in runs]
+    again = simulate(runs, gold, with_label.thresholds, label_thresholds=with_label.label_thresholds, is_label=is_oos)
+    assert again.accuracy == with_label.accuracy and again.llm_share == with_label.llm_share
+    assert confidence_of(runs, gold, with_label, 0.89, label="oos") > 0.5
+    # a tier that never gives the label gets no extra grid
+    assert len(frontier(runs, gold, label="no-such-label")) == len(frontier(runs, gold))
+
+
+def test_calibrate_writes_the_out_of_scope_threshold_into_the_config(tmp_path, make_dataset):
+    """Rules answer "hello" wrongly and "weather" (out of scope) rightly, both at confidence 0.3;
+    the fallback says greet. Only an oos threshold of 0.3 with the rules' own threshold off is
+    right everywhere, and that is what lands in the config."""
+    from cascade.calibrate import run_calibration
+    from cascade.config import load_config
+
+    rows = [(f"hello {i}", "greet") for i in range(30)] + [(f"weather {i}", "oos") for i in range(30)]
+    data = make_dataset({"train": rows + [("bye", "bye")], "val": rows, "test": rows}, oos_label="oos")
+    (tmp_path / "pack.toml").write_text("[[rule]]\nlabel = 'bye'\npattern = 'hello'\nconfidence = 0.3\n"
+                                        "[[rule]]\nlabel = 'oos'\npattern = 'weather'\nconfidence = 0.3\n")
+    (tmp_path / "c.toml").write_text(
+        "[task]\nname='t'\n[[tiers]]\nname='rules'\nkind='rules'\npath='pack.toml'\n"
+        "[[tiers]]\nname='last'\nkind='majority'\npath='ds'\noptions={label='greet'}\n")
+    report = run_calibration(tmp_path / "c.toml", data, target_accuracy=1.0)
+    spec = load_config(tmp_path / "c.toml").tiers[0]
+    assert report["label_threshold_label"] == "oos" and "rules:oos" in report["table"]
+    assert spec.threshold > 1.0 and spec.label_thresholds == {"oos": pytest.approx(0.3)}
+    assert report["chosen"]["llm_share"] == 0.0 and report["chosen"]["accuracy"] == 1.0
+    # without it, 1.0 is out of reach, and a rerun that turns it off clears the stored one
+    with pytest.raises(CalibrationError, match="not reachable"):
+        run_calibration(tmp_path / "c.toml", data, target_accuracy=1.0, oos_threshold=False)
+    run_calibration(tmp_path / "c.toml", data, max_llm_share=1.0, oos_threshold=False)
+    assert load_config(tmp_path / "c.toml").tiers[0].label_thresholds == {}

@@ -90,3 +90,16 @@ def test_tier_protocol_is_structural(table_tier):
     assert Prediction("a", 0.5, "t").to_dict() == {
         "label": "a", "confidence": 0.5, "tier": "t", "latency_ms": 0.0, "degraded": False,
     }
+
+
+def test_a_label_threshold_replaces_the_tier_threshold_for_that_answer(table_tier):
+    """Out-of-scope answers at 0.3 stand under a 0.2 label threshold; intents at 0.3 still
+    escalate under the tier's 0.5."""
+    student = table_tier("student", {"a": ("oos", 0.3), "b": ("B", 0.3), "c": ("oos", 0.1)})
+    llm = table_tier("llm", {t: ("L", 0.9) for t in "abc"})
+    cascade = Cascade([student, llm], [0.5, 0.0], label_thresholds=[{"oos": 0.2}, {}])
+    assert [(p.label, p.tier) for p in cascade.predict_batch(["a", "b", "c"])] == [
+        ("oos", "student"), ("L", "llm"), ("L", "llm")]
+    assert llm.batches == [["b", "c"]]
+    with pytest.raises(ValueError, match="label-threshold maps"):
+        Cascade([student, llm], [0.5, 0.0], label_thresholds=[{}])
