@@ -82,6 +82,7 @@ class E2EConfig:
     large_lr: float = 1e-4
     student_epochs: float = 6.0
     student_lr: float = 5e-4
+    student_augment: int = 0  # perturbed copies per train text, labelled by the teacher (training/augment.py)
     confidence: float | None = None  # calibrate's one-sided bound against the large model
     router_share: float | None = None  # None: the cascade's large-model share on val
     seed: int = 0
@@ -144,7 +145,7 @@ def stage_student(cfg: E2EConfig) -> dict:
     from training.trainer import TrainConfig
 
     out = cfg.workdir / "student"
-    run = train_student(cfg.data, cfg.workdir / "large", out, resume=True,
+    run = train_student(cfg.data, cfg.workdir / "large", out, resume=True, augment=cfg.student_augment,
                         size="debug" if cfg.tiny else "distil-smollm2", from_teacher=not cfg.tiny,
                         cfg=TrainConfig(lr=1e-3 if cfg.tiny else cfg.student_lr, max_steps=12 if cfg.tiny else None,
                                         epochs=cfg.student_epochs, batch_size=64, warmup_steps=5 if cfg.tiny else 50,
@@ -482,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="at most this many rows per split (seeded sample)")
     ap.add_argument("--large-epochs", type=float, default=1.0)
     ap.add_argument("--student-epochs", type=float, default=6.0)
+    ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
     ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
     ap.add_argument("--router-share", type=float, help="threshold router's large-model share (default: the cascade's)")
     args = ap.parse_args(argv)
@@ -491,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         source=Path(args.source or ROOT.parent / "shared" / "data" / args.dataset),
         results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
         tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs, student_epochs=args.student_epochs,
+        student_augment=args.student_augment,
         confidence=args.confidence, router_share=args.router_share,
     )
     run_stages(cfg, args.redo, args.until)

@@ -186,7 +186,8 @@ def cmd_train_student(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     run = train_student(args.data, args.teacher, args.out, size=args.size, from_teacher=args.from_teacher,
-                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled, cfg=cfg,
+                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled, augment=args.augment,
+                        cfg=cfg,
                         resume=args.resume, limit_train=args.limit_train, inference_tokens=args.inference_tokens,
                         progress=not args.no_progress)
     s = run.summary
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (1 - alpha on labels)")
     p.add_argument("--unlabeled", help="extra texts without labels (JSONL with text, or one per line)")
+    p.add_argument("--augment", type=int, default=0,
+                   help="perturbed copies per train text, labelled by the teacher alone (training/augment.py)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=64)

@@ -87,3 +87,24 @@ def test_train_student_end_to_end_with_unlabeled_and_calibration(tiny_task, caps
     # second run: the teacher is not asked again
     assert main(args[:7] + [str(root / "student2")] + args[8:]) == 0
     assert json.loads((root / "student2" / "train_summary.json").read_text())["teacher_cache_used"] is True
+
+
+def test_augmented_copies_are_new_seeded_and_teacher_labelled(tiny_task):
+    from training.augment import augment_texts
+
+    texts = ["please book a flight to city 5", "set a timer for 3 minutes", "will it rain on day 2", "hi"]
+    copies = augment_texts(texts, per_text=4, seed=3)
+    assert copies == augment_texts(texts, per_text=4, seed=3)  # seeded: the teacher cache is reused
+    assert copies != augment_texts(texts, per_text=4, seed=4)
+    assert 0 < len(copies) <= 16 and len(set(copies)) == len(copies)
+    assert not {c.lower() for c in copies} & {t.lower() for t in texts} and all(c.strip() for c in copies)
+    with pytest.raises(ValueError, match="per_text"):
+        augment_texts(texts, -1)
+
+    root, data, teacher = tiny_task
+    out = root / "student-aug"
+    assert main(["train", "student", "--data", str(data), "--teacher", str(teacher), "--out", str(out),
+                 "--size", "debug", "--augment", "2", "--max-steps", "10", "--batch-size", "16",
+                 "--precision", "fp32", "--no-progress"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["augment"] == 2 and summary["unlabeled_texts"] > summary["train_texts"]

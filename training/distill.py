@@ -7,7 +7,8 @@ teacher's weights and the texts, so a second run reuses it. The student learns f
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)
 
 (Hinton et al. 2015; T^2 keeps the soft term's gradient scale independent of T). Texts without
-a label (`--unlabeled FILE`, extra traffic) learn from the teacher's term alone. Afterwards a
+a label (`--unlabeled FILE`, extra traffic; `--augment N`, perturbed copies of the training
+texts, `training/augment.py`) learn from the teacher's term alone. Afterwards a
 temperature is fitted on the validation split (`calibration.json`) so the student tier reports
 calibrated confidence. Same trainer as the large model (AdamW, warmup+cosine, clipping,
 checkpoints, resume, spike guard).
@@ -99,7 +100,8 @@ class StudentRun:
 
 def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, *, size: str = "small",
                   from_teacher: bool = False, temperature: float = 2.0, alpha: float = 0.5,
-                  unlabeled: str | Path | None = None, cfg: TrainConfig | None = None, resume: bool = False,
+                  unlabeled: str | Path | None = None, augment: int = 0, cfg: TrainConfig | None = None,
+                  resume: bool = False,
                   limit_train: int | None = None, max_len: int = 64, inference_tokens: float = 1e9,
                   progress: bool = True) -> StudentRun:
     from tokenizers import Tokenizer
@@ -119,10 +121,13 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
     train = load_split(data_dir, "train")[:limit_train]
     texts = [ex.text for ex in train]
     gold = [labels.index(ex.label) for ex in train]
-    if unlabeled:
-        extra = _read_unlabeled(Path(unlabeled))
-        texts += extra
-        gold += [IGNORE] * len(extra)
+    extra = _read_unlabeled(Path(unlabeled)) if unlabeled else []
+    if augment:
+        from training.augment import augment_texts
+
+        extra += augment_texts(texts, augment, seed=cfg.seed)
+    texts += extra
+    gold += [IGNORE] * len(extra)
     # The cache lives with the teacher: any student of this teacher on these texts reuses it.
     teacher_probs, cached = teacher_distributions(teacher_dir, texts, teacher_dir / "label_cache")
     tokenizer = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
@@ -184,6 +189,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
         "val_accuracy": (final_logits.argmax(-1) == val_gold).float().mean().item(),
         "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(texts) - len(train),
+        "augment": augment,
         "calibration": calib, "plan": plan_info,
     }
     save_student(student, out, teacher_dir / "tokenizer.json", labels,
