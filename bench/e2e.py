@@ -25,6 +25,7 @@ the same 2 CPU threads here, so it is the inverse ratio of items/s.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -487,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
     ap.add_argument("--router-share", type=float, help="threshold router's large-model share (default: the cascade's)")
     args = ap.parse_args(argv)
+    if importlib.util.find_spec("sklearn") is None:  # fail now, not after an hour of training
+        ap.error("the TF-IDF baseline needs scikit-learn: pip install -e '.[bench]'")
     cfg = E2EConfig(
         dataset=args.dataset,
         workdir=Path(args.workdir or ROOT / "runs" / f"e2e-{args.dataset}"),
