@@ -210,6 +210,28 @@ def test_single_token_choices_give_the_exact_distribution(make_engine, tiny):
     assert out.choice == int(ref.argmax()) and abs(out.choice_prob - float(ref.max())) < 1e-5
 
 
+def test_grouped_short_prefills_give_the_dense_distribution(make_engine, tiny):
+    """Many short prompts in one step, half of them behind a cached shared prefix, attend in
+    padded groups: every label distribution equals the plain forward's, and equals what the
+    one-sequence-at-a-time path gives."""
+    labels = [str(i) for i in range(10, 60)]
+    shared = prompts_of([12], seed=7)[0]
+    prompts = [shared + p if k % 2 else p for k, p in enumerate(prompts_of([1, 3, 4, 6, 9, 11, 13, 2, 5, 8], seed=3))]
+    texts = [" ".join(map(str, p)) for p in prompts]
+    grouped, alone = make_engine(), make_engine()
+    alone.runner.group_prefill_max = 0
+    for engine in (grouped, alone):
+        engine.generate([shared + [3]], SamplingParams(max_tokens=1))  # puts the shared prefix in the cache
+    outs = grouped.classify(texts, labels)
+    assert sum(o.cached_tokens > 0 for o in outs) == 5
+    ids = [int(x) for x in labels]
+    for p, o, ref_out in zip(prompts, outs, alone.classify(texts, labels)):
+        with torch.no_grad():
+            ref = torch.softmax(tiny[0](torch.tensor([p]))[0, -1][ids], -1)
+        assert torch.allclose(torch.tensor(o.choice_scores), ref, atol=1e-5), f"prompt of {len(p)} tokens"
+        assert torch.allclose(torch.tensor(o.choice_scores), torch.tensor(ref_out.choice_scores), atol=1e-6)
+
+
 def test_stop_strings_tokens_and_max_tokens(make_engine):
     engine = make_engine()
     prompt = prompts_of([6])[0]
