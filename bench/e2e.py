@@ -85,6 +85,9 @@ class E2EConfig:
     student_lr: float = 5e-4
     student_augment: int = 0  # perturbed copies per train text, labelled by the teacher (training/augment.py)
     confidence: float | None = None  # calibrate's one-sided bound against the large model
+    # Calibrate for traffic where out-of-scope requests are this share (rule mining's default):
+    # CLINC150's val holds 3% of them, its test 18%. None: val as it comes.
+    oos_share: float | None = 0.2
     router_share: float | None = None  # None: the cascade's large-model share on val
     seed: int = 0
 
@@ -183,15 +186,15 @@ def stage_calibrate(cfg: E2EConfig) -> dict:
     config_path = cfg.workdir / "cascade.toml"
     config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset), encoding="utf-8")
     try:
-        cal = run_calibration(config_path, cfg.data, "llm", confidence=cfg.confidence)
+        cal = run_calibration(config_path, cfg.data, "llm", confidence=cfg.confidence, oos_share=cfg.oos_share)
         met = True
     except CalibrationError as exc:  # toy models may not reach it: the best accuracy instead, said so
         print(f"calibrate: {exc}; taking the most accurate point instead", file=sys.stderr)
-        cal = run_calibration(config_path, cfg.data, max_llm_share=1.0)
+        cal = run_calibration(config_path, cfg.data, max_llm_share=1.0, oos_share=cfg.oos_share)
         met = False
     print(cal["table"])
     keep = ("n", "tiers", "tier_accuracy_alone", "tier_mean_ms", "target_accuracy", "confidence", "chosen",
-            "last_tier_accuracy", "chosen_confidence", "plot", "grid_points")
+            "last_tier_accuracy", "chosen_confidence", "plot", "grid_points", "oos_share", "split_oos_share")
     return {**{k: cal[k] for k in keep}, "target_met": met}
 
 
@@ -202,19 +205,25 @@ def _timed_predict(cascade, texts: list[str], batch_size: int = 256):
     return preds, time.perf_counter() - t0
 
 
-def router_threshold(val_confidences: list[float], share: float) -> float:
-    """The student confidence below which `share` of the val items go to the large model."""
+def router_threshold(val_confidences: list[float], share: float, weights=None) -> float:
+    """The student confidence below which `share` of the val items (weighted by `weights`, as
+    calibration weighed them) go to the large model."""
     import numpy as np
 
     if share <= 0:
         return 0.0
     if share >= 1:
         return 2.0  # above any probability: everything escalates
-    return float(np.quantile(np.asarray(val_confidences), share))
+    conf = np.asarray(val_confidences)
+    w = np.ones(len(conf)) if weights is None else np.asarray(weights, dtype=float)
+    order = np.argsort(conf, kind="stable")
+    cum = np.cumsum(w[order]) / w.sum()
+    return float(conf[order][min(len(conf) - 1, int(np.searchsorted(cum, share)))])
 
 
 def stage_measure(cfg: E2EConfig, done: dict) -> dict:
     """Every system on the whole test split, one after another in this process."""
+    from cascade.calibrate import traffic_weights
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
     from cascade.metrics import classification_report
@@ -235,7 +244,8 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
 
         val_conf = [p.confidence for p in student.predict_batch([ex.text for ex in val])]
         share = cfg.router_share if cfg.router_share is not None else done["calibrate"]["chosen"]["llm_share"]
-        router_thr = router_threshold(val_conf, share)
+        weights = traffic_weights([ex.label for ex in val], oos, done["calibrate"].get("oos_share"))
+        router_thr = router_threshold(val_conf, share, weights)
         systems = {
             "cascade": (full, ["llm"]),
             "large_only": (Cascade([llm], [0.0]), ["llm"]),
@@ -258,7 +268,8 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
               f"{results['tfidf']['items_per_s']:.0f} items/s", flush=True)
     finally:
         full.close()
-    return {"systems": results, "threads": _threads(), "n": len(texts)}
+    return {"systems": results, "threads": _threads(), "n": len(texts),
+            "test_oos_share": sum(g == oos for g in gold) / len(gold) if oos else None}
 
 
 def tfidf_predict(cfg: E2EConfig, texts: list[str]) -> tuple[list[str], float]:
@@ -296,6 +307,7 @@ def build_result(cfg: E2EConfig, done: dict) -> dict:
     systems = done["measure"]["systems"]
     large_rate = systems["large_only"]["items_per_s"]
     result: dict = {"dataset": cfg.dataset, "tiny": cfg.tiny, "n_test": done["measure"]["n"],
+                    "n_test_oos_share": done["measure"].get("test_oos_share"),
                     "threads": done["measure"]["threads"]}
     for name in SYSTEMS:
         rep = systems[name]
@@ -322,7 +334,8 @@ def build_result(cfg: E2EConfig, done: dict) -> dict:
                              "label_thresholds": {t: v for t, v in zip(cal["tiers"], label_thr) if v is not None},
                              "val_accuracy": cal["chosen"]["accuracy"], "val_llm_share": cal["chosen"]["llm_share"],
                              "target_accuracy": cal["target_accuracy"], "confidence": cal["confidence"],
-                             "target_met": cal["target_met"], "n_val": cal["n"]}
+                             "target_met": cal["target_met"], "n_val": cal["n"],
+                             "oos_share": cal.get("oos_share"), "val_oos_share": cal.get("split_oos_share")}
     result["stages"] = {k: done[k] for k in ("prepare", "rules", "large", "student", "export")}
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     return result
@@ -363,7 +376,9 @@ def markdown_report(result: dict, plot_name: str | None) -> str:
         f"- Throughput: {t['speedup']:.2f}× the large model alone (target ≥ 5×: {mark(t['speedup_at_least_5x'])}).",
         f"- Calibrated on {cal['n_val']} val items: thresholds {thr}; val accuracy {cal['val_accuracy']:.4f} "
         f"against the large model's {cal['target_accuracy']:.4f}, large-model share {cal['val_llm_share']:.1%}"
-        + (f", {cal['confidence']:.0%} one-sided confidence." if cal["confidence"] else "."),
+        + (f", {cal['confidence']:.0%} one-sided confidence" if cal["confidence"] else "")
+        + (f"; val items weighted so out-of-scope requests are {cal['oos_share']:.0%} of traffic (val holds "
+           f"{cal['val_oos_share']:.1%}, test {result['n_test_oos_share']:.1%})." if cal.get("oos_share") else "."),
         f"- Threshold router: student confidence < {result['threshold_router']['student_threshold']:.4f} goes "
         f"to the large model (the cascade's val share, {cal['val_llm_share']:.1%}).",
     ]
@@ -486,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
     ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
+    ap.add_argument("--oos-share", type=float, default=0.2,
+                    help="calibrate for this out-of-scope share of traffic (0: val as it comes)")
     ap.add_argument("--router-share", type=float, help="threshold router's large-model share (default: the cascade's)")
     args = ap.parse_args(argv)
     if importlib.util.find_spec("sklearn") is None:  # fail now, not after an hour of training
@@ -497,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
         tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs, student_epochs=args.student_epochs,
         student_augment=args.student_augment,
-        confidence=args.confidence, router_share=args.router_share,
+        confidence=args.confidence, router_share=args.router_share, oos_share=args.oos_share or None,
     )
     run_stages(cfg, args.redo, args.until)
     return 0

@@ -15,6 +15,12 @@ With an out-of-scope label (labels.json's `oos_label`), a tier that answers it g
 threshold, searched jointly with the others, for those answers only: a low top probability on
 "none of the intents" does not mean the tier is unsure the way it does between two intents, and
 the large model is often no better on them.
+
+Traffic weights (`oos_share`): validation sets rarely hold out-of-scope requests in the share
+live traffic does (CLINC150: 3% of val, 18% of test). Weighting the validation items so that
+out-of-scope ones count as that share of traffic makes every figure of the search (accuracy,
+shares, cost, the target itself) an estimate for that traffic, the way rule mining weights its
+out-of-scope matches (`cascade rules mine --oos-share`).
 """
 
 from __future__ import annotations
@@ -65,11 +71,32 @@ def candidate_thresholds(confidences: np.ndarray, answered: np.ndarray, n: int) 
     return sorted({float(q) for q in qs}) + [NEVER]
 
 
+def traffic_weights(gold: list[str], oos_label: str | None, oos_share: float | None) -> np.ndarray | None:
+    """Per-item weights (mean 1) under which `oos_label` items are `oos_share` of the traffic;
+    None (unweighted) when there is no such label, no share asked, or no such item."""
+    if oos_label is None or oos_share is None:
+        return None
+    if not 0.0 < oos_share < 1.0:
+        raise CalibrationError(f"--oos-share {oos_share}: must be in (0, 1)")
+    is_oos = np.array([g == oos_label for g in gold])
+    p = float(is_oos.mean()) if len(gold) else 0.0
+    if p in (0.0, 1.0):
+        return None
+    return np.where(is_oos, oos_share / p, (1.0 - oos_share) / (1.0 - p))
+
+
+def _mean(x: np.ndarray, weights: np.ndarray | None) -> float:
+    if x.size == 0:
+        return 0.0
+    return float(np.average(x, weights=weights))
+
+
 def _simulate_items(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
                     correct: list[np.ndarray], answered: list[np.ndarray],
                     label_thresholds: tuple[float | None, ...] = (), is_label: list[np.ndarray] | None = None,
-                    ) -> tuple[np.ndarray, np.ndarray, list, float]:
-    """Per item: right or wrong, and cost; per tier: share answered; and the large-model share."""
+                    weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list, float]:
+    """Per item: right or wrong, and cost; per tier: share answered; and the large-model share
+    (shares weighted by `weights` when given)."""
     n = len(gold)
     open_mask = np.ones(n, dtype=bool)
     right = np.zeros(n, dtype=bool)
@@ -83,7 +110,7 @@ def _simulate_items(runs: list[TierRun], gold: list[str], thresholds: tuple[floa
             thr = np.where(is_label[k], label_thresholds[k], thr)
         takes = open_mask if k == last else open_mask & answered[k] & (run.confidences >= thr)
         right |= takes & correct[k]
-        share = float(takes.mean()) if n else 0.0
+        share = _mean(takes, weights)
         shares.append(share)
         if run.is_llm:
             llm += share
@@ -103,35 +130,40 @@ def _label_masks(runs: list[TierRun], label: str | None) -> list[np.ndarray] | N
 
 def simulate(runs: list[TierRun], gold: list[str], thresholds: tuple[float, ...],
              correct: list[np.ndarray] | None = None, answered: list[np.ndarray] | None = None,
-             label_thresholds: tuple[float | None, ...] = (), is_label: list[np.ndarray] | None = None) -> Point:
+             label_thresholds: tuple[float | None, ...] = (), is_label: list[np.ndarray] | None = None,
+             weights: np.ndarray | None = None) -> Point:
     """The cascade's accuracy, large-model share and cost at these thresholds (`label_thresholds`:
-    per tier, the threshold for answers where `is_label` is set, None for the tier's own)."""
+    per tier, the threshold for answers where `is_label` is set, None for the tier's own), as
+    means over the items under `weights` (None: every item counts the same)."""
     if correct is None or answered is None:
         correct, answered = _masks(runs, gold)
-    right, cost, shares, llm = _simulate_items(runs, gold, thresholds, correct, answered, label_thresholds, is_label)
-    n = len(gold)
-    return Point(tuple(thresholds), float(right.mean()) if n else 0.0, llm, float(cost.mean()) if n else 0.0,
-                 tuple(shares), tuple(label_thresholds))
+    right, cost, shares, llm = _simulate_items(runs, gold, thresholds, correct, answered, label_thresholds, is_label,
+                                               weights)
+    return Point(tuple(thresholds), _mean(right, weights), llm, _mean(cost, weights), tuple(shares),
+                 tuple(label_thresholds))
 
 
 def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: float,
-                  against_last: bool = False, label: str | None = None) -> float:
+                  against_last: bool = False, label: str | None = None, weights: np.ndarray | None = None) -> float:
     """One-sided confidence that the cascade at `point` reaches `target` beyond this sample
     (normal approximation): of accuracy >= target, or with `against_last`, of accuracy >= the
     last tier's alone, from the paired per-item difference (the two share their errors, so the
-    paired bound is much tighter than two separate ones)."""
+    paired bound is much tighter than two separate ones). With `weights`, weighted means and
+    Kish's effective sample size (sum w)^2 / sum w^2."""
     from statistics import NormalDist
 
     correct, answered = _masks(runs, gold)
     right = _simulate_items(runs, gold, point.thresholds, correct, answered, point.label_thresholds,
-                            _label_masks(runs, label))[0].astype(float)
-    n = len(gold)
+                            _label_masks(runs, label), weights)[0].astype(float)
+    w = np.ones(len(gold)) if weights is None else weights
+    n = float(w.sum() ** 2 / (w ** 2).sum()) if len(gold) else 0.0
     if against_last:
         diff = right - correct[-1].astype(float)
-        mean, se = diff.mean(), diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+        mean = _mean(diff, w)
+        se = np.sqrt(_mean((diff - mean) ** 2, w) * n / (n - 1) / n) if n > 1 else 0.0
     else:
-        mean = right.mean() - target
-        p = right.mean()
+        p = _mean(right, w)
+        mean = p - target
         se = np.sqrt(max(p * (1 - p), 1e-12) / n)
     if se == 0:
         return 1.0 if mean >= 0 else 0.0
@@ -139,7 +171,7 @@ def confidence_of(runs: list[TierRun], gold: list[str], point: Point, target: fl
 
 
 def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24, label: str | None = None,
-             min_label_answers: int = 10) -> list[Point]:
+             min_label_answers: int = 10, weights: np.ndarray | None = None) -> list[Point]:
     """Every joint threshold combination on the candidate grid, simulated. With `label`, every
     non-last tier that gives that answer at least `min_label_answers` times gets a second grid
     for those answers (None in the grid: the tier's own threshold)."""
@@ -159,7 +191,7 @@ def frontier(runs: list[TierRun], gold: list[str], candidates: int = 24, label: 
     for combo in itertools.product(*grids):
         for label_combo in itertools.product(*label_grids):
             lt = tuple(label_combo) + (None,) if any(t is not None for t in label_combo) else ()
-            points.append(simulate(runs, gold, tuple(combo) + (0.0,), correct, answered, lt, is_label))
+            points.append(simulate(runs, gold, tuple(combo) + (0.0,), correct, answered, lt, is_label, weights))
     return points
 
 
@@ -272,9 +304,11 @@ def plot_frontier(points: list[Point], chosen: Point, path, llm_accuracy: float 
 def run_calibration(config_path, data_dir, target_accuracy: float | str | None = None,
                     max_llm_share: float | None = None, split: str = "val", candidates: int = 24,
                     limit: int | None = None, write: bool = True, progress=None,
-                    confidence: float | None = None, oos_threshold: bool = True) -> dict:
+                    confidence: float | None = None, oos_threshold: bool = True,
+                    oos_share: float | None = None) -> dict:
     """Measure the configured tiers on `split`, choose thresholds, and (with `write`) store them
-    in the config; the frontier goes beside it as `NAME.frontier.json` and `NAME.frontier.png`."""
+    in the config; the frontier goes beside it as `NAME.frontier.json` and `NAME.frontier.png`.
+    `oos_share`: weight the items so the dataset's out-of-scope label is that share of traffic."""
     import json
     from pathlib import Path
 
@@ -291,7 +325,9 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         runs = measure_tiers(cascade, [spec.kind in LLM_KINDS for spec in config.tiers], texts, progress=progress)
     finally:
         cascade.close()
-    last_accuracy = float(np.mean([p == g for p, g in zip(runs[-1].labels, gold)]))
+    oos_label = load_labels(data_dir).oos_label
+    weights = traffic_weights(gold, oos_label, oos_share)
+    last_accuracy = _mean(np.array([p == g for p, g in zip(runs[-1].labels, gold)]), weights)
     against_last = target_accuracy == "llm"
     if against_last:
         target_accuracy = last_accuracy
@@ -300,21 +336,25 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
             target_accuracy = float(target_accuracy)
         except ValueError:
             raise CalibrationError(f"--target-accuracy {target_accuracy!r}: a number in (0, 1] or 'llm'") from None
-    label = load_labels(data_dir).oos_label if oos_threshold else None
-    points = frontier(runs, gold, candidates, label)
+    label = oos_label if oos_threshold else None
+    points = frontier(runs, gold, candidates, label, weights=weights)
     confident = None
     if confidence is not None and target_accuracy is not None:
-        confident = lambda p: confidence_of(runs, gold, p, target_accuracy, against_last, label) >= confidence  # noqa: E731
+        confident = lambda p: confidence_of(runs, gold, p, target_accuracy, against_last, label,  # noqa: E731
+                                            weights) >= confidence
     chosen = choose(points, target_accuracy, max_llm_share, confident)
     names = [r.name for r in runs]
     report = {
         "split": split, "n": len(gold), "tiers": names,
-        "tier_accuracy_alone": {r.name: float(np.mean([p == g for p, g in zip(r.labels, gold)])) for r in runs},
+        "tier_accuracy_alone": {r.name: _mean(np.array([p == g for p, g in zip(r.labels, gold)]), weights)
+                                for r in runs},
+        "oos_share": oos_share if weights is not None else None,
+        "split_oos_share": (float(np.mean([g == oos_label for g in gold])) if oos_label is not None else None),
         "tier_mean_ms": {r.name: r.mean_ms for r in runs},
         "target_accuracy": target_accuracy, "max_llm_share": max_llm_share, "confidence": confidence,
         "label_threshold_label": label,
         "chosen": chosen.to_json(), "last_tier_accuracy": last_accuracy,
-        "chosen_confidence": (confidence_of(runs, gold, chosen, target_accuracy, against_last, label)
+        "chosen_confidence": (confidence_of(runs, gold, chosen, target_accuracy, against_last, label, weights)
                               if target_accuracy is not None else None),
         "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],

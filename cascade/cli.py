@@ -112,7 +112,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
                                  args.candidates, args.limit, write=not args.dry_run, progress=progress,
-                                 confidence=args.confidence, oos_threshold=not args.no_oos_threshold)
+                                 confidence=args.confidence, oos_threshold=not args.no_oos_threshold,
+                                 oos_share=args.oos_share)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -488,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "beyond the validation sample (paired with the large model for 'llm'), e.g. 0.9")
     p.add_argument("--no-oos-threshold", action="store_true",
                    help="no separate threshold for out-of-scope answers (labels.json's oos_label)")
+    p.add_argument("--oos-share", type=float,
+                   help="weight the split so out-of-scope items are this share of traffic (e.g. 0.2; default: "
+                        "as they come)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.set_defaults(func=cmd_calibrate)

@@ -200,3 +200,34 @@ def test_calibrate_writes_the_out_of_scope_threshold_into_the_config(tmp_path, m
         run_calibration(tmp_path / "c.toml", data, target_accuracy=1.0, oos_threshold=False)
     run_calibration(tmp_path / "c.toml", data, max_llm_share=1.0, oos_threshold=False)
     assert load_config(tmp_path / "c.toml").tiers[0].label_thresholds == {}
+
+
+def test_traffic_weights_make_out_of_scope_the_asked_share():
+    from cascade.calibrate import confidence_of, traffic_weights
+
+    runs, gold = oos_synthetic()  # 20% out of scope as sampled
+    w = traffic_weights(gold, "oos", 0.5)
+    is_oos = np.array([g == "oos" for g in gold])
+    assert w.mean() == pytest.approx(1.0) and w[is_oos].sum() / w.sum() == pytest.approx(0.5)
+    assert traffic_weights(gold, None, 0.5) is None and traffic_weights(gold, "oos", None) is None
+    assert traffic_weights(["a", "b"], "oos", 0.5) is None  # no such item: nothing to weight
+    with pytest.raises(CalibrationError, match="oos-share"):
+        traffic_weights(gold, "oos", 1.0)
+    # every figure is the mean over the two strata at 50/50, computed here by hand
+    thr = (0.6, 0.0)
+    p = simulate(runs, gold, thr, weights=w)
+    per = [simulate([TierRun(r.name, [r.labels[i] for i in idx], r.confidences[idx], r.mean_ms, r.is_llm)
+                     for r in runs], [gold[i] for i in idx], thr)
+           for idx in (np.flatnonzero(is_oos), np.flatnonzero(~is_oos))]
+    assert p.accuracy == pytest.approx((per[0].accuracy + per[1].accuracy) / 2)
+    assert p.llm_share == pytest.approx((per[0].llm_share + per[1].llm_share) / 2)
+    assert p.cost_ms == pytest.approx((per[0].cost_ms + per[1].cost_ms) / 2)
+    # more out-of-scope traffic (where the large model is worse) needs less of the large model
+    pick = lambda w: choose(frontier(runs, gold, label="oos", weights=w), target_accuracy=0.89)  # noqa: E731
+    assert pick(traffic_weights(gold, "oos", 0.4)).llm_share < pick(None).llm_share
+    # weights at the sample's own out-of-scope share change nothing, the bound included
+    point = pick(None)
+    assert simulate(runs, gold, point.thresholds, weights=traffic_weights(gold, "oos", 0.2)).accuracy == \
+        pytest.approx(simulate(runs, gold, point.thresholds).accuracy)
+    assert confidence_of(runs, gold, point, 0.88, weights=traffic_weights(gold, "oos", 0.2)) == \
+        pytest.approx(confidence_of(runs, gold, point, 0.88))
