@@ -161,6 +161,9 @@ def test_student_tier_matches_torch_with_temperature_and_serves_in_a_cascade(tra
     with torch.no_grad():
         ref = torch.softmax(model(torch.from_numpy(tok_ids), torch.from_numpy(mask)) / 2.0, -1).numpy()
     assert np.abs(probs - ref).max() <= 1e-4
+    tier.batch_size = 3  # batched by length: 7 batches in another order, rows back in the caller's
+    assert len({len(t.split()) for t in texts[:20]}) > 3
+    assert np.abs(tier.probabilities(texts[:20]) - ref).max() <= 1e-4
     pred = tier.predict_batch(texts[:1])[0]
     assert set(pred.scores) == set(tier.labels) and abs(sum(pred.scores.values()) - 1) < 1e-5
     config = parse_config({"task": {"name": "t"}, "tiers": [

@@ -84,6 +84,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._sent: dict[str, int] = {}
+        self._tries: dict[tuple, tuple[TokenTrie, int]] = {}
         self.steps = 0
         self.peak_kv = {"blocks": 0, "tokens": 0}
 
@@ -114,13 +115,9 @@ class LLMEngine:
             raise RequestError("prompt: empty (no tokens)")
         choice = None
         if params.choices is not None:
-            seqs = [self.tokenizer.encode(c, add_special_tokens=False).ids for c in params.choices]
-            try:
-                trie = TokenTrie(seqs, self.eos_token_id)
-            except ValueError as exc:
-                raise RequestError(str(exc)) from exc
+            trie, longest = self._trie(tuple(params.choices))
             choice = ChoiceState(trie)
-            params.max_tokens = max(params.max_tokens, max(len(s) for s in seqs) + 1)
+            params.max_tokens = max(params.max_tokens, longest + 1)
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(f"prompt: {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -138,6 +135,23 @@ class LLMEngine:
         self._sent[rid] = 0
         self.scheduler.add(req)
         return rid
+
+    def _trie(self, choices: tuple[str, ...]) -> tuple[TokenTrie, int]:
+        """The label set's token trie and its longest label in tokens, built once per label set
+        (a classification tier sends the same set with every request; tokenizing 150 labels each
+        time cost more than the request's share of the forward pass). Tries are read-only."""
+        key = (choices, self.eos_token_id)  # the end token is part of the trie
+        hit = self._tries.pop(key, None)
+        if hit is None:
+            seqs = [self.tokenizer.encode(c, add_special_tokens=False).ids for c in choices]
+            try:
+                hit = (TokenTrie(seqs, self.eos_token_id), max(len(s) for s in seqs))
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
+            if len(self._tries) >= 16:  # least recently used out
+                self._tries.pop(next(iter(self._tries)))
+        self._tries[key] = hit
+        return hit
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
