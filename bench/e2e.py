@@ -42,30 +42,6 @@ STAGES = ("prepare", "rules", "large", "student", "export", "calibrate", "measur
 SYSTEMS = ("cascade", "large_only", "student_only", "tfidf", "threshold_router")
 TARGET_GAP_PT, TARGET_LLM_SHARE, TARGET_SPEEDUP = 0.5, 0.20, 5.0
 
-CONFIG_TEMPLATE = """\
-# Written by bench/e2e.py; `cascade calibrate` rewrote the thresholds.
-[task]
-name = "{task}"
-
-[[tiers]]
-name = "rules"
-kind = "rules"
-path = "rules.toml"
-threshold = 0.0
-
-[[tiers]]
-name = "student"
-kind = "student"
-path = "student"
-threshold = 0.0
-
-[[tiers]]
-name = "llm"
-kind = "llm"
-path = "large"
-options = {{ backend = "builtin", memory_gb = 0.5 }}
-"""
-
 
 @dataclass
 class E2EConfig:
@@ -182,9 +158,10 @@ def stage_export(cfg: E2EConfig) -> dict:
 
 def stage_calibrate(cfg: E2EConfig) -> dict:
     from cascade.calibrate import CalibrationError, run_calibration
+    from cascade.quickstart import CONFIG_TEMPLATE
 
     config_path = cfg.workdir / "cascade.toml"
-    config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset), encoding="utf-8")
+    config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset, writer="bench/e2e.py"), encoding="utf-8")
     try:
         cal = run_calibration(config_path, cfg.data, "llm", confidence=cfg.confidence, oos_share=cfg.oos_share)
         met = True
@@ -218,7 +195,8 @@ def router_threshold(val_confidences: list[float], share: float, weights=None) -
     w = np.ones(len(conf)) if weights is None else np.asarray(weights, dtype=float)
     order = np.argsort(conf, kind="stable")
     cum = np.cumsum(w[order]) / w.sum()
-    return float(conf[order][min(len(conf) - 1, int(np.searchsorted(cum, share)))])
+    below = int(np.searchsorted(cum, share - 1e-9)) + 1  # fewest lowest items holding `share`
+    return float(conf[order][below]) if below < len(conf) else 2.0
 
 
 def stage_measure(cfg: E2EConfig, done: dict) -> dict:

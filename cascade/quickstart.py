@@ -15,8 +15,9 @@ import json
 import time
 from pathlib import Path
 
+# The three-tier layout of a run dir (rules.toml, student/, large/); bench/e2e.py writes it too.
 CONFIG_TEMPLATE = """\
-# Written by `cascade quickstart`. Paths are relative to this file; `cascade calibrate`
+# Written by `{writer}`. Paths are relative to this file; `cascade calibrate`
 # rewrote the thresholds.
 [task]
 name = "{task}"
@@ -124,7 +125,7 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     from cascade.calibrate import CalibrationError, run_calibration
 
     config_path = workdir / "cascade.toml"
-    config_path.write_text(CONFIG_TEMPLATE.format(task=task), encoding="utf-8")
+    config_path.write_text(CONFIG_TEMPLATE.format(task=task, writer="cascade quickstart"), encoding="utf-8")
     try:
         cal = run_calibration(config_path, data_dir, "llm", confidence=0.9)
     except CalibrationError as exc:  # tiny smoke models may not reach it: take the best within the llm share

@@ -87,3 +87,6 @@ def test_router_threshold_sends_the_asked_share():
     thr = router_threshold(conf, 0.25)
     assert sum(c < thr for c in conf) == 250
     assert router_threshold(conf, 0.0) == 0.0 and router_threshold(conf, 1.0) > 1.0
+    # weighted as calibration weighs val: the 100 lowest items count 3x, so 100 of them are 0.25
+    weights = np.where(np.argsort(np.argsort(conf)) < 100, 3.0, 1.0)  # 300 of 1200
+    assert sum(c < router_threshold(conf, 0.25, weights) for c in conf) == 100
