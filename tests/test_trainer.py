@@ -50,6 +50,14 @@ def test_spike_guard_skips_then_rolls_back():
     assert guard.skipped == 3 and len(guard.history) == 4
 
 
+def test_spike_guard_lets_a_hard_batch_through_when_the_loss_is_near_zero():
+    """Late in a fine-tune: mean 0.01, a 0.3 batch is 30x it but no spike; a jump of nats is."""
+    guard = SpikeGuard(factor=3.0, window=5, min_history=3, max_consecutive=2, min_delta=1.0)
+    assert [guard.check(x) for x in (0.01, 0.012, 0.008, 0.3, 0.25, 0.4)] == ["ok"] * 6
+    assert guard.check(5.0) == "skip" and guard.check(float("nan")) == "rollback"
+    assert SpikeGuard(factor=3.0, min_history=3).check(0.3) == "ok"  # too little history to judge
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch():
     lengths = [i % 7 + 1 for i in range(100)]
     a = epoch_batches(lengths, 8, seed=1, epoch=0, bucket=4)

@@ -53,7 +53,11 @@ class TrainConfig:
     ckpt_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2
     seed: int = 0
-    spike_factor: float = 3.0  # loss above factor x running mean is a spike
+    spike_factor: float = 3.0  # loss above factor x running mean is a spike ...
+    # ... and at least this many nats above it: near the end of a fine-tune the mean is ~0.01
+    # and an ordinary hard batch (0.3) is 30x it; a relative test alone rolled a Banking77 run
+    # back to the same checkpoint again and again (measured, 3 epochs)
+    spike_min_delta: float = 1.0
     spike_window: int = 20
     spike_min_history: int = 10
     max_consecutive_skips: int = 3  # then roll back to the last checkpoint
@@ -67,7 +71,8 @@ class TrainConfig:
             "epochs": self.epochs > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "weight_decay": self.weight_decay >= 0, "clip_norm": self.clip_norm > 0,
             "precision": self.precision in ("auto", "bf16", "fp16", "fp32"), "keep_last": self.keep_last >= 1,
-            "spike_factor": self.spike_factor > 1, "max_consecutive_skips": self.max_consecutive_skips >= 1,
+            "spike_factor": self.spike_factor > 1, "spike_min_delta": self.spike_min_delta >= 0,
+            "max_consecutive_skips": self.max_consecutive_skips >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -141,14 +146,16 @@ class SpikeGuard:
     window: int = 20
     min_history: int = 10
     max_consecutive: int = 3
+    min_delta: float = 0.0  # nats above the mean a spike must also reach
     history: deque = field(default_factory=deque)
     consecutive: int = 0
     skipped: int = 0
 
     def check(self, loss: float) -> str:
         """Returns "ok", "skip" (don't apply this update) or "rollback" (too many skips in a row)."""
+        mean = sum(self.history) / len(self.history) if self.history else 0.0
         spike = not math.isfinite(loss) or (
-            len(self.history) >= self.min_history and loss > self.factor * (sum(self.history) / len(self.history))
+            len(self.history) >= self.min_history and loss > self.factor * mean and loss - mean >= self.min_delta
         )
         if not spike:
             self.consecutive = 0
@@ -306,7 +313,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 + GradScaler is a GPU option; use bf16 on CPU")
-        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.spike_min_history, cfg.max_consecutive_skips)
+        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.spike_min_history, cfg.max_consecutive_skips,
+                                cfg.spike_min_delta)
         self.step = 0
         self.cursor = 0  # batches consumed, over all epochs: (epoch, index) = divmod(cursor, per epoch)
         self.n_params = n_params
