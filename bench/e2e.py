@@ -38,6 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/e2e.py` from a checkout without an install
 
+# Banking77 after 1 epoch: the large model at 0.898 val accuracy, below its own student (0.909);
+# after 3, 0.928 (measured). CLINC150 after 1: 0.960.
+LARGE_EPOCHS = {"clinc150": 1.0, "banking77": 3.0}
 STAGES = ("prepare", "rules", "large", "student", "export", "calibrate", "measure", "report")
 SYSTEMS = ("cascade", "large_only", "student_only", "tfidf", "threshold_router")
 TARGET_GAP_PT, TARGET_LLM_SHARE, TARGET_SPEEDUP = 0.5, 0.20, 5.0
@@ -55,7 +58,7 @@ class E2EConfig:
     docs: Path | None
     tiny: bool = False
     limit: int | None = None  # rows per split (seeded sample)
-    large_epochs: float = 1.0
+    large_epochs: float = 1.0  # main() takes LARGE_EPOCHS[dataset] unless --large-epochs is given
     large_lr: float = 1e-4
     student_epochs: float = 6.0
     student_lr: float = 5e-4
@@ -65,6 +68,7 @@ class E2EConfig:
     # CLINC150's val holds 3% of them, its test 18%. None: val as it comes.
     oos_share: float | None = 0.2
     router_share: float | None = None  # None: the cascade's large-model share on val
+    repeats: int = 2  # timed passes over test per system (best kept)
     seed: int = 0
 
     @property
@@ -230,13 +234,21 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
             "student_only": (Cascade([student], [0.0]), []),
             "threshold_router": (Cascade([student, llm], [router_thr, 0.0]), ["llm"]),
         }
-        results = {}
-        for name, (cascade, llm_tiers) in systems.items():
-            preds, seconds = _timed_predict(cascade, texts)
-            rep = classification_report(gold, preds, [t.name for t in cascade.tiers], seconds, oos, llm_tiers)
-            results[name] = rep
-            print(f"measure: {name:<17} accuracy {rep['accuracy']:.4f}  llm share {rep['llm_share']:.3f}  "
-                  f"{rep['items_per_s']:.0f} items/s", flush=True)
+        # Every system `repeats` times, round robin, best time kept: this machine is shared and
+        # its speed drifts by tens of percent over minutes; a drift then hits all systems alike.
+        results, walls = {}, {name: [] for name in systems}
+        for r in range(cfg.repeats):
+            for name, (cascade, llm_tiers) in systems.items():
+                preds, seconds = _timed_predict(cascade, texts)
+                walls[name].append(seconds)
+                rep = classification_report(gold, preds, [t.name for t in cascade.tiers], min(walls[name]), oos,
+                                            llm_tiers)
+                if name in results and rep["accuracy"] != results[name]["accuracy"]:
+                    raise RuntimeError(f"measure: {name} answered differently in repeat {r + 1}")
+                rep["all_wall_s"] = list(walls[name])
+                results[name] = rep
+                print(f"measure: {name:<17} accuracy {rep['accuracy']:.4f}  llm share {rep['llm_share']:.3f}  "
+                      f"{len(texts) / seconds:.0f} items/s (repeat {r + 1})", flush=True)
         results["threshold_router"].update({"student_threshold": router_thr, "target_llm_share": share})
 
         labels, seconds = tfidf_predict(cfg, texts)
@@ -484,12 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--until", choices=STAGES, help="stop after this stage")
     ap.add_argument("--tiny", action="store_true", help="toy models, a few steps (tests the harness)")
     ap.add_argument("--limit", type=int, help="at most this many rows per split (seeded sample)")
-    ap.add_argument("--large-epochs", type=float, default=1.0)
+    ap.add_argument("--large-epochs", type=float, help="default: 1 for clinc150, 3 for banking77")
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
     ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
     ap.add_argument("--oos-share", type=float, default=0.2,
                     help="calibrate for this out-of-scope share of traffic (0: val as it comes)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes over test per system; the best is kept")
     ap.add_argument("--router-share", type=float, help="threshold router's large-model share (default: the cascade's)")
     args = ap.parse_args(argv)
     if importlib.util.find_spec("sklearn") is None:  # fail now, not after an hour of training
@@ -499,9 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir=Path(args.workdir or ROOT / "runs" / f"e2e-{args.dataset}"),
         source=Path(args.source or ROOT.parent / "shared" / "data" / args.dataset),
         results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
-        tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs, student_epochs=args.student_epochs,
+        tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs or LARGE_EPOCHS[args.dataset],
+        student_epochs=args.student_epochs,
         student_augment=args.student_augment,
         confidence=args.confidence, router_share=args.router_share, oos_share=args.oos_share or None,
+        repeats=args.repeats,
     )
     run_stages(cfg, args.redo, args.until)
     return 0

@@ -34,13 +34,22 @@ class AsyncEngine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams, sink: Sink) -> str:
         """Queue a request; returns its id at once (so it can be aborted before any output)."""
+        return self.submit_many([(prompt, params, sink)])[0]
+
+    def submit_many(self, requests: list[tuple[str | list[int], SamplingParams, Sink]]) -> list[str]:
+        """Queue requests together: the engine thread sees all of them at its next step. One at
+        a time, it woke on the first and stepped with a few while the rest were still being
+        queued (a batch of 36 classifications cost 65 ms more than its share, measured)."""
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is shut down")
-            rid = f"async-{next(self._ids)}"
-            self._inbox.append((prompt, params, sink, rid))
+            rids = []
+            for prompt, params, sink in requests:
+                rid = f"async-{next(self._ids)}"
+                self._inbox.append((prompt, params, sink, rid))
+                rids.append(rid)
             self._cond.notify()
-            return rid
+            return rids
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -128,7 +137,7 @@ class AsyncEngine:
                  timeout: float | None = None) -> list[RequestOutput]:
         """Blocking: submit all, wait for all final outputs (in order)."""
         futures: list[Future] = []
-        rids: list[str] = []
+        requests = []
         for prompt, p in zip(prompts, params):
             fut: Future = Future()
 
@@ -138,8 +147,9 @@ class AsyncEngine:
                 elif item.finished:
                     fut.set_result(item)
 
-            rids.append(self.submit(prompt, p, sink))
+            requests.append((prompt, p, sink))
             futures.append(fut)
+        rids = self.submit_many(requests)
         try:
             return [f.result(timeout=timeout) for f in futures]
         except BaseException:  # timed out (or one failed): stop computing the rest

@@ -115,6 +115,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.packed = pack_linear_weights(model)
         self.group_prefill_max = 64  # prefill chunks up to this many tokens attend in padded groups
+        self.prefill_max_padding = 2.0  # padded/real attention work of a group; ops, not FLOPs, bound short prompts
 
     def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         w = self.packed.get(id(module))
@@ -275,7 +276,7 @@ class ModelRunner:
         # skips most of the masked triangle.
         short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
         prefill = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
-        prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
+        prefill_groups = self._prefill_groups(seqs, short, offsets, max_padding=self.prefill_max_padding) if short else []
         # Block tables of prefill chunks that attend to cached context, built once for all layers.
         tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
                                   device=dev)[None] for i in prefill if seqs[i].start > 0}
