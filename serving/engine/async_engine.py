@@ -38,8 +38,8 @@ class AsyncEngine:
 
     def submit_many(self, requests: list[tuple[str | list[int], SamplingParams, Sink]]) -> list[str]:
         """Queue requests together: the engine thread sees all of them at its next step. One at
-        a time, it woke on the first and stepped with a few while the rest were still being
-        queued (a batch of 36 classifications cost 65 ms more than its share, measured)."""
+        a time, it could wake on the first and step with a few while the rest were still being
+        queued (the effect on a batch of 36 classifications was within this machine's noise)."""
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is shut down")

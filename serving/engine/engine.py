@@ -138,8 +138,9 @@ class LLMEngine:
 
     def _trie(self, choices: tuple[str, ...]) -> tuple[TokenTrie, int]:
         """The label set's token trie and its longest label in tokens, built once per label set
-        (a classification tier sends the same set with every request; tokenizing 150 labels each
-        time cost more than the request's share of the forward pass). Tries are read-only."""
+        (a classification tier sends the same set with every request; tokenizing its 150 labels
+        each time held the CLINC150 large-model tier at 123 items/s, 144 without). Tries are
+        read-only."""
         key = (choices, self.eos_token_id)  # the end token is part of the trie
         hit = self._tries.pop(key, None)
         if hit is None:

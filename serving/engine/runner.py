@@ -199,10 +199,10 @@ class ModelRunner:
         out.index_copy_(0, group["out_idx"], o.index_select(0, group["valid"]))
 
     def _prefill_groups(self, seqs: list[ScheduledSeq], prefill: list[int], offsets: list[int],
-                        max_members: int = 64, max_padding: float = 1.25) -> list[dict[str, torch.Tensor]]:
+                        max_members: int = 64) -> list[dict[str, torch.Tensor]]:
         """Prefill chunks sorted by context length and cut into groups whose padded work
-        (members x longest chunk x longest context) stays within `max_padding` of their real
-        work. Per-sequence attention costs ~8 small torch calls per layer, which for a batch of
+        (members x longest chunk x longest context) stays within `prefill_max_padding` of their
+        real work. Per-sequence attention costs ~8 small torch calls per layer, which for a batch of
         64 short classification prompts was most of the step (measured); one group costs 8."""
         bs, dev, K = self.block_size, self.device, self.cfg.n_kv_heads
         order = sorted(prefill, key=lambda i: seqs[i].start + seqs[i].num_new)
@@ -213,7 +213,7 @@ class ModelRunner:
                 members = group + [i]
                 ctx = [seqs[j].start + seqs[j].num_new for j in members]
                 real = sum(seqs[j].num_new * c for j, c in zip(members, ctx))
-                if len(members) * max(seqs[j].num_new for j in members) * max(ctx) <= max_padding * real:
+                if len(members) * max(seqs[j].num_new for j in members) * max(ctx) <= self.prefill_max_padding * real:
                     group.append(i)
                     continue
             cut.append([i])
@@ -276,7 +276,7 @@ class ModelRunner:
         # skips most of the masked triangle.
         short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
         prefill = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
-        prefill_groups = self._prefill_groups(seqs, short, offsets, max_padding=self.prefill_max_padding) if short else []
+        prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
         # Block tables of prefill chunks that attend to cached context, built once for all layers.
         tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
                                   device=dev)[None] for i in prefill if seqs[i].start > 0}
