@@ -179,13 +179,6 @@ def stage_calibrate(cfg: E2EConfig) -> dict:
     return {**{k: cal[k] for k in keep}, "target_met": met}
 
 
-def _timed_predict(cascade, texts: list[str], batch_size: int = 256):
-    preds, t0 = [], time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        preds.extend(cascade.predict_batch(texts[start:start + batch_size]))
-    return preds, time.perf_counter() - t0
-
-
 def router_threshold(val_confidences: list[float], share: float, weights=None) -> float:
     """The student confidence below which `share` of the val items (weighted by `weights`, as
     calibration weighed them) go to the large model."""
@@ -208,6 +201,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
     from cascade.calibrate import traffic_weights
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
+    from cascade.evaluate import predict_timed
     from cascade.metrics import classification_report
     from cascade.router import Cascade
     from cascade.types import Prediction
@@ -239,7 +233,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
         results, walls = {}, {name: [] for name in systems}
         for r in range(cfg.repeats):
             for name, (cascade, llm_tiers) in systems.items():
-                preds, seconds = _timed_predict(cascade, texts)
+                preds, seconds = predict_timed(cascade, texts)
                 walls[name].append(seconds)
                 rep = classification_report(gold, preds, [t.name for t in cascade.tiers], min(walls[name]), oos,
                                             llm_tiers)

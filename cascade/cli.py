@@ -187,9 +187,8 @@ def cmd_train_student(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     run = train_student(args.data, args.teacher, args.out, size=args.size, from_teacher=args.from_teacher,
-                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled, augment=args.augment,
-                        cfg=cfg,
-                        resume=args.resume, limit_train=args.limit_train, inference_tokens=args.inference_tokens,
+                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled,
+                        augment=args.augment, cfg=cfg, resume=args.resume, limit_train=args.limit_train, inference_tokens=args.inference_tokens,
                         progress=not args.no_progress)
     s = run.summary
     c = s["calibration"]

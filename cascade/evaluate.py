@@ -14,14 +14,19 @@ from cascade.router import Cascade
 LLM_KINDS = frozenset({"llm"})
 
 
-def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: list[str],
-             oos_label: str | None = None, batch_size: int = 256) -> dict:
-    """Route `texts` in batches of `batch_size` and score the answers against `gold`."""
+def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256) -> tuple[list, float]:
+    """Route `texts` in batches of `batch_size`: the answers and the wall seconds they took."""
     preds = []
     t0 = time.perf_counter()
     for start in range(0, len(texts), batch_size):
         preds.extend(cascade.predict_batch(texts[start:start + batch_size]))
-    seconds = time.perf_counter() - t0
+    return preds, time.perf_counter() - t0
+
+
+def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: list[str],
+             oos_label: str | None = None, batch_size: int = 256) -> dict:
+    """Route `texts` in batches of `batch_size` and score the answers against `gold`."""
+    preds, seconds = predict_timed(cascade, texts, batch_size)
     names = [t.name for t in cascade.tiers]
     llm = [spec.name for spec in config.tiers if spec.kind in LLM_KINDS and spec.name in names]
     report = classification_report(gold, preds, names, seconds, oos_label, llm,

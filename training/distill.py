@@ -101,9 +101,8 @@ class StudentRun:
 def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, *, size: str = "small",
                   from_teacher: bool = False, temperature: float = 2.0, alpha: float = 0.5,
                   unlabeled: str | Path | None = None, augment: int = 0, cfg: TrainConfig | None = None,
-                  resume: bool = False,
-                  limit_train: int | None = None, max_len: int = 64, inference_tokens: float = 1e9,
-                  progress: bool = True) -> StudentRun:
+                  resume: bool = False, limit_train: int | None = None, max_len: int = 64,
+                  inference_tokens: float = 1e9, progress: bool = True) -> StudentRun:
     from tokenizers import Tokenizer
 
     from training.large import load_large
