@@ -39,10 +39,18 @@ def tiny(tmp_path_factory):
     return model, hf
 
 
-@pytest.fixture
-def make_engine(tiny):
+def attention_modes():
+    """Both attention paths of the runner: the torch one, and the C kernel where it builds."""
+    from serving.engine.kernels import paged_attention_available
+
+    kernel = pytest.param("kernel", marks=pytest.mark.skipif(not paged_attention_available(), reason="no C compiler"))
+    return ["torch", kernel]
+
+
+@pytest.fixture(params=attention_modes())
+def make_engine(tiny, request):
     def make(**overrides) -> LLMEngine:
-        overrides = {"dtype": "fp32", "block_size": 4, "num_blocks": 256, **overrides}
+        overrides = {"dtype": "fp32", "block_size": 4, "num_blocks": 256, "attention": request.param, **overrides}
         return LLMEngine(tiny[0], id_tokenizer(), EngineConfig.default(**overrides), eos_token_id=None)
 
     return make
@@ -76,7 +84,8 @@ def test_greedy_matches_transformers_generate(tiny, make_engine, overrides):
     assert engine.kv.num_free_blocks == engine.num_blocks  # everything returned
 
 
-def test_paged_logits_equal_dense_forward(tiny):
+@pytest.mark.parametrize("attention", attention_modes())
+def test_paged_logits_equal_dense_forward(tiny, attention):
     """Chunked prefill over a cached context, then decodes: each step's logits through the block
     tables equal the plain model's on the whole sequence, within 1e-4."""
     model = tiny[0]
@@ -84,7 +93,8 @@ def test_paged_logits_equal_dense_forward(tiny):
     kv = KVCacheManager(64, 4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6, long_prefill_chunk=6), kv)
     runner = ModelRunner(model, allocate_kv_tensors(cfg.n_layers, 64, 4, cfg.n_kv_heads, cfg.head_dim,
-                                                    torch.float32), 4)
+                                                    torch.float32), 4, attention=attention)
+    assert runner.attention_kernel == (attention == "kernel")
     req = Request("a", prompts_of([23])[0], SamplingParams(max_tokens=5))
     sched.add(req)
     checked = 0

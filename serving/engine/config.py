@@ -68,6 +68,10 @@ class EngineConfig:
         dtype: "auto" (bf16 where the CPU/GPU runs it fast, else fp32), "bf16" or "fp32".
         threads: torch intra-op threads (0 keeps torch's default).
         max_model_len: longest prompt + output accepted; None takes the model's max_seq_len.
+        attention: how decodes and short prefill chunks attend on the CPU. "kernel": the C
+            kernel that reads K/V in place through the block tables (serving/engine/
+            paged_attention.c, built at first use; an error if it cannot be built); "torch":
+            gather the blocks, then batched matmuls; "auto": the kernel where it builds, else torch.
     """
 
     cache: CacheConfig
@@ -75,10 +79,13 @@ class EngineConfig:
     dtype: str = "auto"
     threads: int = 0
     max_model_len: int | None = None
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"{self.dtype!r} is not auto, bf16 or fp32")
         _check(self.threads >= 0, "threads", f"{self.threads} < 0")
+        _check(self.attention in ("auto", "kernel", "torch"), "attention",
+               f"{self.attention!r} is not auto, kernel or torch")
         _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", f"{self.max_model_len} < 2")
 
     @classmethod

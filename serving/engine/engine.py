@@ -80,7 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
         tensors = allocate_kv_tensors(cfg.n_layers, num_blocks, cache.block_size, cfg.n_kv_heads, cfg.head_dim,
                                       self.dtype, next(model.parameters()).device)
-        self.runner = ModelRunner(model, tensors, cache.block_size)
+        self.runner = ModelRunner(model, tensors, cache.block_size, attention=self.config.attention)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._sent: dict[str, int] = {}

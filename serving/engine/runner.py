@@ -7,6 +7,11 @@ one (N, C) batch, so every linear layer is one big matmul. Attention is per kind
 - a prefill with nothing cached attends to its own fresh K/V with a causal SDPA (no gather);
 - a prefill chunk after cached tokens (a later chunk, or a prefix-cache hit) gathers its
   context from the cache and attends with an offset causal mask.
+With the C kernel (serving/engine/paged_attention.c, `attention="kernel"`, the CPU default where
+it builds) every sequence of the step, decode or prefill chunk, attends in one call per layer
+that reads K/V in place through the block tables: no gather copy, one K/V read per GQA group,
+an online softmax, the masked triangle of a prefill skipped key by key. The paths above are
+the torch fallback (no C compiler, `attention="torch"`, GPUs).
 The weights are the plain `training.model.Transformer`'s; nothing in the model is edited.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from serving.engine import kernels
 from serving.engine.scheduler import ScheduledSeq
 from training.model import Transformer, rope_tables
 
@@ -104,8 +110,19 @@ def pack_linear_weights(model: Transformer) -> dict[int | tuple[str, int], torch
         return {}
 
 
+def use_attention_kernel(attention: str, device: torch.device) -> bool:
+    """Whether the runner attends with the C kernel: `attention` is EngineConfig.attention."""
+    if attention == "torch" or device.type != "cpu":
+        return False
+    if attention == "kernel":
+        kernels.load()  # raises KernelUnavailable with the compiler's message
+        return True
+    return kernels.paged_attention_available()
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+    def __init__(self, model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 attention: str = "auto"):
         keep_freed_memory()
         self.model = model.eval()
         self.cfg = model.cfg
@@ -116,6 +133,7 @@ class ModelRunner:
         self.packed = pack_linear_weights(model)
         self.group_prefill_max = 64  # prefill chunks up to this many tokens attend in padded groups
         self.prefill_max_padding = 2.0  # padded/real attention work of a group; ops, not FLOPs, bound short prompts
+        self.attention_kernel = use_attention_kernel(attention, self.device)
 
     def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         w = self.packed.get(id(module))
@@ -178,6 +196,17 @@ class ModelRunner:
                 "mask": (torch.arange(nb * bs)[None, :] < torch.tensor(lengths)[:, None]).to(dev),
             })
         return groups
+
+    def _kernel_batch(self, seqs: list[ScheduledSeq], offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's block tables and per-sequence rows (see kernels.paged_attention), built
+        once per step for all layers."""
+        bs = self.block_size
+        tables: list[int] = []
+        info = []
+        for s, offset in zip(seqs, offsets):
+            info.append((offset, s.num_new, s.start, len(tables)))
+            tables.extend(s.block_table[: -(-(s.start + s.num_new) // bs)])
+        return torch.tensor(tables, dtype=torch.long), torch.tensor(info, dtype=torch.long)
 
     def _prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            group: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -269,14 +298,19 @@ class ModelRunner:
         for s in seqs:
             offsets.append(o)
             o += s.num_new
-        decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
-        prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
-        groups = self._decode_groups(seqs, decode, offsets) if decode else []
-        # Short chunks attend in padded groups; long ones alone, where chunked causal attention
-        # skips most of the masked triangle.
-        short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
-        prefill = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
-        prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
+        if self.attention_kernel:  # every sequence, decode or prefill, in one call per layer
+            paged = self._kernel_batch(seqs, offsets)
+            groups, prefill_groups, prefill = [], [], []
+        else:
+            paged = None
+            decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
+            prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
+            groups = self._decode_groups(seqs, decode, offsets) if decode else []
+            # Short chunks attend in padded groups; long ones alone, where chunked causal
+            # attention skips most of the masked triangle.
+            short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
+            prefill = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
+            prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
         # Block tables of prefill chunks that attend to cached context, built once for all layers.
         tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
                                   device=dev)[None] for i in prefill if seqs[i].start > 0}
@@ -298,6 +332,8 @@ class ModelRunner:
             v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
 
             out = torch.empty_like(q)  # (N, H, D)
+            if paged is not None:
+                kernels.paged_attention(q, k_cache, v_cache, *paged, out=out)
             for group in groups:
                 out.index_copy_(0, group["idx"], self._decode_attention(q.index_select(0, group["idx"]), k_cache,
                                                                          v_cache, group))

@@ -1,0 +1,295 @@
+/* Paged attention on the CPU: queries attend to K/V read in place through block tables.
+ *
+ * Why C: in torch, attention over a paged cache first gathers every sequence's blocks into a
+ * contiguous tensor (index_select) and then multiplies. For a decode step of 64 sequences of
+ * SmolLM2-135M that copy moved ~0.5 GB each way and, with the batched matmuls of 3-row
+ * queries, took about half of the step (measured with torch.profiler). Here each K/V block is
+ * read once, straight from the pool, for every query row of its KV head (GQA: the G query heads
+ * of a KV group share the read), with an online softmax in fp32 (flash-decoding style).
+ *
+ * Layout (as serving/engine/kv_cache.py allocates it):
+ *   q, out:   (n_rows, H, D), rows of all sequences back to back
+ *   k, v:     (num_blocks, K, bs, D), per layer
+ *   tables:   int64, each sequence's block ids, back to back
+ *   seqs:     int64 (n_seqs, 4): first query row, query rows, position of the first query,
+ *             offset of its block table in `tables`
+ * Query row t of a sequence sees keys 0 .. start + t (causal). A decode is one row.
+ *
+ * Built at first use by serving/engine/kernels.py with the machine's C compiler
+ * (-O3 -march=native -fopenmp, no -ffast-math: linked into a shared object it would set
+ * flush-to-zero for the whole process on load); the same code serves bf16 and fp32 caches.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define NEG_BIG (-1e30f) /* a finite "minus infinity": exp(NEG_BIG - x) is 0, never NaN */
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+static inline unsigned csr_flush_denormals(void) {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ */
+    return csr;
+}
+static inline void csr_restore(unsigned csr) { _mm_setcsr(csr); }
+#else
+static inline unsigned csr_flush_denormals(void) { return 0; }
+static inline void csr_restore(unsigned csr) { (void)csr; }
+#endif
+
+/* One (sequence, KV head): its n_q * G query rows against the sequence's blocks.
+ * kf/vf: (bs, D) scratch; qf/acc: (R, D); m/l: (R); s: (bs). */
+#define ATTEND_BODY(T, LOAD, STORE)                                                           \
+    const int64_t q_row = seq[0], n_q = seq[1], start = seq[2];                             \
+    const int64_t* table = tables + seq[3];                                                   \
+    const int G = H / K, R = (int)n_q * G;                                                    \
+    for (int r = 0; r < R; r++) {                                                             \
+        const int t = r / G, g = r % G;                                                       \
+        const T* src = q + ((q_row + t) * H + kv * G + g) * D;                               \
+        for (int d = 0; d < D; d++) qf[r * D + d] = LOAD(src[d]) * scale;                     \
+        for (int d = 0; d < D; d++) acc[r * D + d] = 0.f;                                     \
+        m[r] = NEG_BIG;                                                                       \
+        l[r] = 0.f;                                                                           \
+    }                                                                                         \
+    const int64_t ctx = start + n_q;                                                          \
+    for (int64_t b = 0; b * bs < ctx; b++) {                                                  \
+        const int64_t base = b * bs;                                                          \
+        const int n_keys = (int)(ctx - base < bs ? ctx - base : bs);                          \
+        const T* kp = k + ((table[b] * K + kv) * bs) * D;                                    \
+        const T* vp = v + ((table[b] * K + kv) * bs) * D;                                    \
+        for (int i = 0; i < n_keys * D; i++) kf[i] = LOAD(kp[i]);                             \
+        for (int i = 0; i < n_keys * D; i++) vf[i] = LOAD(vp[i]);                             \
+        for (int r = 0; r < R; r++) {                                                         \
+            const int64_t limit = start + r / G; /* last key position this row sees */        \
+            if (limit < base) continue;                                                       \
+            const int n = (int)(limit - base + 1 < n_keys ? limit - base + 1 : n_keys);       \
+            const float* qr = qf + r * D;                                                     \
+            float bmax = NEG_BIG;                                                             \
+            for (int j = 0; j < n; j++) {                                                     \
+                const float* kj = kf + j * D;                                                 \
+                float dot = 0.f;                                                              \
+                for (int d = 0; d < D; d++) dot += qr[d] * kj[d];                             \
+                s[j] = dot;                                                                   \
+                bmax = dot > bmax ? dot : bmax;                                               \
+            }                                                                                 \
+            const float m_new = bmax > m[r] ? bmax : m[r];                                    \
+            const float corr = expf(m[r] - m_new);                                            \
+            float* ar = acc + r * D;                                                          \
+            float sum = 0.f;                                                                  \
+            for (int d = 0; d < D; d++) ar[d] *= corr;                                        \
+            for (int j = 0; j < n; j++) {                                                     \
+                const float p = expf(s[j] - m_new);                                           \
+                const float* vj = vf + j * D;                                                 \
+                sum += p;                                                                     \
+                for (int d = 0; d < D; d++) ar[d] += p * vj[d];                               \
+            }                                                                                 \
+            l[r] = l[r] * corr + sum;                                                         \
+            m[r] = m_new;                                                                     \
+        }                                                                                     \
+    }                                                                                         \
+    for (int r = 0; r < R; r++) {                                                             \
+        const int t = r / G, g = r % G;                                                       \
+        T* dst = out + ((q_row + t) * H + kv * G + g) * D;                                   \
+        const float inv = 1.f / l[r];                                                         \
+        for (int d = 0; d < D; d++) dst[d] = STORE(acc[r * D + d] * inv);                     \
+    }
+
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_FAST 1
+#define FAST_BS 16 /* one zmm of fp32 scores per block */
+#define FAST_D 64  /* two zmm of bf16 per key */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2
+#endif
+
+/* The dim held by lane i of the p.v accumulator (4 vectors of 16): unpack{lo,hi}_epi16 work per
+ * 128-bit lane, so vector c, lane 4q + e holds dim 32 * (c / 2) + 8q + 4 * (c % 2) + e. */
+#define D_ORDER(i) (32 * ((i) / 32) + 4 * (((i) / 16) % 2) + 8 * (((i) % 16) / 4) + (i) % 4)
+
+/* exp of 16 lanes: 2^n * e^r with |r| <= ln2/2, degree-6 polynomial (rel. error ~2e-7). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lane j of the result is the sum of the 16 lanes of v[j]: 16 dot products finished with 45
+ * shuffles and adds, instead of 16 horizontal reductions (~8 dependent ops each). */
+static inline __m512 sum_lanes16(__m512 v[16]) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++) /* 256-bit halves: lanes 0-7 fold v[i], 8-15 fold v[i+8] */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++) /* 128-bit quarters: [i, i+8, i+4, i+12] */
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++) /* pairs inside each quarter */
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    /* z's lane 4q + e holds key KEY[q] + {0, 2, 1, 3}[e]; put key j in lane j. */
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(order, z);
+}
+
+/* The bf16 path for head_dim 64 and blocks of 16 (SmolLM2's and the engine's defaults): q.k
+ * with vdpbf16ps straight from the cache (no conversion, fp32 accumulation), the 16 scores of a
+ * block as one vector, a vectorized exp, p.v with vdpbf16ps too (p rounded to bf16, as torch's
+ * bf16 matmul path does) into an fp32 accumulator held in registers for the row. */
+static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k, const uint16_t* v,
+                             const int64_t* seq, const int64_t* tables, int H, int K, float scale, int kv,
+                             float* acc, float* m, float* l) {
+    enum { D = FAST_D, bs = FAST_BS };
+    const int64_t q_row = seq[0], n_q = seq[1], start = seq[2];
+    const int64_t* table = tables + seq[3];
+    const int G = H / K, R = (int)n_q * G;
+    for (int r = 0; r < R; r++) {
+        for (int d = 0; d < D; d++) acc[r * D + d] = 0.f;
+        m[r] = NEG_BIG;
+        l[r] = 0.f;
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t ctx = start + n_q;
+    for (int64_t b = 0; b * bs < ctx; b++) {
+        const int64_t base = b * bs;
+        const int n_keys = (int)(ctx - base < bs ? ctx - base : bs);
+        const uint16_t* kp = k + ((table[b] * K + kv) * bs) * D;
+        const uint16_t* vp = v + ((table[b] * K + kv) * bs) * D;
+        if ((b + PREFETCH_AHEAD) * bs < ctx) { /* blocks are scattered: the hardware prefetcher cannot guess the next */
+            const int64_t ahead = (table[b + PREFETCH_AHEAD] * K + kv) * bs * D;
+            for (int i = 0; i < bs * D; i += 32) {
+                _mm_prefetch((const char*)(k + ahead + i), _MM_HINT_T0);
+                _mm_prefetch((const char*)(v + ahead + i), _MM_HINT_T0);
+            }
+        }
+        /* V as bf16 pairs of consecutive keys per dim, for vdpbf16ps: vector 4i + c holds keys
+         * 2i and 2i+1 interleaved for the dims of D_ORDER's group c. */
+        __m512i vpair[bs / 2 * 4];
+        for (int i = 0; i < bs / 2; i++) {
+            const int j0 = 2 * i < n_keys ? 2 * i : 0, j1 = 2 * i + 1 < n_keys ? 2 * i + 1 : j0; /* no stale slots */
+            const __m512i a_lo = _mm512_loadu_si512(vp + j0 * D), a_hi = _mm512_loadu_si512(vp + j0 * D + 32);
+            const __m512i b_lo = _mm512_loadu_si512(vp + j1 * D), b_hi = _mm512_loadu_si512(vp + j1 * D + 32);
+            vpair[4 * i + 0] = _mm512_unpacklo_epi16(a_lo, b_lo);
+            vpair[4 * i + 1] = _mm512_unpackhi_epi16(a_lo, b_lo);
+            vpair[4 * i + 2] = _mm512_unpacklo_epi16(a_hi, b_hi);
+            vpair[4 * i + 3] = _mm512_unpackhi_epi16(a_hi, b_hi);
+        }
+        __m512bh kv_lo[bs], kv_hi[bs]; /* slots past n_keys hold stale keys: masked below, never NaN-multiplied */
+        for (int j = 0; j < bs; j++) {
+            kv_lo[j] = (__m512bh)_mm512_loadu_si512(kp + j * D);
+            kv_hi[j] = (__m512bh)_mm512_loadu_si512(kp + j * D + 32);
+        }
+        for (int r = 0; r < R; r++) {
+            const int64_t limit = start + r / G; /* last key position this row sees */
+            if (limit < base) continue;
+            const int n = (int)(limit - base + 1 < n_keys ? limit - base + 1 : n_keys);
+            const uint16_t* qp = q + ((q_row + r / G) * H + kv * G + r % G) * D;
+            const __m512bh q_lo = (__m512bh)_mm512_loadu_si512(qp), q_hi = (__m512bh)_mm512_loadu_si512(qp + 32);
+            __m512 dots[bs];
+            for (int j = 0; j < bs; j++)
+                dots[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q_lo, kv_lo[j]), q_hi, kv_hi[j]);
+            const __mmask16 valid = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(n));
+            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_BIG), valid, _mm512_mul_ps(sum_lanes16(dots), vscale));
+            const float bmax = _mm512_reduce_max_ps(sc);
+            const float m_new = bmax > m[r] ? bmax : m[r];
+            const float corr = expf(m[r] - m_new);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(p);
+            m[r] = m_new;
+            uint32_t pairs[bs / 2]; /* p as bf16, two keys per 32 bits */
+            _mm256_storeu_si256((__m256i*)pairs, (__m256i)_mm512_cvtneps_pbh(p));
+            const __m512 c = _mm512_set1_ps(corr);
+            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D), c), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16), c);
+            __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32), c), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 48), c);
+            for (int i = 0; 2 * i < n; i++) { /* a key past n has p = 0 */
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pairs[i]);
+                a0 = _mm512_dpbf16_ps(a0, pp, (__m512bh)vpair[4 * i + 0]);
+                a1 = _mm512_dpbf16_ps(a1, pp, (__m512bh)vpair[4 * i + 1]);
+                a2 = _mm512_dpbf16_ps(a2, pp, (__m512bh)vpair[4 * i + 2]);
+                a3 = _mm512_dpbf16_ps(a3, pp, (__m512bh)vpair[4 * i + 3]);
+            }
+            _mm512_storeu_ps(acc + r * D, a0);
+            _mm512_storeu_ps(acc + r * D + 16, a1);
+            _mm512_storeu_ps(acc + r * D + 32, a2);
+            _mm512_storeu_ps(acc + r * D + 48, a3);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        uint16_t* dst = out + ((q_row + r / G) * H + kv * G + r % G) * D;
+        const float inv = 1.f / l[r];
+        for (int i = 0; i < D; i++) dst[D_ORDER(i)] = f32_to_bf16(acc[r * D + i] * inv);
+    }
+}
+#endif
+
+#define ID(x) (x)
+
+#define DEFINE_PAGED_ATTENTION(NAME, T, LOAD, STORE, FAST)                                          \
+    int NAME(const T* q, T* out, const T* k, const T* v, const int64_t* tables,                \
+             const int64_t* seqs, int64_t n_seqs, int H, int K, int D, int bs, float scale,    \
+             int n_threads) {                                                                  \
+        int64_t max_rows = 0;                                                                  \
+        for (int64_t i = 0; i < n_seqs; i++)                                                   \
+            if (seqs[i * 4 + 1] > max_rows) max_rows = seqs[i * 4 + 1];                        \
+        const int64_t R_max = max_rows * (H / K);                                              \
+        const int64_t per_thread = 2 * bs * D + 2 * R_max * D + 2 * R_max + bs;                \
+        if (n_threads < 1) n_threads = 1;                                                      \
+        float* scratch = malloc(sizeof(float) * per_thread * n_threads);                       \
+        if (!scratch) return 1;                                                                \
+        _Pragma("omp parallel num_threads(n_threads)") {                                       \
+            /* Tiny attention weights are denormal, and x86 takes ~100 cycles per denormal      \
+             * operand: flush them, on this thread and for this call only. */                  \
+            const unsigned csr = csr_flush_denormals();                                        \
+            float* kf = scratch + per_thread * omp_get_thread_num();                           \
+            float *vf = kf + bs * D, *qf = vf + bs * D, *acc = qf + R_max * D;                 \
+            float *m = acc + R_max * D, *l = m + R_max, *s = l + R_max;                        \
+            _Pragma("omp for schedule(dynamic)")                                               \
+            for (int64_t item = 0; item < n_seqs * K; item++) {                                \
+                const int64_t* seq = seqs + (item / K) * 4;                                    \
+                const int kv = (int)(item % K);                                                \
+                if (FAST(kf, vf, qf, acc, m, l, s)) continue;                                  \
+                ATTEND_BODY(T, LOAD, STORE)                                                    \
+            }                                                                                  \
+            csr_restore(csr);                                                                  \
+        }                                                                                      \
+        free(scratch);                                                                         \
+        return 0;                                                                              \
+    }
+
+#ifdef HAVE_BF16_FAST
+#define BF16_FAST(kf, vf, qf, acc, m, l, s)                                                   \
+    (D == FAST_D && bs == FAST_BS && (attend_bf16_fast(q, out, k, v, seq, tables, H, K, scale, kv, acc, m, l), 1))
+#else
+#define BF16_FAST(...) 0
+#endif
+#define NO_FAST(...) 0
+
+DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16, BF16_FAST)
+DEFINE_PAGED_ATTENTION(paged_attention_f32, float, ID, ID, NO_FAST)
