@@ -158,10 +158,69 @@ static inline __m512 sum_lanes16(__m512 v[16]) {
     return _mm512_permutexvar_ps(order, z);
 }
 
+/* The 16 x 16 transpose of 32-bit lanes: r[i] lane j <- r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* One query row against one block, given its 16 raw q.k products: the online-softmax update of
+ * (m, l) and acc += p . v, with p rounded to bf16 as torch's bf16 matmul path does. */
+static inline void softmax_pv_row(__m512 dots, int n, float scale, const __m512i* vpair, float* acc, float* m,
+                                  float* l) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 valid = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(n));
+    const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_BIG), valid, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+    const float bmax = _mm512_reduce_max_ps(sc);
+    const float m_new = bmax > *m ? bmax : *m;
+    const float corr = m_new == *m ? 1.f : expf(*m - m_new); /* the max often holds: skip the call */
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+    *l = *l * corr + _mm512_reduce_add_ps(p);
+    *m = m_new;
+    uint32_t pairs[8]; /* p as bf16, two keys per 32 bits */
+    _mm256_storeu_si256((__m256i*)pairs, (__m256i)_mm512_cvtneps_pbh(p));
+    const __m512 c = _mm512_set1_ps(corr);
+    __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc), c), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc + 16), c);
+    __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc + 32), c), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc + 48), c);
+    for (int i = 0; 2 * i < n; i++) { /* a key past n has p = 0 */
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pairs[i]);
+        a0 = _mm512_dpbf16_ps(a0, pp, (__m512bh)vpair[4 * i + 0]);
+        a1 = _mm512_dpbf16_ps(a1, pp, (__m512bh)vpair[4 * i + 1]);
+        a2 = _mm512_dpbf16_ps(a2, pp, (__m512bh)vpair[4 * i + 2]);
+        a3 = _mm512_dpbf16_ps(a3, pp, (__m512bh)vpair[4 * i + 3]);
+    }
+    _mm512_storeu_ps(acc, a0);
+    _mm512_storeu_ps(acc + 16, a1);
+    _mm512_storeu_ps(acc + 32, a2);
+    _mm512_storeu_ps(acc + 48, a3);
+}
+
+#define TILE_ROWS 4 /* query rows sharing each transposed K vector */
+
 /* The bf16 path for head_dim 64 and blocks of 16 (SmolLM2's and the engine's defaults): q.k
  * with vdpbf16ps straight from the cache (no conversion, fp32 accumulation), the 16 scores of a
- * block as one vector, a vectorized exp, p.v with vdpbf16ps too (p rounded to bf16, as torch's
- * bf16 matmul path does) into an fp32 accumulator held in registers for the row. */
+ * block as one vector, a vectorized exp, p.v with vdpbf16ps too into an fp32 accumulator.
+ * q.k two ways: for a few rows (decodes: G rows) each row's 16 products are finished by
+ * sum_lanes16; for many (prefill chunks) the block's K is transposed once into 32 vectors of
+ * "pair i of all 16 keys", and tiles of rows multiply them by broadcast q pairs: no reduction. */
 static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k, const uint16_t* v,
                              const int64_t* seq, const int64_t* tables, int H, int K, float scale, int kv,
                              float* acc, float* m, float* l) {
@@ -174,8 +233,6 @@ static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k
         m[r] = NEG_BIG;
         l[r] = 0.f;
     }
-    const __m512 vscale = _mm512_set1_ps(scale);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int64_t ctx = start + n_q;
     for (int64_t b = 0; b * bs < ctx; b++) {
         const int64_t base = b * bs;
@@ -201,44 +258,51 @@ static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k
             vpair[4 * i + 2] = _mm512_unpacklo_epi16(a_hi, b_hi);
             vpair[4 * i + 3] = _mm512_unpackhi_epi16(a_hi, b_hi);
         }
-        __m512bh kv_lo[bs], kv_hi[bs]; /* slots past n_keys hold stale keys: masked below, never NaN-multiplied */
-        for (int j = 0; j < bs; j++) {
-            kv_lo[j] = (__m512bh)_mm512_loadu_si512(kp + j * D);
-            kv_hi[j] = (__m512bh)_mm512_loadu_si512(kp + j * D + 32);
-        }
-        for (int r = 0; r < R; r++) {
-            const int64_t limit = start + r / G; /* last key position this row sees */
-            if (limit < base) continue;
-            const int n = (int)(limit - base + 1 < n_keys ? limit - base + 1 : n_keys);
-            const uint16_t* qp = q + ((q_row + r / G) * H + kv * G + r % G) * D;
-            const __m512bh q_lo = (__m512bh)_mm512_loadu_si512(qp), q_hi = (__m512bh)_mm512_loadu_si512(qp + 32);
-            __m512 dots[bs];
-            for (int j = 0; j < bs; j++)
-                dots[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q_lo, kv_lo[j]), q_hi, kv_hi[j]);
-            const __mmask16 valid = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(n));
-            const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_BIG), valid, _mm512_mul_ps(sum_lanes16(dots), vscale));
-            const float bmax = _mm512_reduce_max_ps(sc);
-            const float m_new = bmax > m[r] ? bmax : m[r];
-            const float corr = expf(m[r] - m_new);
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
-            l[r] = l[r] * corr + _mm512_reduce_add_ps(p);
-            m[r] = m_new;
-            uint32_t pairs[bs / 2]; /* p as bf16, two keys per 32 bits */
-            _mm256_storeu_si256((__m256i*)pairs, (__m256i)_mm512_cvtneps_pbh(p));
-            const __m512 c = _mm512_set1_ps(corr);
-            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D), c), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16), c);
-            __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 32), c), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 48), c);
-            for (int i = 0; 2 * i < n; i++) { /* a key past n has p = 0 */
-                const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pairs[i]);
-                a0 = _mm512_dpbf16_ps(a0, pp, (__m512bh)vpair[4 * i + 0]);
-                a1 = _mm512_dpbf16_ps(a1, pp, (__m512bh)vpair[4 * i + 1]);
-                a2 = _mm512_dpbf16_ps(a2, pp, (__m512bh)vpair[4 * i + 2]);
-                a3 = _mm512_dpbf16_ps(a3, pp, (__m512bh)vpair[4 * i + 3]);
+        /* Rows are time-major (r = t * G + g), so the rows that see this block are a suffix. */
+        const int first = base > start ? (int)(base - start) * G : 0;
+        const int limit_n = (int)(n_keys < bs ? n_keys : bs);
+        /* slots past n_keys hold stale keys: their products are masked, never NaN-multiplied */
+        if (R - first >= 2 * TILE_ROWS) {
+            __m512i kt[2 * bs]; /* kt[i] lane j: the i-th bf16 pair of key j */
+            for (int j = 0; j < bs; j++) {
+                kt[j] = _mm512_loadu_si512(kp + j * D);
+                kt[bs + j] = _mm512_loadu_si512(kp + j * D + 32);
             }
-            _mm512_storeu_ps(acc + r * D, a0);
-            _mm512_storeu_ps(acc + r * D + 16, a1);
-            _mm512_storeu_ps(acc + r * D + 32, a2);
-            _mm512_storeu_ps(acc + r * D + 48, a3);
+            transpose16(kt);
+            transpose16(kt + bs);
+            for (int r0 = first; r0 < R; r0 += TILE_ROWS) {
+                const int nr = R - r0 < TILE_ROWS ? R - r0 : TILE_ROWS;
+                __m512 even[TILE_ROWS], odd[TILE_ROWS]; /* two chains per row: vdpbf16ps latency */
+                const uint32_t* qr[TILE_ROWS];
+                for (int t = 0; t < TILE_ROWS; t++) {
+                    const int r = r0 + (t < nr ? t : 0);
+                    qr[t] = (const uint32_t*)(q + ((q_row + r / G) * H + kv * G + r % G) * D);
+                    even[t] = odd[t] = _mm512_setzero_ps();
+                }
+                for (int i = 0; i < 2 * bs; i += 2)
+                    for (int t = 0; t < TILE_ROWS; t++) {
+                        even[t] = _mm512_dpbf16_ps(even[t], (__m512bh)_mm512_set1_epi32((int)qr[t][i]), (__m512bh)kt[i]);
+                        odd[t] = _mm512_dpbf16_ps(odd[t], (__m512bh)_mm512_set1_epi32((int)qr[t][i + 1]), (__m512bh)kt[i + 1]);
+                    }
+                for (int t = 0; t < nr; t++) {
+                    const int r = r0 + t;
+                    const int64_t seen = start + r / G - base + 1; /* keys of this block the row sees */
+                    softmax_pv_row(_mm512_add_ps(even[t], odd[t]), (int)(seen < limit_n ? seen : limit_n), scale, vpair,
+                                   acc + r * D, m + r, l + r);
+                }
+            }
+        } else {
+            for (int r = first; r < R; r++) {
+                const int64_t seen = start + r / G - base + 1;
+                const uint16_t* qp = q + ((q_row + r / G) * H + kv * G + r % G) * D;
+                const __m512bh q_lo = (__m512bh)_mm512_loadu_si512(qp), q_hi = (__m512bh)_mm512_loadu_si512(qp + 32);
+                __m512 dots[bs];
+                for (int j = 0; j < bs; j++)
+                    dots[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q_lo, (__m512bh)_mm512_loadu_si512(kp + j * D)),
+                                               q_hi, (__m512bh)_mm512_loadu_si512(kp + j * D + 32));
+                softmax_pv_row(sum_lanes16(dots), (int)(seen < limit_n ? seen : limit_n), scale, vpair, acc + r * D,
+                               m + r, l + r);
+            }
         }
     }
     for (int r = 0; r < R; r++) {
