@@ -1,17 +1,18 @@
 """The model runner: one forward pass over a scheduled step, reading and writing the paged KV cache.
 
 All scheduled tokens of the step (prefill chunks and single decode tokens) are flattened into
-one (N, C) batch, so every linear layer is one big matmul. Attention is per kind of sequence:
-- decodes (one new token each) are batched: their K/V are gathered through the block tables
-  into a padded (B, n_kv_heads, L, D) view and one SDPA call serves them all (GQA heads shared);
-- a prefill with nothing cached attends to its own fresh K/V with a causal SDPA (no gather);
-- a prefill chunk after cached tokens (a later chunk, or a prefix-cache hit) gathers its
-  context from the cache and attends with an offset causal mask.
-With the C kernel (serving/engine/paged_attention.c, `attention="kernel"`, the CPU default where
-it builds) every sequence of the step, decode or prefill chunk, attends in one call per layer
-that reads K/V in place through the block tables: no gather copy, one K/V read per GQA group,
-an online softmax, the masked triangle of a prefill skipped key by key. The paths above are
-the torch fallback (no C compiler, `attention="torch"`, GPUs).
+one (N, C) batch, so every linear layer is one big matmul (q/k/v and gate/up fused in bf16).
+
+Attention, on the CPU, is the C kernel of serving/engine/paged_attention.c (`attention="auto"`
+where it builds, or "kernel"): every sequence of the step, decode or prefill chunk, in one call
+per layer that reads K/V in place through the block tables — no gather copy, one K/V read per
+GQA group, an online softmax, the masked triangle of a prefill skipped.
+
+The torch path (no C compiler, `attention="torch"`, GPUs):
+- decodes are grouped by length; their K/V are gathered through the block tables into a padded
+  (B, n_kv_heads, L, D) view and two batched matmuls serve a group (GQA heads stacked as rows);
+- a prefill with nothing cached attends to its own fresh K/V in causal query chunks (no gather);
+- a long chunk after cached tokens gathers its context; short chunks attend in padded groups.
 The weights are the plain `training.model.Transformer`'s; nothing in the model is edited.
 """
 
