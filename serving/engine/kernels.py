@@ -93,15 +93,32 @@ def paged_attention_available() -> bool:
         return False
 
 
+def check_batch(n_rows: int, num_blocks: int, block_size: int, tables: torch.Tensor, seqs: torch.Tensor) -> None:
+    """Every read and write the kernel will do stays inside q/out, the tables and the pool; a
+    ValueError names the first sequence (row of `seqs`) that would not. The kernel itself trusts
+    its indices, as a C loop must: this is what keeps a bad table from reading stray memory."""
+    if seqs.numel():
+        row, n, start, off = seqs.unbind(1)
+        need = torch.div(start + n + block_size - 1, block_size, rounding_mode="floor")
+        bad = (n < 1) | (start < 0) | (row < 0) | (row + n > n_rows) | (off < 0) | (off + need > tables.numel())
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"seqs[{i}] = {seqs[i].tolist()} (first row, rows, position, table offset) does not fit "
+                             f"{n_rows} query rows and {tables.numel()} table entries of blocks of {block_size}")
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
+        raise ValueError(f"block ids {int(tables.min())}..{int(tables.max())} outside the pool's 0..{num_blocks - 1}")
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                    seqs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+                    seqs: torch.Tensor, out: torch.Tensor | None = None, checked: bool = False) -> torch.Tensor:
     """Causal attention of query rows to K/V read through block tables, GQA heads grouped.
 
     q (N, H, D); k_cache/v_cache (num_blocks, K, block_size, D), same dtype (bf16 or fp32), CPU;
     tables int64: every sequence's block ids back to back; seqs int64 (S, 4): per sequence its
     first row in q, its number of rows, the position of its first row, the offset of its block
     table in `tables`. Row t of a sequence sees keys 0..position + t. Writes and returns out (N, H, D)
-    (the rows of q that no sequence names are left as they were).
+    (the rows of q that no sequence names are left as they were). `checked=True` skips
+    `check_batch` (the runner checks a step's batch once, not once per layer).
     """
     N, H, D = q.shape
     _, K, bs, Dk = k_cache.shape
@@ -114,6 +131,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if any(t.device.type != "cpu" for t in (q, k_cache, v_cache, tables, seqs)):
         raise ValueError("the paged-attention kernel runs on the CPU")
     q, seqs, tables = q.contiguous(), seqs.contiguous(), tables.contiguous()
+    if not checked:
+        check_batch(N, k_cache.shape[0], bs, tables, seqs)
     if out is None:
         out = torch.empty_like(q)
     if not (out.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):

@@ -207,7 +207,9 @@ class ModelRunner:
         for s, offset in zip(seqs, offsets):
             info.append((offset, s.num_new, s.start, len(tables)))
             tables.extend(s.block_table[: -(-(s.start + s.num_new) // bs)])
-        return torch.tensor(tables, dtype=torch.long), torch.tensor(info, dtype=torch.long)
+        batch = torch.tensor(tables, dtype=torch.long), torch.tensor(info, dtype=torch.long)
+        kernels.check_batch(sum(s.num_new for s in seqs), self.kv[0][0].shape[0], bs, *batch)
+        return batch
 
     def _prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            group: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -334,7 +336,7 @@ class ModelRunner:
 
             out = torch.empty_like(q)  # (N, H, D)
             if paged is not None:
-                kernels.paged_attention(q, k_cache, v_cache, *paged, out=out)
+                kernels.paged_attention(q, k_cache, v_cache, *paged, out=out, checked=True)
             for group in groups:
                 out.index_copy_(0, group["idx"], self._decode_attention(q.index_select(0, group["idx"]), k_cache,
                                                                          v_cache, group))
