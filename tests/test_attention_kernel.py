@@ -131,7 +131,7 @@ def test_bf16_engine_with_the_kernel_matches_torch_attention():
         model, id_tokenizer(), EngineConfig.default(dtype="bf16", num_blocks=128, attention=attention),
         eos_token_id=None)
     with_kernel, with_torch = make("kernel"), make("torch")
-    assert with_kernel.runner.attention_kernel and not with_torch.runner.attention_kernel
+    assert with_kernel.stats()["attention"] == "kernel" and with_torch.stats()["attention"] == "torch"
     shared = prompts_of([40], seed=7)[0]
     prompts = [shared + p for p in prompts_of([1, 5, 17, 90], seed=3)] + prompts_of([3, 70], seed=4)
     texts = [" ".join(map(str, p)) for p in prompts]

@@ -264,7 +264,8 @@ class LLMEngine:
         return self.generate(prompts, SamplingParams(max_tokens=1, choices=list(choices)))
 
     def stats(self) -> dict:
-        """KV accounting: blocks allocated vs tokens held (at the peak), prefix-cache hits."""
+        """KV accounting: blocks allocated vs tokens held (at the peak), prefix-cache hits; which
+        attention path runs ("kernel": the C kernel, "torch")."""
         bs = self.kv.block_size
         peak_alloc = self.peak_kv["blocks"] * bs
         return {
@@ -277,4 +278,5 @@ class LLMEngine:
             "prefix_hit_rate": self.kv.prefix_hits_tokens / max(1, self.kv.prefix_queries_tokens),
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.steps,
+            "attention": "kernel" if self.runner.attention_kernel else "torch",
         }
