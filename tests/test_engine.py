@@ -51,7 +51,9 @@ def attention_modes():
 def make_engine(tiny, request):
     def make(**overrides) -> LLMEngine:
         overrides = {"dtype": "fp32", "block_size": 4, "num_blocks": 256, "attention": request.param, **overrides}
-        return LLMEngine(tiny[0], id_tokenizer(), EngineConfig.default(**overrides), eos_token_id=None)
+        engine = LLMEngine(tiny[0], id_tokenizer(), EngineConfig.default(**overrides), eos_token_id=None)
+        engine.runner.kernel_chunk = 5  # the kernel's prefill pieces (128 by default) cut these short prompts too
+        return engine
 
     return make
 
@@ -95,6 +97,7 @@ def test_paged_logits_equal_dense_forward(tiny, attention):
     runner = ModelRunner(model, allocate_kv_tensors(cfg.n_layers, 64, 4, cfg.n_kv_heads, cfg.head_dim,
                                                     torch.float32), 4, attention=attention)
     assert runner.attention_kernel == (attention == "kernel")
+    runner.kernel_chunk = 4  # chunks of 6 go to the kernel as pieces of 4 and 2
     req = Request("a", prompts_of([23])[0], SamplingParams(max_tokens=5))
     sched.add(req)
     checked = 0
