@@ -68,10 +68,10 @@ class EngineConfig:
         dtype: "auto" (bf16 where the CPU/GPU runs it fast, else fp32), "bf16" or "fp32".
         threads: torch intra-op threads (0 keeps torch's default).
         max_model_len: longest prompt + output accepted; None takes the model's max_seq_len.
-        attention: how decodes and short prefill chunks attend on the CPU. "kernel": the C
-            kernel that reads K/V in place through the block tables (serving/engine/
-            paged_attention.c, built at first use; an error if it cannot be built); "torch":
-            gather the blocks, then batched matmuls; "auto": the kernel where it builds, else torch.
+        attention: how the engine attends on the CPU. "kernel": the C kernel that reads K/V in
+            place through the block tables (serving/engine/paged_attention.c, built at first
+            use; an error if it cannot be built); "torch": gather the blocks, then matmuls;
+            "auto": the kernel where it builds, else torch.
     """
 
     cache: CacheConfig

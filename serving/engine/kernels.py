@@ -7,8 +7,8 @@ file or a different machine gets its own build. No compiler, or a failed build, 
 engine on its torch path (`EngineConfig.attention="auto"`) or fails loudly when the kernel was
 asked for (`attention="kernel"`).
 
-Why not a torch C++ extension: its headers take a minute to compile on two cores; this file
-takes about a second, and the kernel needs nothing from torch but pointers.
+Why not a torch C++ extension: that compiles against torch's headers and wants ninja; this file
+builds in 0.7 s here with plain gcc, and the kernel needs nothing from torch but pointers.
 """
 
 from __future__ import annotations
