@@ -201,7 +201,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
     from cascade.calibrate import traffic_weights
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
-    from cascade.evaluate import predict_timed
+    from cascade.evaluate import as_predictions, predict_timed
     from cascade.metrics import classification_report
     from cascade.router import Cascade
     from cascade.types import Prediction
@@ -233,7 +233,8 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
         results, walls = {}, {name: [] for name in systems}
         for r in range(cfg.repeats):
             for name, (cascade, llm_tiers) in systems.items():
-                preds, seconds = predict_timed(cascade, texts)
+                answers, seconds = predict_timed(cascade, texts)
+                preds, _ = as_predictions(answers)
                 walls[name].append(seconds)
                 rep = classification_report(gold, preds, [t.name for t in cascade.tiers], min(walls[name]), oos,
                                             llm_tiers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -246,21 +247,50 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --- the large model served ----------------------------------------------------------------
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Before any model loads: a busy port should cost a second, not a model load."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+
+
+def _load_fault(what: str, exc: BaseException) -> ConfigError:
+    """A load-time fault as one line naming what failed (no uvicorn traceback for a user's mistake)."""
+    return ConfigError(f"{what}: {type(exc).__name__}: {exc}")
+
+
 def cmd_llm_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from cascade.config import ServingConfig
     from serving.app import create_llm_app
     from serving.engine.async_engine import AsyncEngine
     from serving.engine.config import EngineConfig
     from serving.engine.engine import LLMEngine
 
-    config = EngineConfig.default(dtype=args.dtype, block_size=args.block_size, memory_gb=args.kv_memory_gb,
-                                  enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads)
-    engine = AsyncEngine(LLMEngine.from_model_dir(args.model, config))
-    name = args.name or Path(args.model).name
-    print(f"serving {name} (OpenAI-compatible) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_llm_app(args.model, name, engine=engine), host=args.host, port=args.port, log_level="warning")
+    _check_port_free(args.host, args.port)
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        raise ConfigError(f"--model {model}: no config.json there (a Hugging Face Llama-family model dir)")
+    try:
+        config = EngineConfig.default(dtype=args.dtype, block_size=args.block_size, memory_gb=args.kv_memory_gb,
+                                      enable_prefix_caching=not args.no_prefix_caching,
+                                      max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads)
+        engine = AsyncEngine(LLMEngine.from_model_dir(model, config))
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise _load_fault(f"--model {model}", exc) from None
+    name = args.name or model.name
+    limits = ServingConfig(api_keys_env=args.api_keys_env, max_prompts=args.max_prompts)
+    keys = " (API keys required)" if os.environ.get(args.api_keys_env) else ""
+    print(f"serving {name} (OpenAI-compatible) on http://{args.host}:{args.port}/v1{keys}", file=sys.stderr)
+    uvicorn.run(create_llm_app(model, name, engine=engine, limits=limits), host=args.host, port=args.port,
+                log_level="warning")
     return 0
 
 
@@ -287,12 +317,21 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cascade.config import load_config
+    from cascade.config import build_cascade, load_config
     from serving.app import create_app
+    from serving.service import CascadeService
 
-    load_config(args.config)  # fail here, with the file and key, not inside the server
+    _check_port_free(args.host, args.port)
+    config = load_config(args.config)  # fail here, with the file and key, not inside the server
+    try:
+        cascade = build_cascade(config, Path(args.config).parent)
+    except _user_errors():
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise _load_fault(f"{args.config}: loading the tiers", exc) from None
+    service = CascadeService.from_config(cascade, config.serving)
     print(f"serving {args.config} on http://{args.host}:{args.port}/v1/classify", file=sys.stderr)
-    uvicorn.run(create_app(args.config), host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(create_app(args.config, service=service), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.drain_s)
     return 0
 
@@ -372,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--api-keys-env", default="CASCADE_API_KEYS",
+                   help="env var with comma-separated API keys; when set, every route but /healthz needs one")
+    p.add_argument("--max-prompts", type=int, default=64, help="most prompts in one /v1/completions request")
     p.set_defaults(func=cmd_llm_serve)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,

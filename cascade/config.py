@@ -21,7 +21,7 @@ Validated by pydantic; every error names the key (`tiers[1].threshold`) and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -90,7 +90,27 @@ class ServingConfig(BaseModel):
     max_queue: int = Field(default=1024, ge=1, le=1_000_000, description="queued items before 429")
     micro_batch_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="how long a tier waits to fill a batch")
     micro_batch_size: int = Field(default=32, ge=1, le=4096, description="largest batch a tier runs at once")
-    tier_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="a tier slower than this counts as failed")
+    tier_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0,
+                                  description="most one tier batch may take; backends bound their waits by it")
+    request_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0,
+                                     description="a request's deadline (a request may set a shorter or longer "
+                                                 "`timeout_s`, up to max_request_timeout_s); past it: the best "
+                                                 "earlier answer, degraded, or 504")
+    max_request_timeout_s: float = Field(default=300.0, gt=0.0, le=3600.0,
+                                         description="largest `timeout_s` a request may ask for")
+    max_queue_wait_s: float = Field(default=1.0, gt=0.0, le=3600.0,
+                                    description="longest estimated queue wait at a tier before new work is refused "
+                                                "(429 at the first tier; `overload` at later ones)")
+    overload: Literal["degrade", "reject"] = Field(
+        default="degrade", description="an item a later tier cannot take in time: its earlier answer, degraded "
+                                       "(degrade), or a 429 for its request (reject)")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30, description="largest request body (413)")
+    max_prompts: int = Field(default=64, ge=1, le=100_000,
+                             description="OpenAI routes: most prompts in one /v1/completions request (413)")
+    max_llm_requests: int = Field(default=256, ge=1, le=1_000_000,
+                                  description="OpenAI routes: engine requests in flight before 429")
+    public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz"],
+                                    description="routes answered without an API key when keys are set")
     api_keys_env: str = Field(default="CASCADE_API_KEYS", min_length=1,
                               description="env var with comma-separated API keys; when set, requests need one")
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 429")
@@ -117,6 +137,7 @@ def parse_config(data: dict, where: str) -> CascadeConfig:
     except ValidationError as exc:
         lines = [f"{where}: {_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid cascade config:\n  " + "\n  ".join(lines)) from exc
+    check_tier_options(config, where)
     seen: set[str] = set()
     for i, tier in enumerate(config.tiers):
         if tier.name in seen:
@@ -124,6 +145,27 @@ def parse_config(data: dict, where: str) -> CascadeConfig:
                               "is used by an earlier tier; names must be unique")
         seen.add(tier.name)
     return config
+
+
+def check_tier_options(config: CascadeConfig, where: str) -> None:
+    """Every tier's `options` against its kind's typed model: a misspelt or mistyped key is an
+    error naming the file, the tier and the key."""
+    from cascade.tiers import parse_tier_options
+
+    lines = []
+    for i, tier in enumerate(config.tiers):
+        at = f"{where}: tiers[{i}] ({tier.name!r}).options"
+        try:
+            parse_tier_options(tier.kind, tier.options)
+        except ValidationError as exc:
+            for e in exc.errors():
+                key = _loc(e["loc"]) if e["loc"] else ""
+                msg = "unknown key (misspelt?)" if e["type"] == "extra_forbidden" else e["msg"]
+                lines.append(f"{at}.{key}: {msg}" if key else f"{at}: {msg}")
+        except ValueError as exc:
+            lines.append(f"{at}: {exc}")
+    if lines:
+        raise ConfigError("invalid cascade config:\n  " + "\n  ".join(lines))
 
 
 def load_config(path: str | Path) -> CascadeConfig:

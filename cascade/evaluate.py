@@ -9,24 +9,52 @@ from cascade.config import CascadeConfig, build_cascade, load_config
 from cascade.data import load_labels, load_split
 from cascade.metrics import classification_report
 from cascade.router import Cascade
+from cascade.textcheck import TextError, clean_text
+from cascade.types import ItemFailure, Prediction
 
 # Tier kinds that count as "the large model" for `llm_share`.
 LLM_KINDS = frozenset({"llm"})
+FAILED = "(no answer)"  # the tier name a failed item is scored under
 
 
-def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256) -> tuple[list, float]:
-    """Route `texts` in batches of `batch_size`: the answers and the wall seconds they took."""
-    preds = []
+def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256
+                  ) -> tuple[list[Prediction | ItemFailure], float]:
+    """Route `texts` in batches of `batch_size`: per text a Prediction (or the ItemFailure of a
+    text that got none: refused by `clean_text`, or failed alone in a tier), and the wall
+    seconds they took. One bad text costs its own answer, never its batch's."""
+    answers: list[Prediction | ItemFailure | None] = [None] * len(texts)
+    clean: list[tuple[int, str]] = []
+    for i, text in enumerate(texts):
+        try:
+            clean.append((i, clean_text(text, f"item {i}")))
+        except TextError as exc:
+            answers[i] = ItemFailure(exc.code, str(exc))
     t0 = time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        preds.extend(cascade.predict_batch(texts[start:start + batch_size]))
-    return preds, time.perf_counter() - t0
+    for start in range(0, len(clean), batch_size):
+        chunk = clean[start:start + batch_size]
+        for (i, _), answer in zip(chunk, cascade.answer_batch([t for _, t in chunk])):
+            answers[i] = answer
+    return answers, time.perf_counter() - t0
+
+
+def as_predictions(answers: list[Prediction | ItemFailure]) -> tuple[list[Prediction], list[dict]]:
+    """Answers as Predictions for scoring (an item without one scores as wrong, under the tier
+    name FAILED), and the failures, each with its index, code and message."""
+    preds, failed = [], []
+    for i, a in enumerate(answers):
+        if isinstance(a, ItemFailure):
+            failed.append({"index": i, "code": a.code, "message": a.message})
+            preds.append(Prediction("", 0.0, FAILED))
+        else:
+            preds.append(a)
+    return preds, failed
 
 
 def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: list[str],
              oos_label: str | None = None, batch_size: int = 256) -> dict:
     """Route `texts` in batches of `batch_size` and score the answers against `gold`."""
-    preds, seconds = predict_timed(cascade, texts, batch_size)
+    answers, seconds = predict_timed(cascade, texts, batch_size)
+    preds, failed = as_predictions(answers)
     names = [t.name for t in cascade.tiers]
     llm = [spec.name for spec in config.tiers if spec.kind in LLM_KINDS and spec.name in names]
     report = classification_report(gold, preds, names, seconds, oos_label, llm,
@@ -36,6 +64,9 @@ def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: li
         if callable(stats):
             row.update(stats())
         row["errors"] = cascade.counters[tier.name].errors
+        row["item_errors"] = cascade.counters[tier.name].item_errors
+    report["failed"] = len(failed)
+    report["failures"] = failed[:50]  # the first ones, with their index: enough to find the rest
     return report
 
 

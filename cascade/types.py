@@ -42,6 +42,37 @@ class Prediction:
         return out
 
 
+@dataclass
+class ItemFailure:
+    """No answer for one item: a tier failed on it alone (`code` "item_failed": the item's own
+    fault, as a 422), every tier failed with nothing to fall back on ("tier_failed": a 503), or
+    its deadline passed first ("deadline_exceeded": a 504). The other items are unaffected."""
+
+    code: str
+    message: str
+    tier: str | None = None
+
+
+class TierUnavailable(RuntimeError):
+    """A tier (or its backend) cannot answer at all right now: down, hung, over its deadline.
+    The router does not retry item by item on this; the batch falls back as a whole. `code` is
+    what an item with nothing to fall back on reports (ItemFailure.code)."""
+
+    code = "tier_failed"
+
+
+class DeadlineExceeded(TierUnavailable):
+    """The request's deadline passed before the tier answered."""
+
+    code = "deadline_exceeded"
+
+
+class TierBusy(TierUnavailable):
+    """The tier's queue would not reach this item within its deadline, so it was not queued."""
+
+    code = "overloaded"
+
+
 @runtime_checkable
 class Tier(Protocol):
     """A stage of the cascade: rules, an ONNX student, or the large model.

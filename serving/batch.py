@@ -2,7 +2,8 @@
 
 Streams: rows are read, routed and written a chunk at a time, so memory stays flat whatever the
 file size. Output rows keep the input order and carry the input line number. Malformed rows
-(bad JSON, no text) go to `OUT.errors.jsonl` with their line and the reason; the run goes on.
+(bad JSON, no text, text that is not valid Unicode: `cascade.textcheck`) and rows that a
+tier failed on alone go to `OUT.errors.jsonl` with their line and the reason; the run goes on.
 
 Resumable without loss or duplicates: after each chunk both files are flushed and fsynced, then
 `OUT.progress.json` records the last input line they cover. `--resume` cuts both files back to
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.data import DataError
+from cascade.textcheck import TextError, clean_text
+from cascade.types import ItemFailure
 
 
 @dataclass
@@ -73,8 +76,12 @@ def iter_rows(path: Path, text_field: str = "text", id_field: str = "id",
 
 def _row(rec: dict, line: int, text_field: str, id_field: str, label_field: str) -> Row | Malformed:
     text = rec.get(text_field)
-    if not isinstance(text, str) or not text.strip():
-        return Malformed(line, f"field {text_field!r} is missing or empty")
+    if text is None:
+        return Malformed(line, f"field {text_field!r} is missing")
+    try:
+        text = clean_text(text, f"field {text_field!r}")
+    except TextError as exc:
+        return Malformed(line, str(exc))
     label = rec.get(label_field)
     return Row(line, str(rec.get(id_field) or line), text, None if label in (None, "") else str(label))
 
@@ -136,8 +143,11 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
         with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
             def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
                 nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
-                preds = cascade.predict_batch([r.text for r in rows]) if rows else []
-                for r, p in zip(rows, preds):
+                answers = cascade.answer_batch([r.text for r in rows]) if rows else []
+                failed = [(r, a) for r, a in zip(rows, answers) if isinstance(a, ItemFailure)]
+                for r, p in zip(rows, answers):
+                    if isinstance(p, ItemFailure):  # this row alone: to the errors file, the run goes on
+                        continue
                     rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
                            "degraded": p.degraded, "latency_ms": p.latency_ms}
                     if r.label is not None:
@@ -149,16 +159,19 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                     n_degraded += p.degraded
                 for b in bad:
                     errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(input_path)}) + "\n")
+                for r, f in failed:
+                    errs.write(json.dumps({"line": r.line, "id": r.id, "error": f.message, "code": f.code,
+                                           "file": str(input_path)}) + "\n")
                 for f in (out, errs):
                     f.flush()
                     os.fsync(f.fileno())
                 tmp = progress_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"line": last_line}))
                 tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
-                n_rows += len(rows)
-                n_bad += len(bad)
+                n_rows += len(rows) - len(failed)
+                n_bad += len(bad) + len(failed)
                 if bar is not None:
-                    bar.update(len(rows))
+                    bar.update(len(rows) - len(failed))
                     total = sum(shares.values())
                     bar.set_postfix_str(" ".join(f"{k} {v / total:.0%}" for k, v in shares.items()) + f" bad {n_bad}")
 

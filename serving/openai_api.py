@@ -14,18 +14,33 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cascade.config import ServingConfig
 from serving.engine.async_engine import AsyncEngine
+from serving.http import APIError, error_body
 from serving.engine.engine import RequestError, RequestOutput
 from serving.engine.sampling import SamplingParams
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _no_surrogates(value, where: str = "") -> None:
+    """Every string in `value` (nested lists) must be valid Unicode: a lone surrogate would
+    reach the tokenizer and fail there."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if "\ud800" <= ch <= "\udfff":
+                raise ValueError(f"lone surrogate U+{ord(ch):04X} at character {i}{where}; strings must be "
+                                 "valid Unicode")
+    elif isinstance(value, list):
+        for j, item in enumerate(value):
+            _no_surrogates(item, f" of item {j}")
 
 
 class SamplingFields(BaseModel):
@@ -37,9 +52,16 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    stop: str | list[str] | None = Field(default=None, max_length=16)
+    # torch's generators take seeds in [-2^63, 2^64)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=4096)
+
+    @field_validator("stop", "guided_choice")
+    @classmethod
+    def _valid_unicode(cls, value):
+        _no_surrogates(value)
+        return value
 
     def sampling(self, default_max: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -53,17 +75,45 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
 
+    @field_validator("prompt")
+    @classmethod
+    def _valid_unicode(cls, value):
+        _no_surrogates(value)
+        return value
+
+
+class ContentPart(BaseModel):
+    """One part of a chat message's content; only text parts are read (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _valid_unicode(cls, value):
+        _no_surrogates(value)
+        return value
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value):
+        if isinstance(value, str):
+            _no_surrogates(value)
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text or "" for part in self.content if part.type == "text")
 
 
 class ChatRequest(SamplingFields):
@@ -90,19 +140,46 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | None = None) -> APIRouter:
+class EngineAdmission:
+    """Engine requests in flight from these routes, bounded (429 past `max_llm_requests`), so
+    that one client's burst cannot queue unbounded work in front of the cascade's own tier."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.in_flight + n > self.limit:
+            raise APIError(429, "overloaded", f"overloaded: {self.in_flight} engine requests in flight, the limit "
+                                              f"is {self.limit}; retry later", None, {"Retry-After": "1"})
+        self.in_flight += n
+
+    def give(self, n: int) -> None:
+        self.in_flight -= n
+
+
+def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | None = None,
+                        limits: ServingConfig | None = None) -> APIRouter:
     import jinja2
 
+    limits = limits or ServingConfig()
+    admission = EngineAdmission(limits.max_llm_requests)
     router = APIRouter()
     env = jinja2.Environment(loader=jinja2.BaseLoader(), autoescape=False)
     chat_template = env.from_string(load_chat_template(model_dir) if model_dir else CHATML)
     tokenizer = engine.engine.tokenizer
     created = int(time.time())
 
+    max_len = engine.engine.max_model_len
+
     def check_model(name: str | None) -> None:
         if name not in (None, model_name):
-            raise HTTPException(404, detail={"message": f"model: {name!r} is not served here; "
-                                                        f"this server has {model_name!r}", "param": "model"})
+            raise APIError(404, "model_not_found", f"model: {name!r} is not served here; this server has "
+                                                   f"{model_name!r}", "model")
+
+    def check_max_tokens(value: int | None, field: str) -> None:
+        if value is not None and value > max_len:
+            raise APIError(422, "max_tokens_too_large", f"{field}: {value} is more than the model's length "
+                                                        f"{max_len}", field)
 
     def logprobs_json(out: RequestOutput) -> dict | None:
         if out.logprobs is None:
@@ -120,7 +197,7 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
             async for out in engine.stream(prompt, params):
                 last = out
         except RequestError as exc:
-            raise HTTPException(400, detail={"message": str(exc), "param": "prompt"}) from exc
+            raise APIError(400, "invalid_prompt", str(exc), "prompt") from exc
         return last
 
     def usage(outs: list[RequestOutput]) -> dict:
@@ -139,15 +216,20 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
-            raise HTTPException(422, detail={"message": "prompt: empty list", "param": "prompt"})
+            raise APIError(422, "empty_list", "prompt: empty list", "prompt")
+        if len(prompts) > limits.max_prompts:
+            raise APIError(413, "too_many_prompts", f"prompt: {len(prompts)} prompts, the limit is "
+                                                    f"{limits.max_prompts}", "prompt")
+        check_max_tokens(req.max_tokens, "max_tokens")
         try:
             params = req.sampling(16, req.logprobs)
         except ValueError as exc:
-            raise HTTPException(422, detail={"message": str(exc)}) from exc
+            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(prompts) != 1:
-                raise HTTPException(422, detail={"message": "prompt: streaming takes one prompt", "param": "prompt"})
+                raise APIError(422, "stream_one_prompt", "prompt: streaming takes one prompt", "prompt")
+            admission.take(1)
 
             async def events():
                 try:
@@ -157,11 +239,17 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                        "choices": [{"index": 0, "text": out.delta, "logprobs": None,
                                                     "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
-                    yield sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "prompt"}})
+                    yield sse(error_body(400, "invalid_prompt", str(exc), "prompt"))
+                finally:
+                    admission.give(1)
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        outs = await asyncio.gather(*(final(p, SamplingParams(**vars(params))) for p in prompts))
+        admission.take(len(prompts))
+        try:
+            outs = await asyncio.gather(*(final(p, SamplingParams(**vars(params))) for p in prompts))
+        finally:
+            admission.give(len(prompts))
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
                 "choices": [{"index": i, "text": o.text, "logprobs": logprobs_json(o), "finish_reason": o.finish_reason}
                             for i, o in enumerate(outs)],
@@ -173,15 +261,18 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
         prompt = chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in req.messages],
                                       add_generation_prompt=True, bos_token="", eos_token="")
         if req.logprobs:
-            raise HTTPException(422, detail={"message": "logprobs: not served on chat completions; use "
-                                                        "/v1/completions with `logprobs`", "param": "logprobs"})
+            raise APIError(422, "unsupported", "logprobs: not served on chat completions; use /v1/completions "
+                                               "with `logprobs`", "logprobs")
+        check_max_tokens(req.max_tokens, "max_tokens")
+        check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
         try:
-            params = req.sampling(256, None)
+            params = req.sampling(min(256, max_len - 1), None)
         except ValueError as exc:
-            raise HTTPException(422, detail={"message": str(exc)}) from exc
+            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
         if req.max_completion_tokens:
             params.max_tokens = req.max_completion_tokens
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        admission.take(1)
         if req.stream:
             async def events():
                 head = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name}
@@ -195,11 +286,16 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                         if out.finished:
                             yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
-                    yield sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": "messages"}})
+                    yield sse(error_body(400, "invalid_prompt", str(exc), "messages"))
+                finally:
+                    admission.give(1)
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        out = await final(prompt, params)
+        try:
+            out = await final(prompt, params)
+        finally:
+            admission.give(1)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "logprobs": None, "finish_reason": out.finish_reason}],

@@ -1,27 +1,76 @@
-"""The cascade behind HTTP: per-tier micro-batching, admission control and metrics.
+"""The cascade behind HTTP: per-tier micro-batching, deadlines, admission by time, and metrics.
 
 Each tier gets a `TierWorker`: concurrent requests' open texts for that tier are collected for
-at most `micro_batch_ms` (or until `micro_batch_size` texts), run as one `predict_batch` on the
-tier's own thread, and handed back to their requests. A request walks the tiers with the
-router's own routing generator (`Cascade.route`), so thresholds, fallbacks and `degraded` mean
-exactly what they mean in `cascade eval` and `cascade batch`. Items answered by the rules or a
-student return as soon as that tier answers; they never wait for the large model.
+at most `micro_batch_ms` (or until `micro_batch_size` texts), run as one batch on the tier's
+own thread, and handed back to their requests. A request walks the tiers with the router's own
+routing generator (`Cascade.route`), so thresholds, fallbacks and `degraded` mean exactly what
+they mean in `cascade eval` and `cascade batch`. Items answered by the rules or a student
+return as soon as that tier answers; they never wait for the large model.
+
+Isolation: a batch that raises is bisected (`cascade.router.predict_isolated`), so a text that
+breaks a tier fails alone and its batch-mates from other requests are answered.
+
+Deadlines: every request has one (`request_timeout_s`, or its own `timeout_s`). It waits for
+each tier only until then; past it, it gets its best earlier answer flagged `degraded`, or a
+504 when there is none — whatever its batch is still doing. The batch itself runs under the
+latest deadline among its requests (`cascade.deadline`), which the backends bound their
+timeouts and retries by.
+
+Admission by time: each worker measures its seconds per item (a moving average over batches)
+and estimates the wait for a new item as backlog × that. A request whose wait at the first tier
+exceeds `max_queue_wait_s` (or its deadline) gets a 429 at once, with Retry-After from the
+estimate; an item that would wait too long at a later tier is not queued there (`TierBusy`), so
+it gets its earlier answer degraded at once (`overload = "degrade"`) or the request a 429
+(`overload = "reject"`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
-from cascade.router import Cascade
-from cascade.types import Prediction
-
+from cascade.deadline import deadline_scope
+from cascade.router import Cascade, predict_isolated
+from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
 
 class Overloaded(RuntimeError):
-    """The queue is full; the caller should retry later (HTTP 429)."""
+    """No room within the request's deadline; the caller should retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RouterCounters:
+    """Exports the router's own per-tier counters (the one place that decides and counts)."""
+
+    def __init__(self, cascade: Cascade):
+        self.cascade = cascade
+
+    def collect(self):
+        last = self.cascade.tiers[-1].name
+        esc = CounterMetricFamily("cascade_escalations", "items a tier passed on (abstained or below threshold)",
+                                  labels=["tier"])
+        item_errors = CounterMetricFamily("cascade_tier_item_errors", "items a tier failed on alone", labels=["tier"])
+        for name, c in self.cascade.counters.items():
+            if name != last:
+                esc.add_metric([name], c.abstained + c.below_threshold)
+            item_errors.add_metric([name], c.item_errors)
+        yield esc
+        yield item_errors
+        timeouts = CounterMetricFamily("cascade_rules_timeouts", "texts whose rule matching ran out of time "
+                                       "(an abstention)", labels=["tier"])
+        for tier in self.cascade.tiers:
+            stats = getattr(tier, "stats", None)
+            if callable(stats) and "timeouts" in (info := stats()):
+                timeouts.add_metric([tier.name], info["timeouts"])
+        yield timeouts
 
 
 @dataclass
@@ -33,11 +82,16 @@ class Metrics:
         self.requests = Counter("cascade_requests_total", "classify requests", ["status"], registry=r)
         self.items = Counter("cascade_items_total", "texts classified", registry=r)
         self.answers = Counter("cascade_answers_total", "answers by the tier that gave them", ["tier"], registry=r)
-        self.escalations = Counter("cascade_escalations_total", "items a tier passed on", ["tier"], registry=r)
         self.tier_errors = Counter("cascade_tier_errors_total", "tier batches that failed or timed out", ["tier"],
                                    registry=r)
         self.degraded = Counter("cascade_degraded_total", "answers from an earlier tier after a failure", registry=r)
         self.rejected = Counter("cascade_rejected_total", "items refused with 429", registry=r)
+        self.shed = Counter("cascade_shed_total", "items not queued at a tier that could not answer them in time",
+                            ["tier"], registry=r)
+        self.deadline = Counter("cascade_deadline_exceeded_total", "items whose deadline passed at a tier", ["tier"],
+                                registry=r)
+        self.estimated_wait = Gauge("cascade_tier_estimated_wait_seconds", "backlog x measured seconds per item",
+                                    ["tier"], registry=r)
         self.queue = Gauge("cascade_queue_items", "items admitted and not yet answered", registry=r)
         self.latency = Histogram("cascade_tier_latency_seconds", "per-item latency by answering tier", ["tier"],
                                  registry=r, buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
@@ -46,7 +100,8 @@ class Metrics:
 
 
 class TierWorker:
-    """Micro-batches one tier across concurrent requests."""
+    """Micro-batches one tier across concurrent requests, and knows how long its queue is in
+    seconds."""
 
     def __init__(self, tier, max_batch: int, max_wait_ms: float, timeout_s: float, metrics: Metrics):
         self.tier = tier
@@ -54,8 +109,11 @@ class TierWorker:
         self.max_wait = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self.pending: list[tuple[list[str], asyncio.Future]] = []
+        self.pending: list[tuple[list[str], asyncio.Future, float]] = []  # (texts, future, deadline)
         self.pending_items = 0
+        self.running_items = 0
+        self.running_since = 0.0
+        self.seconds_per_item = 0.0  # moving average over batches, queueing excluded
         self.wakeup: asyncio.Event | None = None  # something is pending
         self.full: asyncio.Event | None = None  # a whole batch is pending: stop waiting early
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tier-{tier.name}")
@@ -66,14 +124,37 @@ class TierWorker:
         self.full = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def predict(self, texts: list[str]) -> list[Prediction | None]:
+    def estimated_wait(self) -> float:
+        """Seconds until a newly queued item would start: the queue at the measured rate, plus
+        what the running batch still needs (a batch past its expected time is assumed to need
+        as long again as it has run: a hung backend makes the estimate grow, not stay put)."""
+        spi = self.seconds_per_item
+        wait = self.pending_items * spi
+        if self.running_items:
+            expected = self.running_items * spi
+            elapsed = time.monotonic() - self.running_since
+            wait += expected - elapsed if elapsed < expected else elapsed
+        return wait
+
+    async def predict(self, texts: list[str], deadline: float) -> list[Prediction | None | ItemFailure]:
+        """This tier's answers for `texts`, or DeadlineExceeded once `deadline` (or
+        `tier_timeout_s`) passes: the texts are then dropped from the queue, or their answers
+        discarded if already running."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append((texts, fut))
+        self.pending.append((texts, fut, deadline))
         self.pending_items += len(texts)
         self.wakeup.set()
         if self.pending_items >= self.max_batch:
             self.full.set()
-        return await fut
+        now = time.monotonic()
+        by_tier = now + self.timeout_s < deadline  # tier_timeout_s comes first
+        try:
+            return await asyncio.wait_for(fut, max(0.0, min(deadline, now + self.timeout_s) - now))
+        except asyncio.TimeoutError:
+            self.metrics.deadline.labels(self.tier.name).inc(len(texts))
+            why = f"took longer than tier_timeout_s ({self.timeout_s}s)" if by_tier else \
+                "gave no answer before the request's deadline"
+            raise DeadlineExceeded(f"tier {self.tier.name!r} {why}") from None
 
     async def _loop(self) -> None:
         try:
@@ -83,11 +164,32 @@ class TierWorker:
             raise
 
     def _fail_pending(self, exc: Exception) -> None:
-        for _, fut in self.pending:
+        for _, fut, _ in self.pending:
             if not fut.done():
                 fut.set_exception(exc)
         self.pending.clear()
         self.pending_items = 0
+
+    def _take(self) -> list[tuple[list[str], asyncio.Future, float]]:
+        """Whole requests up to the batch size (at least one, even if larger); requests whose
+        deadline already passed are dropped, not run."""
+        take, n = [], 0
+        while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
+            texts, fut, deadline = self.pending.pop(0)
+            self.pending_items -= len(texts)
+            if fut.done():  # its deadline passed while it queued: it has its answer already
+                continue
+            take.append((texts, fut, deadline))
+            n += len(texts)
+        if not self.pending:
+            self.wakeup.clear()
+        if self.pending_items < self.max_batch:
+            self.full.clear()
+        return take
+
+    def _run(self, batch: list[str], deadline: float) -> list:
+        with deadline_scope(deadline):
+            return predict_isolated(self.tier, batch)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -98,36 +200,30 @@ class TierWorker:
                     await asyncio.wait_for(self.full.wait(), self.max_wait)
                 except asyncio.TimeoutError:
                     pass
-            # Take whole requests up to the batch size (at least one, even if it is larger).
-            take, n = [], 0
-            while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_batch):
-                texts, fut = self.pending.pop(0)
-                take.append((texts, fut))
-                n += len(texts)
-            self.pending_items -= n
-            if not self.pending:
-                self.wakeup.clear()
-            if self.pending_items < self.max_batch:
-                self.full.clear()
-            batch = [t for texts, _ in take for t in texts]
+            take = self._take()
+            batch = [t for texts, _, _ in take for t in texts]
             if not batch:
                 continue
             self.metrics.batch_size.labels(self.tier.name).observe(len(batch))
+            # The batch serves its latest request; tier_timeout_s caps any one batch.
+            deadline = min(max(d for _, _, d in take), time.monotonic() + self.timeout_s)
+            self.running_items, self.running_since = len(batch), time.monotonic()
             try:
-                preds = await asyncio.wait_for(loop.run_in_executor(self.executor, self.tier.predict_batch, batch),
-                                               self.timeout_s)
-                if len(preds) != len(batch):
-                    raise RuntimeError(f"tier {self.tier.name!r} returned {len(preds)} predictions for {len(batch)}")
-            except Exception as exc:  # includes the timeout: every waiting request hears it
-                if isinstance(exc, asyncio.TimeoutError):
-                    exc = TimeoutError(f"tier {self.tier.name!r} took longer than {self.timeout_s}s")
+                preds = await loop.run_in_executor(self.executor, self._run, batch, deadline)
+            except Exception as exc:  # the whole batch failed: every request still waiting hears it
                 self.metrics.tier_errors.labels(self.tier.name).inc()
-                for _, fut in take:
+                for _, fut, _ in take:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            finally:
+                elapsed = time.monotonic() - self.running_since
+                self.running_items = 0
+                per_item = elapsed / len(batch)
+                self.seconds_per_item = per_item if not self.seconds_per_item else (
+                    0.8 * self.seconds_per_item + 0.2 * per_item)
             start = 0
-            for texts, fut in take:
+            for texts, fut, _ in take:
                 if not fut.done():
                     fut.set_result(preds[start:start + len(texts)])
                 start += len(texts)
@@ -144,17 +240,32 @@ class TierWorker:
 
 
 class CascadeService:
-    """The cascade, its workers, the admission limit and the metrics: what the app serves."""
+    """The cascade, its workers, admission and the metrics: what the app serves."""
 
     def __init__(self, cascade: Cascade, max_queue: int, micro_batch_size: int, micro_batch_ms: float,
-                 tier_timeout_s: float, metrics: Metrics | None = None):
+                 tier_timeout_s: float, metrics: Metrics | None = None, request_timeout_s: float = 10.0,
+                 max_queue_wait_s: float = 1.0, overload: str = "degrade", retry_after_s: int = 1):
+        if overload not in ("degrade", "reject"):
+            raise ValueError(f"overload: {overload!r} is not 'degrade' or 'reject'")
         self.cascade = cascade
         self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.max_queue_wait_s = max_queue_wait_s
+        self.overload = overload
+        self.retry_after_s = retry_after_s
         self.metrics = metrics or Metrics()
+        self.metrics.registry.register(RouterCounters(cascade))
         self.workers = [TierWorker(t, micro_batch_size, micro_batch_ms, tier_timeout_s, self.metrics)
                         for t in cascade.tiers]
         self.in_flight = 0
         self.ready = False
+
+    @classmethod
+    def from_config(cls, cascade: Cascade, limits) -> CascadeService:
+        """From the [serving] table (cascade.config.ServingConfig)."""
+        return cls(cascade, limits.max_queue, limits.micro_batch_size, limits.micro_batch_ms, limits.tier_timeout_s,
+                   request_timeout_s=limits.request_timeout_s, max_queue_wait_s=limits.max_queue_wait_s,
+                   overload=limits.overload, retry_after_s=limits.retry_after_s)
 
     async def start(self) -> None:
         for w in self.workers:
@@ -167,31 +278,40 @@ class CascadeService:
             await w.stop()
         self.cascade.close()
 
-    async def classify(self, texts: list[str], explain: bool = False) -> list[Prediction]:
-        if self.in_flight + len(texts) > self.max_queue:
-            self.metrics.rejected.inc(len(texts))
-            raise Overloaded(f"{self.in_flight} items in flight; the queue holds {self.max_queue}")
+    def _refuse(self, n: int, why: str, wait_s: float) -> Overloaded:
+        self.metrics.rejected.inc(n)
+        return Overloaded(why, max(self.retry_after_s, math.ceil(wait_s)))
+
+    def admit(self, n: int, timeout_s: float) -> None:
+        """Raise Overloaded (429) now if `n` items could not start within their budget."""
+        if self.in_flight + n > self.max_queue:
+            raise self._refuse(n, f"{self.in_flight} items in flight; the queue holds {self.max_queue}", 1.0)
+        wait = self.workers[0].estimated_wait()
+        budget = min(timeout_s, self.max_queue_wait_s)
+        if wait > budget:
+            raise self._refuse(n, f"tier {self.cascade.tiers[0].name!r} would take about {wait:.2f}s to start "
+                                  f"this request; the limit is {budget:.2f}s", wait)
+
+    async def classify(self, texts: list[str], explain: bool = False,
+                       timeout_s: float | None = None) -> list[Prediction | ItemFailure]:
+        """Per text, its Prediction or the ItemFailure that says why it has none.
+
+        Raises Overloaded (before any work) when the request cannot start within its budget,
+        and, with `overload = "reject"`, when a later tier could not take it in time."""
+        timeout_s = timeout_s or self.request_timeout_s
+        self.admit(len(texts), timeout_s)
+        deadline = time.monotonic() + timeout_s
         self.in_flight += len(texts)
         self.metrics.queue.set(self.in_flight)
         try:
-            steps = self.cascade.route(texts, explain)
-            try:
-                level, batch = next(steps)
-                while True:
-                    try:
-                        preds = await self.workers[level].predict(batch)
-                    except Exception as exc:
-                        level, batch = steps.throw(exc)
-                    else:
-                        self._count_escalations(level, preds)
-                        level, batch = steps.send(preds)
-            except StopIteration as done:
-                out: list[Prediction] = done.value
+            out = await self._drive(self.cascade.route(texts, explain), deadline)
         finally:
             self.in_flight -= len(texts)
             self.metrics.queue.set(self.in_flight)
         self.metrics.items.inc(len(texts))
         for pred in out:
+            if isinstance(pred, ItemFailure):
+                continue
             self.metrics.answers.labels(pred.tier).inc()
             # per item: the time it spent in the tiers it went through, queueing included
             self.metrics.latency.labels(pred.tier).observe(pred.latency_ms / 1000.0)
@@ -199,9 +319,28 @@ class CascadeService:
                 self.metrics.degraded.inc()
         return out
 
-    def _count_escalations(self, level: int, preds: list[Prediction | None]) -> None:
-        if level == len(self.workers) - 1:
-            return
-        passed = sum(1 for p in preds if p is None or p.confidence < self.cascade.threshold_for(level, p))
-        if passed:
-            self.metrics.escalations.labels(self.cascade.tiers[level].name).inc(passed)
+    async def _drive(self, steps, deadline: float) -> list[Prediction | ItemFailure]:
+        """Run the routing generator with each tier's micro-batcher, under the deadline."""
+        try:
+            level, batch = next(steps)
+            while True:
+                worker = self.workers[level]
+                left = deadline - time.monotonic()
+                wait = worker.estimated_wait()
+                self.metrics.estimated_wait.labels(worker.tier.name).set(wait)
+                if level > 0 and wait > min(left, self.max_queue_wait_s):
+                    why = (f"tier {worker.tier.name!r} would take about {wait:.2f}s to start; "
+                           f"{max(0.0, left):.2f}s of the request's deadline were left")
+                    if self.overload == "reject":
+                        raise self._refuse(len(batch), why, wait)
+                    self.metrics.shed.labels(worker.tier.name).inc(len(batch))
+                    level, batch = steps.throw(TierBusy(why))
+                    continue
+                try:
+                    preds = await worker.predict(batch, deadline)
+                except Exception as exc:
+                    level, batch = steps.throw(exc)
+                else:
+                    level, batch = steps.send(preds)
+        except StopIteration as done:
+            return done.value

@@ -16,7 +16,7 @@ from serving.backends.base import distribution_from_logprobs  # noqa: E402
 from serving.backends.openai_http import BackendError, OpenAIBackend  # noqa: E402
 from serving.engine.async_engine import AsyncEngine  # noqa: E402
 from serving.engine.config import EngineConfig  # noqa: E402
-from serving.engine.engine import LLMEngine  # noqa: E402
+from serving.engine.engine import LLMEngine, RequestError  # noqa: E402
 from serving.engine.sampling import SamplingParams  # noqa: E402
 from tests.test_engine import id_tokenizer  # noqa: E402
 from training.hf_io import save_hf  # noqa: E402
@@ -123,12 +123,14 @@ def test_builtin_backend_and_llm_tier_from_config(model_dir, tmp_path):
 
 
 def test_llm_tier_rejects_unknown_options(model_dir, tmp_path):
-    config = parse_config({"task": {"name": "t"}, "tiers": [{
-        "name": "llm", "kind": "llm", "path": str(model_dir), "options": {"backend": "openai", "urll": "x"}}]}, "t")
-    from cascade.config import build_cascade
+    """At load, naming the file, the tier and every bad key (before any backend is built)."""
+    from cascade.config import ConfigError
 
-    with pytest.raises(ValueError, match="urll"):
-        build_cascade(config, tmp_path)
+    with pytest.raises(ConfigError, match=r"cfg.toml: tiers\[0\] \('llm'\)\.options\.urll: unknown key") as err:
+        parse_config({"task": {"name": "t"}, "tiers": [{
+            "name": "llm", "kind": "llm", "path": str(model_dir), "options": {"backend": "openai", "urll": "x"}}]},
+            "cfg.toml")
+    assert "options.model: Field required" in str(err.value)  # an openai backend without `model`
 
 
 def test_distribution_from_logprobs():
@@ -213,7 +215,7 @@ def test_async_engine_timeout_aborts_step_failure_recovers_and_shutdown_answers(
         return real(seqs)
 
     engine.runner.execute = failing
-    with pytest.raises(RuntimeError, match="simulated kernel failure"):
+    with pytest.raises(RequestError, match="simulated kernel failure"):  # alone in its step: blamed
         runner.run_sync(["5 6 7 8"], [SamplingParams(max_tokens=3)], timeout=10)
     assert not engine.kv.pool.cached  # half-written blocks are not served to anyone later
     ok = runner.run_sync(["5 6 7 8"], [SamplingParams(max_tokens=3, ignore_eos=True)], timeout=10)[0]

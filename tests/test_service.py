@@ -105,7 +105,7 @@ def test_api_keys(tmp_path, serve_app, monkeypatch):
 def test_overload_gives_429_with_retry_after_and_nothing_is_lost(tmp_path, serve_app):
     slow = SlowTier("fallback", delay=0.3)
     app = create_app(write_config(tmp_path, max_queue=4, retry_after_s=2),
-                     service=service_with([slow], [0.0], max_queue=4))
+                     service=service_with([slow], [0.0], max_queue=4, retry_after_s=2))
 
     async def burst(url):
         async with httpx.AsyncClient(timeout=10) as client:

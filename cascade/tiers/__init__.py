@@ -19,6 +19,13 @@ TIER_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+def parse_tier_options(kind: str, options: dict):
+    """Validate a tier's `options` with its kind's own model (each kind's module has a
+    `parse_options`); raises pydantic's ValidationError or a ValueError naming the key."""
+    module_name, _ = TIER_KINDS[kind]
+    return importlib.import_module(module_name).parse_options(options)
+
+
 def build_tier(spec: TierConfig, base_dir: Path) -> Tier:
     """Instantiate the tier a config entry describes; relative paths resolve against `base_dir`."""
     if spec.kind not in TIER_KINDS:

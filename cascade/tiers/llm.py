@@ -19,15 +19,36 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cascade.config import TierConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cascade.config import ConfigError, TierConfig
 from cascade.types import CostMeter, Prediction
 
-BACKEND_OPTIONS = {"builtin": {"block_size", "num_blocks", "memory_gb", "enable_prefix_caching", "max_num_seqs",
-                               "max_num_batched_tokens", "long_prefill_chunk", "dtype", "threads", "timeout_s"},
-                   "vllm": {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "max_logprobs"},
-                   "openai": {"url", "model", "api_key", "timeout_s", "retries", "backoff_s", "max_connections",
-                              "batch_size", "choice_field", "max_choice_tokens"}}
-TIER_OPTIONS = {"backend", "labels", "template", "choice_prefix", "max_text_chars"}
+
+class LLMTierOptions(BaseModel):
+    """The tier's own keys; every other key in `options` belongs to the backend, whose own
+    model (serving/backends/options.py) rejects what it does not know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(default="builtin", description="builtin | vllm | openai")
+    labels: list[str] | None = Field(default=None, min_length=1)
+    template: str | None = Field(default=None, description="prompt with {text}")
+    choice_prefix: str = " "
+    max_text_chars: int = Field(default=2000, ge=1, le=1_000_000)
+
+
+def parse_options(options: dict) -> tuple[LLMTierOptions, BaseModel]:
+    """The tier's options and its backend's, each validated; a ValidationError's `loc` names the
+    key as written in `options`."""
+    from serving.backends.options import BACKEND_OPTIONS
+
+    own = {k: v for k, v in options.items() if k in LLMTierOptions.model_fields}
+    tier = LLMTierOptions.model_validate(own)
+    if tier.backend not in BACKEND_OPTIONS:
+        raise ValueError(f"options.backend: {tier.backend!r} is not one of {', '.join(BACKEND_OPTIONS)}")
+    rest = {k: v for k, v in options.items() if k not in LLMTierOptions.model_fields}
+    return tier, BACKEND_OPTIONS[tier.backend].model_validate(rest)
 
 
 @dataclass
@@ -60,37 +81,47 @@ class LLMTier:
 def build_llm_tier(spec: TierConfig, base_dir: Path) -> LLMTier:
     from serving.backends import build_backend
 
-    opts = dict(spec.options)
-    backend_name = opts.pop("backend", "builtin")
     where = f"tier {spec.name!r}"
-    if backend_name not in BACKEND_OPTIONS:
-        raise ValueError(f"{where}: options.backend {backend_name!r} is not one of {', '.join(BACKEND_OPTIONS)}")
-    unknown = set(opts) - BACKEND_OPTIONS[backend_name] - TIER_OPTIONS
-    if unknown:
-        raise ValueError(f"{where}: options {sorted(unknown)} are not known for backend {backend_name!r}; known: "
-                         f"{sorted(BACKEND_OPTIONS[backend_name] | TIER_OPTIONS)}")
+    try:
+        tier_opts, backend_opts = parse_options(spec.options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}: options.{key}: {first['msg']}") from None
     model_dir = spec.resolve_path(base_dir) if spec.path else None
     meta = {}
     if model_dir is not None:
+        if not model_dir.is_dir():
+            raise ConfigError(f"{where}: {model_dir}: not a directory (the large model's dir)")
         meta_file = model_dir / "cascade.json"
         if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-        elif "labels" not in opts:
-            raise FileNotFoundError(f"{where}: {meta_file} not found; give options.labels for a model not "
-                                    "fine-tuned by `cascade train large`")
-    labels = list(opts.pop("labels", None) or meta.get("labels") or [])
+            try:
+                meta = json.loads(meta_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{meta_file}: not valid JSON ({exc})") from None
+        elif tier_opts.labels is None:
+            raise ConfigError(f"{where}: {meta_file} not found; give options.labels for a model not "
+                              "fine-tuned by `cascade train large`")
+    labels = list(tier_opts.labels or meta.get("labels") or [])
     if not labels:
-        raise ValueError(f"{where}: no labels (options.labels, or a model dir with cascade.json)")
-    template = opts.pop("template", None) or meta.get("prompt_template") or "Request: {text}\nIntent:"
-    prefix = opts.pop("choice_prefix", " ")
-    max_chars = int(opts.pop("max_text_chars", 2000))
+        raise ConfigError(f"{where}: no labels (options.labels, or a model dir with cascade.json)")
+    template = tier_opts.template or meta.get("prompt_template") or "Request: {text}\nIntent:"
     if "labels" in meta and labels == meta["labels"]:
         choices = [f"<|{lab}|>" for lab in labels]  # the fine-tuned model's label tokens
     else:
-        choices = [prefix + lab for lab in labels]
-    if backend_name in ("builtin", "vllm"):
+        choices = [tier_opts.choice_prefix + lab for lab in labels]
+    kwargs = backend_opts.model_dump(exclude_unset=True)
+    if tier_opts.backend in ("builtin", "vllm"):
         if model_dir is None:
-            raise ValueError(f"{where}: backend {backend_name!r} needs `path` (the model dir)")
-        opts["model_dir"] = model_dir
-    backend = build_backend(backend_name, **opts)
-    return LLMTier(spec.name, backend, labels, choices, template, max_chars)
+            raise ConfigError(f"{where}: backend {tier_opts.backend!r} needs `path` (the model dir)")
+        if tier_opts.backend == "builtin":
+            for name in ("config.json", "tokenizer.json"):
+                if not (model_dir / name).exists():
+                    raise ConfigError(f"{where}: {model_dir / name}: not found (the built-in engine needs the "
+                                      "model's config.json, tokenizer.json and model.safetensors)")
+        kwargs["model_dir"] = model_dir
+    try:
+        backend = build_backend(tier_opts.backend, **kwargs)
+    except ValueError as exc:  # the engine config's own bounds
+        raise ConfigError(f"{where}: options.{exc}") from None
+    return LLMTier(spec.name, backend, labels, choices, template, tier_opts.max_text_chars)

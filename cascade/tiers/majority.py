@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cascade.config import TierConfig
 from cascade.data import load_split
 from cascade.types import CostMeter, Prediction
@@ -36,11 +38,21 @@ class MajorityTier:
         return self.meter.mean_ms
 
 
+class MajorityOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(default=None, description="always answer this label (default: the most frequent)")
+
+
+def parse_options(options: dict) -> MajorityOptions:
+    return MajorityOptions.model_validate(options)
+
+
 def build_majority_tier(spec: TierConfig, base_dir: Path) -> MajorityTier:
     if spec.path is None:
         raise ValueError(f"tier {spec.name!r}: kind 'majority' needs `path` (a dataset dir)")
     counts = Counter(ex.label for ex in load_split(spec.resolve_path(base_dir), "train"))
-    label = spec.options.get("label")
+    label = parse_options(spec.options).label
     if label is None:
         # Ties broken by name so the choice is reproducible.
         label = min(counts, key=lambda lab: (-counts[lab], lab))

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cascade.config import TierConfig
 from cascade.rulepack import RulePack, decide, load_pack, match_text
 from cascade.types import CostMeter, Prediction
@@ -44,10 +46,19 @@ class RulesTier:
         return {"outcomes": dict(self.outcomes), "timeouts": self.outcomes.get("timeout", 0)}
 
 
+class RulesOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_ms: float = Field(default=20.0, gt=0.0, le=60_000.0,
+                              description="matching budget per text; a timeout is an abstention")
+
+
+def parse_options(options: dict) -> RulesOptions:
+    return RulesOptions.model_validate(options)
+
+
 def build_rules_tier(spec: TierConfig, base_dir: Path) -> RulesTier:
     if spec.path is None:
         raise ValueError(f"tier {spec.name!r}: kind 'rules' needs `path` (a rule pack .toml)")
-    timeout_ms = float(spec.options.get("timeout_ms", 20))
-    if timeout_ms <= 0:
-        raise ValueError(f"tier {spec.name!r}: options.timeout_ms must be > 0, got {timeout_ms}")
-    return RulesTier(spec.name, load_pack(spec.resolve_path(base_dir)), timeout_ms / 1000.0)
+    opts = parse_options(spec.options)
+    return RulesTier(spec.name, load_pack(spec.resolve_path(base_dir)), opts.timeout_ms / 1000.0)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.config import TierConfig
+from pydantic import BaseModel, ConfigDict, Field
+
+from cascade.config import ConfigError, TierConfig
 from cascade.types import CostMeter, Prediction
 
 
@@ -77,30 +79,71 @@ class StudentTier:
         return self.meter.mean_ms
 
 
+def _read_json(path: Path, key: str | None = None):
+    """A JSON file of the student dir, or a ConfigError naming the file and what is wrong."""
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (a student dir has cascade.json, config.json, tokenizer.json "
+                          "and the ONNX model)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if key is not None and (not isinstance(data, dict) or key not in data):
+        raise ConfigError(f"{path}: no {key!r} key")
+    return data
+
+
 def load_student_tier(model_dir: Path, name: str = "student", model_file: str = "model.int8.onnx",
                       threads: int = 0, batch_size: int = 32) -> StudentTier:
+    """Every fault in the dir is a ConfigError naming the file (no onnxruntime traceback)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     d = Path(model_dir)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: not a directory (the student dir)")
     path = d / model_file
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run `cascade export --model {d} --int8`")
+        raise ConfigError(f"{path}: not found; run `cascade export --model {d} --int8`")
+    meta = _read_json(d / "cascade.json", "labels")
+    config = _read_json(d / "config.json")
+    calib = d / "calibration.json"
+    temperature = _read_json(calib, "temperature")["temperature"] if calib.exists() else 1.0
+    tok_file = d / "tokenizer.json"
+    if not tok_file.exists():
+        raise ConfigError(f"{tok_file}: not found; the student needs its fast tokenizer")
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    except Exception as exc:
+        raise ConfigError(f"{tok_file}: not a tokenizers file ({exc})") from None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    meta = json.loads((d / "cascade.json").read_text())
-    config = json.loads((d / "config.json").read_text())
-    calib = d / "calibration.json"
-    temperature = json.loads(calib.read_text())["temperature"] if calib.exists() else 1.0
-    return StudentTier(name, session, Tokenizer.from_file(str(d / "tokenizer.json")), list(meta["labels"]),
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # truncated or not ONNX: onnxruntime says InvalidProtobuf / Fail
+        reason = str(exc).splitlines()[0][:300]
+        raise ConfigError(f"{path}: onnxruntime cannot load it ({reason}); re-export it with `cascade export "
+                          f"--model {d} --int8`") from None
+    return StudentTier(name, session, tokenizer, list(meta["labels"]),
                        float(temperature), int(config.get("max_seq_len", 128)), batch_size)
+
+
+class StudentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="model.int8.onnx", min_length=1, description="ONNX file in the student dir")
+    threads: int = Field(default=0, ge=0, le=1024, description="onnxruntime intra-op threads (0: its default)")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="rows per onnxruntime run")
+
+
+def parse_options(options: dict) -> StudentOptions:
+    return StudentOptions.model_validate(options)
 
 
 def build_student_tier(spec: TierConfig, base_dir: Path) -> StudentTier:
     if spec.path is None:
         raise ValueError(f"tier {spec.name!r}: kind 'student' needs `path` (a student dir)")
-    return load_student_tier(spec.resolve_path(base_dir), spec.name, spec.options.get("model", "model.int8.onnx"),
-                             int(spec.options.get("threads", 0)), int(spec.options.get("batch_size", 32)))
+    opts = parse_options(spec.options)
+    return load_student_tier(spec.resolve_path(base_dir), spec.name, opts.model, opts.threads, opts.batch_size)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cascade.deadline import remaining
+from cascade.types import DeadlineExceeded
 from serving.backends.base import ChoiceResult
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.config import EngineConfig
@@ -24,14 +26,22 @@ class BuiltinBackend:
 
     def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
         params = [SamplingParams(max_tokens=1, choices=list(choices)) for _ in prompts]
-        outs = self.async_engine.run_sync(list(prompts), params, timeout=self.timeout_s)
-        return [ChoiceResult(o.choice, o.choice_prob, o.choice_scores) for o in outs]
+        return [ChoiceResult(o.choice, o.choice_prob, o.choice_scores) for o in self._run(prompts, params)]
+
+    def _run(self, prompts: list[str], params: list[SamplingParams]):
+        """All final outputs, waiting at most until the caller's deadline (then the requests
+        are aborted, their blocks freed)."""
+        timeout = remaining(self.timeout_s)
+        try:
+            return self.async_engine.run_sync(list(prompts), params, timeout=timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the engine did not answer {len(prompts)} prompts within {timeout:.2f}s") from None
 
     def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None) -> list[str]:
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop or []))
                   for _ in prompts]
-        return [o.text for o in self.async_engine.run_sync(list(prompts), params, timeout=self.timeout_s)]
+        return [o.text for o in self._run(prompts, params)]
 
     def close(self) -> None:
         self.async_engine.shutdown()

@@ -1,7 +1,11 @@
-"""Any OpenAI-compatible server (`vllm serve`, `cascade serve` itself, ...) over HTTP.
+"""Any OpenAI-compatible server (`vllm serve`, `cascade llm serve`, ...) over HTTP.
 
-One pooled `httpx.Client` (keep-alive connections, bounded pool), a timeout per request, and
-retries with exponential backoff on connection errors, 429 (honouring Retry-After) and 5xx.
+One pooled `httpx.Client` (keep-alive connections, bounded pool) and retries with exponential
+backoff on connection errors, 429 (honouring Retry-After) and 5xx — all inside the caller's
+deadline (`cascade.deadline`): each attempt's timeout is what is left of it, no backoff sleeps
+past it, and the waits are an Event that `close()` ends at once. The official `openai`
+client was considered: its retries cannot be bounded by a total deadline (each attempt gets
+the full timeout, and it sleeps up to 60 s on Retry-After), which is what hung requests here.
 Labels use `/v1/completions` with `guided_choice` (vLLM's and our extension) and the first
 position's `logprobs` for the distribution; a batch of prompts goes in one request.
 No torch here.
@@ -9,15 +13,22 @@ No torch here.
 
 from __future__ import annotations
 
-import time
+import threading
 
 import httpx
 
+from cascade.deadline import remaining
+from cascade.types import TierUnavailable
 from serving.backends.base import ChoiceResult, distribution_from_logprobs
 
 
 class BackendError(RuntimeError):
-    """The server could not answer after the retries; the message says what it last said."""
+    """The server refused the request itself (a 4xx other than 429): retrying will not help."""
+
+
+class BackendUnavailable(BackendError, TierUnavailable):
+    """The server could not answer within the retries or the deadline; the message says what it
+    last said."""
 
 
 class OpenAIBackend:
@@ -36,29 +47,45 @@ class OpenAIBackend:
         self.choice_field = choice_field
         self.max_choice_tokens = max_choice_tokens
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self.closed = threading.Event()  # set by close(): ends any backoff wait at once
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_connections,
                                                        max_keepalive_connections=max_connections))
 
     def _post(self, path: str, body: dict) -> dict:
-        last = ""
+        last, tries = "", 0
         for attempt in range(self.retries + 1):
+            left = remaining(self.timeout_s)
+            if left is not None and left <= 0.001 or self.closed.is_set():
+                break
+            tries += 1
             try:
-                r = self.client.post(self.url + path, json=body)
+                r = self.client.post(self.url + path, json=body, timeout=left)
             except httpx.TransportError as exc:  # refused, reset, timed out
                 last = f"{type(exc).__name__}: {exc}"
+                wait = self.backoff_s * 2**attempt
             else:
                 if r.status_code == 200:
                     return r.json()
                 last = f"HTTP {r.status_code}: {r.text[:300]}"
                 if r.status_code != 429 and r.status_code < 500:
                     raise BackendError(f"{self.url}{path}: {last}")  # our request is wrong: retrying won't help
-                if r.status_code == 429 and attempt < self.retries:
-                    time.sleep(min(30.0, float(r.headers.get("retry-after", self.backoff_s * 2**attempt))))
-                    continue
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise BackendError(f"{self.url}{path}: no answer after {self.retries + 1} tries; last: {last}")
+                wait = self.backoff_s * 2**attempt
+                if r.status_code == 429:
+                    try:
+                        wait = float(r.headers.get("retry-after", wait))
+                    except ValueError:
+                        pass
+            if attempt == self.retries:
+                break
+            left = remaining(None)
+            if left is not None and wait >= left:  # the deadline comes first: say so now
+                last += f" (a retry in {wait:.2f}s would pass the deadline)"
+                break
+            if self.closed.wait(wait):
+                break
+        raise BackendUnavailable(f"{self.url}{path}: no answer after {tries} tries; last: {last}")
 
     def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
         results: list[ChoiceResult] = []
@@ -89,4 +116,5 @@ class OpenAIBackend:
         return [c["text"] for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     def close(self) -> None:
+        self.closed.set()
         self.client.close()

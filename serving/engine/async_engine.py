@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
-from serving.engine.engine import LLMEngine, RequestOutput
+from serving.engine.engine import LLMEngine, RequestError, RequestOutput
 from serving.engine.sampling import SamplingParams
 
 Sink = Callable[[RequestOutput | BaseException], None]
@@ -96,8 +96,8 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 continue
             try:
-                outputs = self.engine.step()
-            except Exception as exc:  # the model failed: every caller hears it, none hangs
+                outputs = self.engine.step()  # a failing forward pass fails only the requests it blames
+            except Exception as exc:  # a bug outside the forward pass: every caller hears it, none hangs
                 for rid, sink in list(self._sinks.items()):
                     self._deliver(rid, sink, exc)
                     self.engine.abort(rid)
@@ -106,7 +106,8 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
-                if sink is not None and self._deliver(out.request_id, sink, out) and out.finished:
+                item = RequestError(out.error) if out.error is not None else out
+                if sink is not None and self._deliver(out.request_id, sink, item) and out.finished:
                     del self._sinks[out.request_id]
         for rid, sink in pending:
             self._deliver(rid, sink, RuntimeError("the engine shut down before the request finished"))

@@ -24,7 +24,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.constrained import ChoiceState, TokenTrie
 from serving.engine.kv_cache import KVCacheManager, allocate_kv_tensors, kv_bytes_per_token
 from serving.engine.runner import ModelRunner
-from serving.engine.sampling import SamplingParams, sample_token, top_logprobs
+from serving.engine.sampling import SamplingParams, check_sampling, sample_token, top_logprobs
 from serving.engine.scheduler import Request, Scheduler
 from training.model import Transformer
 
@@ -50,6 +50,7 @@ class RequestOutput:
     choice: int | None = None  # index into SamplingParams.choices
     choice_prob: float | None = None
     choice_scores: list[float] | None = None
+    error: str | None = None  # finish_reason "error": why the engine could not run this request
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -87,6 +88,11 @@ class LLMEngine:
         self._tries: dict[tuple, tuple[TokenTrie, int]] = {}
         self.steps = 0
         self.peak_kv = {"blocks": 0, "tokens": 0}
+        self.vocab_size = model.embed_tokens.num_embeddings
+        # After a failed step: the requests it ran, to be stepped alone one by one until each
+        # has run a step or failed alone (see `step`).
+        self.suspects: list[str] = []
+        self.failed_steps = 0
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -110,9 +116,11 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise RequestError("prompt: empty (no tokens)")
+        ids = self._prompt_ids(prompt)
+        try:
+            check_sampling(params)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
         choice = None
         if params.choices is not None:
             trie, longest = self._trie(tuple(params.choices))
@@ -136,6 +144,24 @@ class LLMEngine:
         self.scheduler.add(req)
         return rid
 
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, every one checked against the vocabulary: a request is refused
+        alone here rather than failing the step of every sequence batched with it."""
+        if isinstance(prompt, str):
+            try:
+                ids = self.tokenizer.encode(prompt).ids
+            except Exception as exc:  # e.g. a lone surrogate: the tokenizer cannot encode it
+                raise RequestError(f"prompt: cannot be tokenized ({exc})") from None
+        else:
+            ids = list(prompt)
+            vocab = self.vocab_size
+            for i, t in enumerate(ids):
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise RequestError(f"prompt[{i}]: token id {t!r} is not in the vocabulary (0..{vocab - 1})")
+        if not ids:
+            raise RequestError("prompt: empty (no tokens)")
+        return ids
+
     def _trie(self, choices: tuple[str, ...]) -> tuple[TokenTrie, int]:
         """The label set's token trie and its longest label in tokens, built once per label set
         (a classification tier sends the same set with every request; tokenizing its 150 labels
@@ -144,7 +170,10 @@ class LLMEngine:
         key = (choices, self.eos_token_id)  # the end token is part of the trie
         hit = self._tries.pop(key, None)
         if hit is None:
-            seqs = [self.tokenizer.encode(c, add_special_tokens=False).ids for c in choices]
+            try:
+                seqs = [self.tokenizer.encode(c, add_special_tokens=False).ids for c in choices]
+            except Exception as exc:
+                raise RequestError(f"choices: cannot be tokenized ({exc})") from None
             try:
                 hit = (TokenTrie(seqs, self.eos_token_id), max(len(s) for s in seqs))
             except ValueError as exc:
@@ -166,11 +195,24 @@ class LLMEngine:
     # --- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that produced text."""
-        plan = self.scheduler.schedule()
+        """Schedule, run the model once, sample, and report every request that produced text.
+
+        If the forward pass raises, only the requests it can be blamed on fail: the step's
+        requests are preempted (their blocks may be half written, so they recompute, and the
+        prefix cache is dropped) and become suspects; the next steps run one suspect at a time,
+        alone. A suspect whose solo step raises is finished with `finish_reason` "error" and
+        the message in `RequestOutput.error`; one that steps cleanly rejoins the batch. A lone
+        request whose step raises is blamed at once."""
+        solo = self._next_suspect()
+        plan = self.scheduler.schedule(only=solo)
         if not plan.seqs:
             return []
-        logits = self.runner.execute(plan.seqs)
+        try:
+            logits = self.runner.execute(plan.seqs)
+        except Exception as exc:
+            return self._step_failed(plan.seqs, exc)
+        if solo is not None:
+            self.suspects.remove(solo.request_id)
         self.steps += 1
         used = self.kv.num_used_blocks
         if used > self.peak_kv["blocks"]:
@@ -185,6 +227,32 @@ class LLMEngine:
             row += 1
             outputs.append(self._output(req))
         return outputs
+
+    def _next_suspect(self) -> Request | None:
+        while self.suspects:
+            req = self.requests.get(self.suspects[0])
+            if req is not None and not req.finished:
+                return req
+            self.suspects.pop(0)  # aborted meanwhile
+        return None
+
+    def _step_failed(self, seqs, exc: Exception) -> list[RequestOutput]:
+        self.failed_steps += 1
+        self.kv.reset_prefix_cache()  # blocks written by the failed step may be half written
+        reqs = [s.request for s in seqs]
+        if len(reqs) == 1:  # alone: it is to blame
+            req = reqs[0]
+            if req.request_id in self.suspects:
+                self.suspects.remove(req.request_id)
+            self.scheduler.finish(req, "error")
+            out = self._output(req)
+            out.error = f"the model failed on this request: {type(exc).__name__}: {exc}"
+            return [out]
+        for req in reqs:
+            self.scheduler.preempt(req)
+            if req.request_id not in self.suspects:
+                self.suspects.append(req.request_id)
+        return []
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         p = req.params

@@ -47,6 +47,19 @@ class SamplingParams:
             self.stop = [self.stop]
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """What __post_init__ cannot see: fields changed after construction, and the seed's range.
+    Raises ValueError naming the field (the engine turns it into a RequestError)."""
+    params.__post_init__()
+    if params.seed is not None and not SEED_RANGE[0] <= params.seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed: {params.seed} is not in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    if any(not isinstance(t, int) or t < 0 for t in params.stop_token_ids):
+        raise ValueError(f"stop_token_ids: {params.stop_token_ids} must be non-negative ints")
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the nucleus; the most likely token is always kept."""
     if top_p >= 1.0:

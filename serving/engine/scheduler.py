@@ -40,7 +40,7 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hits when (last) admitted
     num_preemptions: int = 0
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     choice: ChoiceState | None = None
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     generator: object = None  # torch.Generator for seeded sampling
@@ -98,6 +98,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def preempt(self, req: Request) -> None:
+        """Send a request back to the front of the queue, to be recomputed (its blocks freed)."""
+        if req in self.running:
+            self.running.remove(req)
+            self._preempt(req)
+
     def _preempt(self, victim: Request) -> None:
         self.kv.free(victim.request_id)
         victim.num_computed_tokens = 0
@@ -106,7 +112,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, only: Request | None = None) -> SchedulerOutput:
+        """The next step's work. With `only`, that request alone (running or waiting) is
+        scheduled: the engine steps suspects of a failed step one by one to find the culprit."""
+        if only is not None:
+            return self._schedule_alone(only)
         budget = self.config.max_num_batched_tokens
         chunk = self.config.long_prefill_chunk
         planned: list[tuple[Request, int, int]] = []  # (request, start, num_new)
@@ -148,6 +158,24 @@ class Scheduler:
 
         seqs = [ScheduledSeq(req, start, n, self.kv.block_table(req.request_id)) for req, start, n in planned]
         return SchedulerOutput(seqs, preempted)
+
+    def _schedule_alone(self, req: Request) -> SchedulerOutput:
+        num_new = min(req.num_tokens - req.num_computed_tokens, self.config.long_prefill_chunk,
+                      self.config.max_num_batched_tokens)
+        if req.status is Status.WAITING:
+            hits, num_cached = self.kv.get_computed_blocks(req.all_token_ids)
+            num_new = min(req.num_tokens - num_cached, self.config.long_prefill_chunk,
+                          self.config.max_num_batched_tokens)
+            if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_cached, num_new, hits) is None:
+                return SchedulerOutput([], [])  # no room yet: the running ones finish first
+            self.waiting.remove(req)
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+        elif self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
+            return SchedulerOutput([], [])
+        start = req.num_computed_tokens
+        return SchedulerOutput([ScheduledSeq(req, start, num_new, self.kv.block_table(req.request_id))], [])
 
     def finish(self, req: Request, reason: str) -> None:
         """Mark a request done and give its blocks back (also for aborts of waiting requests)."""
