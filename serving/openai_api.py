@@ -59,7 +59,7 @@ class SamplingFields(BaseModel):
 
     @field_validator("stop", "guided_choice")
     @classmethod
-    def _valid_unicode(cls, value):
+    def _valid_unicode_sampling(cls, value):
         _no_surrogates(value)
         return value
 
@@ -77,7 +77,7 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _valid_unicode(cls, value):
+    def _valid_unicode_prompt(cls, value):
         _no_surrogates(value)
         return value
 

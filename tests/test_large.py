@@ -1,9 +1,6 @@
 """The large model end to end: import of the real SmolLM2, task format, `cascade train large`."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
