@@ -329,7 +329,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise _load_fault(f"{args.config}: loading the tiers", exc) from None
-    service = CascadeService.from_config(cascade, config.serving)
+    service = CascadeService.from_config(cascade, config)
+    # The event loop shares the GIL with the tier threads; at Python's default 5 ms switch
+    # interval, every hand-off to the loop could wait that long (docs/service.md, bench/load.py).
+    sys.setswitchinterval(args.switch_interval_ms / 1000.0)
+    # Everything loaded so far (tokenizers, rule packs, sessions) lives as long as the process:
+    # out of the collector's reach, a full collection under load no longer walks it.
+    import gc
+
+    gc.freeze()
     print(f"serving {args.config} on http://{args.host}:{args.port}/v1/classify", file=sys.stderr)
     uvicorn.run(create_app(args.config, service=service), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.drain_s)
@@ -395,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, how long in-flight requests may finish")
+    p.add_argument("--switch-interval-ms", type=float, default=1.0,
+                   help="Python's GIL switch interval in this process (its default: 5)")
     p.set_defaults(func=cmd_serve)
 
     llm = sub.add_parser("llm", help="the large model on the built-in engine").add_subparsers(

@@ -49,6 +49,9 @@ class TierConfig(BaseModel):
         description="label -> threshold, replacing `threshold` when the tier answers that label; calibration "
                     "sets one for the out-of-scope label, whose confidence means 'none of the intents'")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
+    max_queue_wait_s: float | None = Field(default=None, gt=0.0, le=3600.0,
+                                           description="serving: longest estimated queue wait at this tier before "
+                                                       "new work is refused (default: [serving] max_queue_wait_s)")
 
     @field_validator("label_thresholds")
     @classmethod
@@ -101,6 +104,9 @@ class ServingConfig(BaseModel):
     max_queue_wait_s: float = Field(default=1.0, gt=0.0, le=3600.0,
                                     description="longest estimated queue wait at a tier before new work is refused "
                                                 "(429 at the first tier; `overload` at later ones)")
+    max_loop_lag_s: float = Field(default=0.05, gt=0.0, le=60.0,
+                                  description="when the server's event loop runs this far behind (CPU saturated), "
+                                              "new requests get 429 before their body is read")
     overload: Literal["degrade", "reject"] = Field(
         default="degrade", description="an item a later tier cannot take in time: its earlier answer, degraded "
                                        "(degrade), or a 429 for its request (reject)")

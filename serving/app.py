@@ -45,10 +45,11 @@ def create_llm_app(model_dir: str | Path, model_name: str | None = None, engine=
     return _with_edge(app, limits)
 
 
-def _with_edge(app: FastAPI, limits: ServingConfig):
-    """The app behind auth and the body limit (ASGI middleware, outermost)."""
+def _with_edge(app: FastAPI, limits: ServingConfig, shed=None):
+    """The app behind auth, the body limit and early load shedding (ASGI middleware, outermost)."""
     app.add_middleware(EdgeMiddleware, keys=api_keys_from_env(limits.api_keys_env),
-                       public_paths=list(limits.public_paths), max_body_bytes=limits.max_body_bytes)
+                       public_paths=list(limits.public_paths), max_body_bytes=limits.max_body_bytes, shed=shed,
+                       retry_after_s=limits.retry_after_s)
     return app
 
 
@@ -81,7 +82,7 @@ def create_app(config_path: str | Path, service=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         nonlocal service
         if service is None:
-            service = CascadeService.from_config(build_cascade(config, config_path.parent), limits)
+            service = CascadeService.from_config(build_cascade(config, config_path.parent), config)
         await service.start()
         app.state.service = service
         _mount_llm_routes(app, service, limits)
@@ -156,7 +157,11 @@ def create_app(config_path: str | Path, service=None) -> FastAPI:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return _with_edge(app, limits)
+    def shed(scope) -> str | None:
+        svc = getattr(app.state, "service", None)
+        return svc.shed_now() if svc is not None and scope["path"] == "/v1/classify" else None
+
+    return _with_edge(app, limits, shed)
 
 
 def _mount_llm_routes(app: FastAPI, service, limits: ServingConfig) -> None:

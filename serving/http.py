@@ -130,9 +130,12 @@ class EdgeMiddleware:
     `WWW-Authenticate: Bearer`. A body over `max_body_bytes` is refused with 413 as soon as its
     Content-Length (or the bytes read so far) says so; under it, the body is handed on whole."""
 
-    def __init__(self, app, keys: frozenset[str], public_paths: list[str], max_body_bytes: int):
+    def __init__(self, app, keys: frozenset[str], public_paths: list[str], max_body_bytes: int, shed=None,
+                 retry_after_s: int = 1):
         self.app, self.keys, self.public = app, keys, frozenset(public_paths)
         self.max_body_bytes = max_body_bytes
+        self.shed = shed  # () -> reason | None: refuse work (429) before reading its body
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -151,6 +154,9 @@ class EdgeMiddleware:
                                                                   f"{self.max_body_bytes}", "body")
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        if self.shed is not None and (why := self.shed(scope)):
+            return await _send_error(send, 429, "overloaded", f"overloaded: {why}; retry later", None,
+                                     {"Retry-After": str(self.retry_after_s)})
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -17,11 +17,13 @@ latest deadline among its requests (`cascade.deadline`), which the backends boun
 timeouts and retries by.
 
 Admission by time: each worker measures its seconds per item (a moving average over batches)
-and estimates the wait for a new item as backlog × that. A request whose wait at the first tier
-exceeds `max_queue_wait_s` (or its deadline) gets a 429 at once, with Retry-After from the
-estimate; an item that would wait too long at a later tier is not queued there (`TierBusy`), so
-it gets its earlier answer degraded at once (`overload = "degrade"`) or the request a 429
-(`overload = "reject"`).
+and estimates the wait for a new item as backlog × that. A request whose wait at any tier but
+the last exceeds that tier's `max_queue_wait_s` (or its deadline) gets a 429 at once, with
+Retry-After from the estimate; an item that would wait too long at the last tier is not queued
+there (`TierBusy`), so it gets its earlier answer degraded at once (`overload = "degrade"`) or
+the request a 429 (`overload = "reject"`). And before any of that, when the event loop itself
+runs more than `max_loop_lag_s` behind (the CPU is short), new requests get a 429 before their
+body is read (`LoopLag`, `shed_now`).
 """
 
 from __future__ import annotations
@@ -103,8 +105,10 @@ class TierWorker:
     """Micro-batches one tier across concurrent requests, and knows how long its queue is in
     seconds."""
 
-    def __init__(self, tier, max_batch: int, max_wait_ms: float, timeout_s: float, metrics: Metrics):
+    def __init__(self, tier, max_batch: int, max_wait_ms: float, timeout_s: float, metrics: Metrics,
+                 max_queue_wait_s: float = 1.0):
         self.tier = tier
+        self.max_queue_wait_s = max_queue_wait_s  # longest estimated wait before new work is refused
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
@@ -239,12 +243,42 @@ class TierWorker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+class LoopLag:
+    """How far behind the event loop runs: a task asks to wake every `interval` and records
+    how late it woke (smoothed). When the process is short of CPU, requests wait in the socket
+    and the loop before any handler sees them; this is the one place that wait shows."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.lag = 0.0
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(self.interval)
+            late = max(0.0, time.monotonic() - t0 - self.interval)
+            self.lag = 0.7 * self.lag + 0.3 * late
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except BaseException:  # noqa: S110  the cancellation we asked for
+                pass
+
+
 class CascadeService:
     """The cascade, its workers, admission and the metrics: what the app serves."""
 
     def __init__(self, cascade: Cascade, max_queue: int, micro_batch_size: int, micro_batch_ms: float,
                  tier_timeout_s: float, metrics: Metrics | None = None, request_timeout_s: float = 10.0,
-                 max_queue_wait_s: float = 1.0, overload: str = "degrade", retry_after_s: int = 1):
+                 max_queue_wait_s: float = 1.0, overload: str = "degrade", retry_after_s: int = 1,
+                 max_loop_lag_s: float = 0.05, tier_queue_wait_s: list[float | None] | None = None):
         if overload not in ("degrade", "reject"):
             raise ValueError(f"overload: {overload!r} is not 'degrade' or 'reject'")
         self.cascade = cascade
@@ -255,25 +289,43 @@ class CascadeService:
         self.retry_after_s = retry_after_s
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(RouterCounters(cascade))
-        self.workers = [TierWorker(t, micro_batch_size, micro_batch_ms, tier_timeout_s, self.metrics)
-                        for t in cascade.tiers]
+        waits = tier_queue_wait_s or [None] * len(cascade.tiers)
+        self.workers = [TierWorker(t, micro_batch_size, micro_batch_ms, tier_timeout_s, self.metrics,
+                                   w if w is not None else max_queue_wait_s) for t, w in zip(cascade.tiers, waits)]
         self.in_flight = 0
         self.ready = False
+        self.max_loop_lag_s = max_loop_lag_s
+        self.loop_lag = LoopLag()
 
     @classmethod
-    def from_config(cls, cascade: Cascade, limits) -> CascadeService:
-        """From the [serving] table (cascade.config.ServingConfig)."""
+    def from_config(cls, cascade: Cascade, config) -> CascadeService:
+        """From a cascade.config.CascadeConfig: its [serving] table and each tier's own
+        `max_queue_wait_s`."""
+        limits = config.serving
         return cls(cascade, limits.max_queue, limits.micro_batch_size, limits.micro_batch_ms, limits.tier_timeout_s,
                    request_timeout_s=limits.request_timeout_s, max_queue_wait_s=limits.max_queue_wait_s,
-                   overload=limits.overload, retry_after_s=limits.retry_after_s)
+                   overload=limits.overload, retry_after_s=limits.retry_after_s, max_loop_lag_s=limits.max_loop_lag_s,
+                   tier_queue_wait_s=[spec.max_queue_wait_s for spec in config.tiers])
 
     async def start(self) -> None:
         for w in self.workers:
             w.start()
+        self.loop_lag.start()
         self.ready = True
+
+    def shed_now(self) -> str | None:
+        """Why a new request should get a 429 before its body is even read (the event loop is
+        behind by more than `max_loop_lag_s`), or None. Refusing then costs a fraction of
+        serving, so the backlog drains instead of growing."""
+        lag = self.loop_lag.lag
+        if lag > self.max_loop_lag_s:
+            self.metrics.rejected.inc()
+            return f"the server is {1000 * lag:.0f} ms behind (limit {1000 * self.max_loop_lag_s:.0f} ms)"
+        return None
 
     async def stop(self) -> None:
         self.ready = False
+        await self.loop_lag.stop()
         for w in self.workers:
             await w.stop()
         self.cascade.close()
@@ -286,11 +338,14 @@ class CascadeService:
         """Raise Overloaded (429) now if `n` items could not start within their budget."""
         if self.in_flight + n > self.max_queue:
             raise self._refuse(n, f"{self.in_flight} items in flight; the queue holds {self.max_queue}", 1.0)
-        wait = self.workers[0].estimated_wait()
-        budget = min(timeout_s, self.max_queue_wait_s)
-        if wait > budget:
-            raise self._refuse(n, f"tier {self.cascade.tiers[0].name!r} would take about {wait:.2f}s to start "
-                                  f"this request; the limit is {budget:.2f}s", wait)
+        # Every tier but the last (the cheap path most items take) must be able to start it in
+        # time; the last tier's queue is checked when items escalate to it (`_drive`).
+        for worker in self.workers[:-1] or self.workers:
+            wait = worker.estimated_wait()
+            budget = min(timeout_s, worker.max_queue_wait_s)
+            if wait > budget:
+                raise self._refuse(n, f"tier {worker.tier.name!r} would take about {wait:.2f}s to start this "
+                                      f"request; its limit is {budget:.2f}s", wait)
 
     async def classify(self, texts: list[str], explain: bool = False,
                        timeout_s: float | None = None) -> list[Prediction | ItemFailure]:
@@ -328,7 +383,7 @@ class CascadeService:
                 left = deadline - time.monotonic()
                 wait = worker.estimated_wait()
                 self.metrics.estimated_wait.labels(worker.tier.name).set(wait)
-                if level > 0 and wait > min(left, self.max_queue_wait_s):
+                if level > 0 and wait > min(left, worker.max_queue_wait_s):
                     why = (f"tier {worker.tier.name!r} would take about {wait:.2f}s to start; "
                            f"{max(0.0, left):.2f}s of the request's deadline were left")
                     if self.overload == "reject":

@@ -399,6 +399,41 @@ def test_overload_says_no_at_once_with_retry_after(tmp_path, serve_app):
         assert sum(len(b) for b in tier.batches) == served + 1  # nothing lost, nothing run for a refused one
 
 
+def test_loop_lag_measures_a_blocked_event_loop():
+    from serving.service import LoopLag
+
+    async def run():
+        lag = LoopLag(interval=0.005)
+        lag.start()
+        await asyncio.sleep(0.05)
+        quiet = lag.lag
+        time.sleep(0.3)  # the loop is blocked, as when the CPU is short
+        await asyncio.sleep(0.002)  # the monitor's first wake-up after it
+        blocked = lag.lag
+        await lag.stop()
+        return quiet, blocked
+
+    quiet, blocked = asyncio.run(run())
+    assert quiet < 0.05 < blocked
+
+
+def test_a_server_running_behind_refuses_before_reading_the_body(tmp_path, serve_app):
+    tier = SlowTier("fallback")
+    service = service_with([tier], [0.0], max_loop_lag_s=0.05)
+    app = create_app(write_config(tmp_path), service=service)
+    with serve_app(app) as url:
+        assert httpx.post(url + "/v1/classify", json={"text": "a"}).status_code == 200
+        service.loop_lag.task.cancel()  # hold the reading where a saturated CPU puts it
+        time.sleep(0.05)
+        service.loop_lag.lag = 0.2
+        r = httpx.post(url + "/v1/classify", json={"text": "b"})
+        assert r.status_code == 429 and error_of(r)["code"] == "overloaded" and "behind" in error_of(r)["message"]
+        assert r.headers["retry-after"] == "1" and len(tier.batches) == 1  # refused before any work
+        assert httpx.get(url + "/healthz").status_code == 200  # probes still answer
+        service.loop_lag.lag = 0.0
+        assert httpx.post(url + "/v1/classify", json={"text": "c"}).status_code == 200
+
+
 @pytest.mark.parametrize("overload", ["degrade", "reject"])
 def test_a_backed_up_large_model_sheds_escalations(tmp_path, serve_app, overload):
     student = SlowTier("student", label="balance", confidence=0.4)

@@ -42,7 +42,10 @@ def write_config(tmp_path, **serving):
 
 
 def service_with(tiers, thresholds, **kw):
-    args = {"max_queue": 64, "micro_batch_size": 32, "micro_batch_ms": 5.0, "tier_timeout_s": 5.0, **kw}
+    # Loop-lag shedding off unless a test asks for it: the test's own client shares this
+    # process's event loop and CPU, which the server would rightly see as being behind.
+    args = {"max_queue": 64, "micro_batch_size": 32, "micro_batch_ms": 5.0, "tier_timeout_s": 5.0,
+            "max_loop_lag_s": 60.0, **kw}
     return CascadeService(Cascade(tiers, thresholds), **args)
 
 

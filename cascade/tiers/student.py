@@ -94,7 +94,7 @@ def _read_json(path: Path, key: str | None = None):
 
 
 def load_student_tier(model_dir: Path, name: str = "student", model_file: str = "model.int8.onnx",
-                      threads: int = 0, batch_size: int = 32) -> StudentTier:
+                      threads: int = 0, batch_size: int = 32, spin_wait: bool = False) -> StudentTier:
     """Every fault in the dir is a ConfigError naming the file (no onnxruntime traceback)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -120,6 +120,9 @@ def load_student_tier(model_dir: Path, name: str = "student", model_file: str = 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    # Idle intra-op threads spin by default, burning a core the large model or the HTTP front
+    # end could use; off, the student gives up a little speed alone (docs/service.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # truncated or not ONNX: onnxruntime says InvalidProtobuf / Fail
@@ -136,6 +139,8 @@ class StudentOptions(BaseModel):
     model: str = Field(default="model.int8.onnx", min_length=1, description="ONNX file in the student dir")
     threads: int = Field(default=0, ge=0, le=1024, description="onnxruntime intra-op threads (0: its default)")
     batch_size: int = Field(default=32, ge=1, le=4096, description="rows per onnxruntime run")
+    spin_wait: bool = Field(default=False, description="let onnxruntime's idle threads spin (faster alone, "
+                                                       "at the cost of a core shared with other work)")
 
 
 def parse_options(options: dict) -> StudentOptions:
@@ -146,4 +151,5 @@ def build_student_tier(spec: TierConfig, base_dir: Path) -> StudentTier:
     if spec.path is None:
         raise ValueError(f"tier {spec.name!r}: kind 'student' needs `path` (a student dir)")
     opts = parse_options(spec.options)
-    return load_student_tier(spec.resolve_path(base_dir), spec.name, opts.model, opts.threads, opts.batch_size)
+    return load_student_tier(spec.resolve_path(base_dir), spec.name, opts.model, opts.threads, opts.batch_size,
+                             opts.spin_wait)
