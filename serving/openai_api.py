@@ -14,11 +14,11 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from cascade.config import ServingConfig
 from serving.engine.async_engine import AsyncEngine
@@ -30,17 +30,16 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def _no_surrogates(value, where: str = "") -> None:
-    """Every string in `value` (nested lists) must be valid Unicode: a lone surrogate would
-    reach the tokenizer and fail there."""
-    if isinstance(value, str):
-        for i, ch in enumerate(value):
-            if "\ud800" <= ch <= "\udfff":
-                raise ValueError(f"lone surrogate U+{ord(ch):04X} at character {i}{where}; strings must be "
-                                 "valid Unicode")
-    elif isinstance(value, list):
-        for j, item in enumerate(value):
-            _no_surrogates(item, f" of item {j}")
+def _valid_unicode(value: str) -> str:
+    """A lone surrogate would reach the tokenizer and fail there: refuse it here, by field."""
+    for i, ch in enumerate(value):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"lone surrogate U+{ord(ch):04X} at character {i}; strings must be valid Unicode")
+    return value
+
+
+# Every string a client sends to the model.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class SamplingFields(BaseModel):
@@ -52,16 +51,10 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
-    stop: str | list[str] | None = Field(default=None, max_length=16)
+    stop: Text | list[Text] | None = Field(default=None, max_length=16)
     # torch's generators take seeds in [-2^63, 2^64)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=4096)
-
-    @field_validator("stop", "guided_choice")
-    @classmethod
-    def _valid_unicode_sampling(cls, value):
-        _no_surrogates(value)
-        return value
+    guided_choice: list[Text] | None = Field(default=None, min_length=1, max_length=4096)
 
     def sampling(self, default_max: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,15 +64,9 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _valid_unicode_prompt(cls, value):
-        _no_surrogates(value)
-        return value
 
 
 class ContentPart(BaseModel):
@@ -88,27 +75,14 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str
-    text: str | None = None
-
-    @field_validator("text")
-    @classmethod
-    def _valid_unicode(cls, value):
-        _no_surrogates(value)
-        return value
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart]
-
-    @field_validator("content")
-    @classmethod
-    def _valid_unicode(cls, value):
-        if isinstance(value, str):
-            _no_surrogates(value)
-        return value
+    content: Text | list[ContentPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):

@@ -233,12 +233,7 @@ class TierWorker:
                 start += len(texts)
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except BaseException:  # noqa: S110  the cancellation we asked for
-                pass
+        await _cancel(self.task)
         self._fail_pending(RuntimeError(f"tier {self.tier.name!r} is shut down"))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -264,12 +259,16 @@ class LoopLag:
             self.lag = 0.7 * self.lag + 0.3 * late
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except BaseException:  # noqa: S110  the cancellation we asked for
-                pass
+        await _cancel(self.task)
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: S110  the cancellation we asked for
+            pass
 
 
 class CascadeService:
