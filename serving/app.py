@@ -42,6 +42,8 @@ def create_llm_app(model_dir: str | Path, model_name: str | None = None, engine=
         return {"status": "ok"}
 
     app.state.engine = async_engine
+    # No loop-lag shedding here: the engine thread's Python work shares this loop's GIL by
+    # design, and `max_llm_requests` is this server's admission.
     return _with_edge(app, limits)
 
 
@@ -159,7 +161,8 @@ def create_app(config_path: str | Path, service=None) -> FastAPI:
 
     def shed(scope) -> str | None:
         svc = getattr(app.state, "service", None)
-        return svc.shed_now() if svc is not None and scope["path"] == "/v1/classify" else None
+        # the cascade's own route and the large model's OpenAI routes mounted beside it
+        return svc.shed_now() if svc is not None and scope["path"].startswith("/v1/") else None
 
     return _with_edge(app, limits, shed)
 

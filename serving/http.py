@@ -14,10 +14,12 @@ the OpenAPI schema included, before any body is parsed.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -100,6 +102,41 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, in the one shape
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+
+
+class LoopLag:
+    """How far behind the event loop runs: a task asks to wake every `interval` and records
+    how late it woke (smoothed). When the process is short of CPU, requests wait in the socket
+    and the loop before any handler sees them; this is the one place that wait shows."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.lag = 0.0
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(self.interval)
+            late = max(0.0, time.monotonic() - t0 - self.interval)
+            self.lag = 0.7 * self.lag + 0.3 * late
+
+    def behind(self, limit_s: float) -> str | None:
+        """Why new work should be refused now (the loop is more than `limit_s` behind), or None."""
+        if self.lag > limit_s:
+            return f"the server is {1000 * self.lag:.0f} ms behind (limit {1000 * limit_s:.0f} ms)"
+        return None
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except BaseException:  # noqa: S110  the cancellation we asked for
+                pass
 
 
 def api_keys_from_env(name: str) -> frozenset[str]:

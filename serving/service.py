@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily
 from cascade.deadline import deadline_scope
 from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
+from serving.http import LoopLag
 
 class Overloaded(RuntimeError):
     """No room within the request's deadline; the caller should retry later (HTTP 429)."""
@@ -238,30 +239,6 @@ class TierWorker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-class LoopLag:
-    """How far behind the event loop runs: a task asks to wake every `interval` and records
-    how late it woke (smoothed). When the process is short of CPU, requests wait in the socket
-    and the loop before any handler sees them; this is the one place that wait shows."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.lag = 0.0
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            t0 = time.monotonic()
-            await asyncio.sleep(self.interval)
-            late = max(0.0, time.monotonic() - t0 - self.interval)
-            self.lag = 0.7 * self.lag + 0.3 * late
-
-    async def stop(self) -> None:
-        await _cancel(self.task)
-
-
 async def _cancel(task: asyncio.Task | None) -> None:
     if task is not None:
         task.cancel()
@@ -316,11 +293,10 @@ class CascadeService:
         """Why a new request should get a 429 before its body is even read (the event loop is
         behind by more than `max_loop_lag_s`), or None. Refusing then costs a fraction of
         serving, so the backlog drains instead of growing."""
-        lag = self.loop_lag.lag
-        if lag > self.max_loop_lag_s:
+        why = self.loop_lag.behind(self.max_loop_lag_s)
+        if why:
             self.metrics.rejected.inc()
-            return f"the server is {1000 * lag:.0f} ms behind (limit {1000 * self.max_loop_lag_s:.0f} ms)"
-        return None
+        return why
 
     async def stop(self) -> None:
         self.ready = False

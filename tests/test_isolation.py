@@ -400,7 +400,7 @@ def test_overload_says_no_at_once_with_retry_after(tmp_path, serve_app):
 
 
 def test_loop_lag_measures_a_blocked_event_loop():
-    from serving.service import LoopLag
+    from serving.http import LoopLag
 
     async def run():
         lag = LoopLag(interval=0.005)
