@@ -161,8 +161,8 @@ def stage_export(cfg: E2EConfig) -> dict:
 
 
 def stage_calibrate(cfg: E2EConfig) -> dict:
+    from cascade.app.quickstart import CONFIG_TEMPLATE
     from cascade.calibrate import CalibrationError, run_calibration
-    from cascade.quickstart import CONFIG_TEMPLATE
 
     config_path = cfg.workdir / "cascade.toml"
     config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset, writer="bench/e2e.py"), encoding="utf-8")

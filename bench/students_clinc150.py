@@ -63,7 +63,8 @@ def main() -> None:
         run = type("Run", (), {"summary": json.loads(summary_file.read_text())})()
     else:
         run = train_student(data, teacher, args.out, size=args.size, from_teacher=args.size == "distil-smollm2",
-                            cfg=TrainConfig(lr=args.lr or (1e-3 if args.size != "distil-smollm2" else 3e-4), epochs=args.epochs,
+                            cfg=TrainConfig(lr=args.lr or (1e-3 if args.size != "distil-smollm2" else 3e-4),
+                                            epochs=args.epochs,
                                             batch_size=64, warmup_steps=50, ckpt_every=200))
     train_s = run.summary.get("wall_s") if args.reuse else time.perf_counter() - t0
     export = export_onnx(args.out, [ex.text for ex in load_split(data, "val")][:256])
@@ -82,8 +83,10 @@ def main() -> None:
     def onnx_logits(sess, i, m):
         return sess.run(["logits"], {"input_ids": i, "attention_mask": m})[0]
 
-    s_logits = np.concatenate([onnx_logits(fp32_sess, ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(ids), 256)])
-    q_logits = np.concatenate([onnx_logits(int8_sess, ids[i:i + 256], mask[i:i + 256]) for i in range(0, len(ids), 256)])
+    s_logits = np.concatenate([onnx_logits(fp32_sess, ids[i:i + 256], mask[i:i + 256])
+                               for i in range(0, len(ids), 256)])
+    q_logits = np.concatenate([onnx_logits(int8_sess, ids[i:i + 256], mask[i:i + 256])
+                               for i in range(0, len(ids), 256)])
     s_probs = torch.from_numpy(softmax(s_logits / temperature))
     q_probs = torch.from_numpy(softmax(q_logits / temperature))
     teacher_acc = accuracy(gold, [labels[i] for i in teacher_probs.argmax(-1).tolist()])
@@ -116,13 +119,15 @@ def main() -> None:
         return run
 
     speed = {name: {f"batch{b}": items_per_s(fn, sample, b) for b in (1, 32)}
-             for name, fn in (("torch_fp32", torch_run), ("onnx_fp32", ort_run(fp32_sess)), ("onnx_int8", ort_run(int8_sess)))}
+             for name, fn in (("torch_fp32", torch_run), ("onnx_fp32", ort_run(fp32_sess)),
+                              ("onnx_int8", ort_run(int8_sess)))}
     teacher_meta = json.loads((teacher / "train_summary.json").read_text())
     in_scope = [i for i, g in enumerate(gold) if g != "oos"]
     result = {
         "teacher": {"accuracy": teacher_acc, "non_embedding_params": teacher_meta["params"],
                     "ece": expected_calibration_error(teacher_probs, gold_idx)},
-        "student": {"size": args.size, "accuracy": student_acc, "non_embedding_params": run.summary["non_embedding_params"],
+        "student": {"size": args.size, "accuracy": student_acc,
+                    "non_embedding_params": run.summary["non_embedding_params"],
                     "params": run.summary["params"], "ece": expected_calibration_error(s_probs, gold_idx),
                     "ece_uncalibrated": expected_calibration_error(torch.from_numpy(softmax(s_logits)), gold_idx),
                     "temperature": temperature, "train_s": train_s, "val_accuracy": run.summary["val_accuracy"],

@@ -1,5 +1,5 @@
 import sys
 
-from cascade.cli import main
+from cascade.app.cli import main
 
 sys.exit(main())

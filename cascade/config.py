@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cascade.tomlfile import read_toml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):

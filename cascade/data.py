@@ -127,7 +127,8 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
             for row in reader:
                 where = f"{file}:{reader.line_num}"
                 if None in row:  # more cells than header columns
-                    bad.append(BadRow(where, f"{len(reader.fieldnames) + len(row[None])} cells, header has {len(reader.fieldnames)}"))
+                    bad.append(BadRow(where, f"{len(reader.fieldnames) + len(row[None])} cells, "
+                                             f"header has {len(reader.fieldnames)}"))
                     continue
                 text, label = row.get(text_field), row.get(label_field)
                 if _check_row(text, label, where, bad):

@@ -24,7 +24,8 @@ def markdown_report(report: dict, out: str | Path) -> Path:
         b = report["baseline"]
         lines.append(f"- **{b['tier']} alone**: accuracy {b['accuracy']:.4f}, {b['items_per_s']:.0f} items/s "
                      f"(the cascade: {report['items_per_s'] / max(b['items_per_s'], 1e-9):.1f}x the throughput)")
-    lines += ["", "## Tiers", "", "| tier | share | accuracy on its answers | mean ms per item seen |", "|---|---:|---:|---:|"]
+    lines += ["", "## Tiers", "", "| tier | share | accuracy on its answers | mean ms per item seen |",
+              "|---|---:|---:|---:|"]
     for row in report["tiers"]:
         lines.append(f"| {row['name']} | {row['share']:.3f} | {_f(row['accuracy'])} | {row['mean_ms']:.3f} |")
     pairs = report.get("confused_pairs") or []

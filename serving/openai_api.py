@@ -22,9 +22,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from cascade.config import ServingConfig
 from serving.engine.async_engine import AsyncEngine
-from serving.http import APIError, error_body
 from serving.engine.engine import RequestError, RequestOutput
 from serving.engine.sampling import SamplingParams
+from serving.http import APIError, error_body
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -258,7 +258,8 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                             yield sse({**head, "choices": [{"index": 0, "delta": {"content": out.delta},
                                                             "finish_reason": None}]})
                         if out.finished:
-                            yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
+                            yield sse({**head, "choices": [{"index": 0, "delta": {},
+                                                            "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
                     yield sse(error_body(400, "invalid_prompt", str(exc), "messages"))
                 finally:

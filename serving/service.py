@@ -42,6 +42,7 @@ from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
 from serving.http import LoopLag
 
+
 class Overloaded(RuntimeError):
     """No room within the request's deadline; the caller should retry later (HTTP 429)."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.cli import main
+from cascade.app.cli import main
 from cascade.data import load_split
 from tests.conftest import rules_cascade_config
 

@@ -85,7 +85,7 @@ def test_pareto_front_is_monotone():
 def test_calibrate_command_writes_thresholds_frontier_and_plot(clinc_dir, tmp_path, capsys):
     """The real command on CLINC150 val with the shipped rules pack and a one-label fallback:
     the rules tier's threshold is chosen, written back, and the frontier saved and plotted."""
-    from cascade.cli import main
+    from cascade.app.cli import main
     from cascade.config import load_config
     from tests.conftest import rules_cascade_config
 

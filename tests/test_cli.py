@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cascade.cli import main
+from cascade.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,8 @@ def run(*args, cwd=REPO):
 
 
 def test_cascade_imports_without_torch():
-    code = "import cascade, cascade.cli, cascade.tiers.rules, cascade.evaluate, sys; assert 'torch' not in sys.modules"
+    code = ("import cascade, cascade.app.cli, cascade.tiers.rules, cascade.evaluate, sys; "
+            "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -49,7 +50,8 @@ def test_eval_json_on_a_rules_cascade(make_dataset, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert {"accuracy", "macro_f1", "n", "tiers", "llm_share", "items_per_s"} <= set(r)
     assert r["n"] == 5 and r["accuracy"] == 0.8 and r["llm_share"] == 0.0
-    assert [(t["name"], t["share"], t["accuracy"]) for t in r["tiers"]] == [("rules", 0.4, 1.0), ("fallback", 0.6, 2 / 3)]
+    assert [(t["name"], t["share"], t["accuracy"]) for t in r["tiers"]] == [("rules", 0.4, 1.0),
+                                                                            ("fallback", 0.6, 2 / 3)]
     assert r["oos_recall"] == 0.0
     assert r["baseline"]["accuracy"] == 0.4 and r["baseline"]["tier"] == "fallback"
     assert r["confused_pairs"] == [{"gold": "oos", "pred": "greet", "count": 1}]

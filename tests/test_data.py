@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from cascade.cli import main
+from cascade.app.cli import main
 from cascade.data import DataError, Example, load_labels, load_split, prepare, read_table, stratified_split
 
 from .conftest import shared

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cascade.cli import main  # noqa: E402
+from cascade.app.cli import main  # noqa: E402
 from training.distill import kd_loss, teacher_distributions  # noqa: E402
 from training.trainer import IGNORE  # noqa: E402
 
@@ -32,9 +32,11 @@ def test_unlabeled_rows_learn_from_the_teacher_alone():
     teacher = torch.tensor([[0.8, 0.2], [0.8, 0.2]])
     student = torch.tensor([[0.3, -0.1], [0.3, -0.1]])
     only_teacher = kd_loss(student[:1], teacher[:1], torch.tensor([IGNORE]), 2.0, alpha=0.3)
-    assert only_teacher.item() == pytest.approx(kd_loss(student[:1], teacher[:1], torch.tensor([1]), 2.0, alpha=1.0).item())
+    assert only_teacher.item() == pytest.approx(kd_loss(student[:1], teacher[:1], torch.tensor([1]), 2.0,
+                                                        alpha=1.0).item())
     both = kd_loss(student, teacher, torch.tensor([IGNORE, 1]), 2.0, alpha=0.3)
-    assert both.item() == pytest.approx(only_teacher.item() + kd_loss(student[1:], teacher[1:], torch.tensor([1]), 2.0, 0.3).item())
+    assert both.item() == pytest.approx(only_teacher.item() + kd_loss(student[1:], teacher[1:], torch.tensor([1]),
+                                                                      2.0, 0.3).item())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def tiny_task(tmp_path_factory):
         with (data / f"{split}.jsonl").open("w") as f:
             for i in range(n):
                 for label, pattern in rows.items():
-                    f.write(json.dumps({"id": f"{split}-{label}-{i}", "text": pattern.format(i), "label": label}) + "\n")
+                    f.write(json.dumps({"id": f"{split}-{label}-{i}", "text": pattern.format(i),
+                                        "label": label}) + "\n")
     (data / "labels.json").write_text(json.dumps({"labels": sorted(rows), "oos_label": None}))
     teacher = root / "teacher"
     assert main(["train", "large", "--data", str(data), "--out", str(teacher), "--size", "debug", "--max-steps", "60",

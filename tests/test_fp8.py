@@ -2,8 +2,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.fp8 import (  # noqa: E402
-    ACTIVATION_AMAX_CAP, Fp8Linear, convert_to_fp8, dequantize_rowwise, fp8_state, quantize_rowwise)
+from training.fp8 import ACTIVATION_AMAX_CAP, Fp8Linear, convert_to_fp8, dequantize_rowwise, fp8_state, quantize_rowwise  # noqa: E402
 from training.model import build_model  # noqa: E402
 
 
@@ -50,7 +49,7 @@ def test_converter_skips_first_and_last_blocks_and_attention():
 def test_export_fp8_on_a_trained_large_model_reports_accuracy_change(tmp_path, make_dataset):
     import json
 
-    from cascade.cli import main
+    from cascade.app.cli import main
 
     rows = [(f"please book a flight to city {i}", "book_flight") for i in range(24)]
     rows += [(f"is it going to rain on day {i}", "weather") for i in range(24)]

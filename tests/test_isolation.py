@@ -328,8 +328,8 @@ def silent_server():
 
 
 def test_openai_backend_gives_up_at_the_deadline_not_after_its_retries(silent_server):
-    from serving.backends.openai_http import BackendUnavailable, OpenAIBackend
     from cascade.types import TierUnavailable
+    from serving.backends.openai_http import BackendUnavailable, OpenAIBackend
 
     backend = OpenAIBackend(silent_server, "m", timeout_s=30.0, retries=3, backoff_s=1.0)
     t0 = time.monotonic()
@@ -525,7 +525,7 @@ def test_rules_timeouts_are_on_metrics(tmp_path, serve_app):
 
 def serve_fails(config: Path, port: int | None = None) -> str:
     port = port or free_port()
-    proc = subprocess.run([sys.executable, "-m", "cascade.cli", "serve", "--config", str(config),
+    proc = subprocess.run([sys.executable, "-m", "cascade", "serve", "--config", str(config),
                            "--port", str(port)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:"), proc.stderr

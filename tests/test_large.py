@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from cascade.cli import main  # noqa: E402
+from cascade.app.cli import main  # noqa: E402
 from training.hf_io import load_hf  # noqa: E402
 from training.importer import greedy_complete, import_model  # noqa: E402
 from training.large import load_large, train_bpe  # noqa: E402

@@ -141,7 +141,7 @@ def test_distribution_from_logprobs():
 
 
 def test_openai_backend_and_tier_import_no_torch():
-    code = ("import sys, cascade.tiers.llm, serving.backends.openai_http, serving.backends; "
+    code = ("import sys, serving.llm_tier, serving.backends.openai_http, serving.backends; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -168,7 +168,7 @@ def test_cascade_llm_serve_command(model_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "llm", "serve", "--model", str(model_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "cascade", "llm", "serve", "--model", str(model_dir),
                              "--name", "tiny", "--port", str(port), "--dtype", "fp32", "--kv-memory-gb", "0.01"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cascade.cli import main, parse_quantity
+from cascade.app.cli import main, parse_quantity
 from training.planner import LossFit, inference_aware_point, plan
 
 CHINCHILLA_N, CHINCHILLA_D = 70e9, 1.4e12

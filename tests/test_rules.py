@@ -30,11 +30,13 @@ def test_catastrophic_pattern_times_out_and_abstains():
 
 
 @pytest.mark.parametrize("toml, where", [
-    ("[[rule]]\nlabel='a'\npattern='ok'\n[[rule]]\nlabel='b'\npattern='(unclosed'\n", "rule 2 (label 'b'): pattern: invalid regex"),
+    ("[[rule]]\nlabel='a'\npattern='ok'\n[[rule]]\nlabel='b'\npattern='(unclosed'\n",
+     "rule 2 (label 'b'): pattern: invalid regex"),
     ("[[rule]]\nlabel='a'\npattern='x'\nflags=['SHOUTING']\n", "rule 1 (label 'a'): flags: Value error, unknown flag"),
     ("[[rule]]\npattern='x'\n", "rule 1: label: Field required"),
     ("[[rule]]\nlabel='a'\npattern='x'\nlable='b'\n", "rule 1 (label 'a'): lable: Extra inputs"),
-    ("[[rule]]\nlabel='a'\npattern='(?P<num>\\d+)'\nfields=['amount']\n", "rule 1 (label 'a'): fields: ['amount'] are not named groups"),
+    ("[[rule]]\nlabel='a'\npattern='(?P<num>\\d+)'\nfields=['amount']\n",
+     "rule 1 (label 'a'): fields: ['amount'] are not named groups"),
     ("[[rule]]\nlabel='a'\npattern='x'\nconfidence=2\n", "rule 1 (label 'a'): confidence: Input should be less"),
     ("rules = 1\n", "unknown top-level keys ['rules']"),
     ("[[rule]\n", "not valid TOML"),

@@ -13,7 +13,17 @@ torch = pytest.importorskip("torch")
 
 from training.model import build_model  # noqa: E402
 from training.trainer import (  # noqa: E402
-    IGNORE, Hooks, Sequence, SpikeGuard, Trainer, TrainConfig, epoch_batches, list_checkpoints, lr_at, param_groups)
+    IGNORE,
+    Hooks,
+    Sequence,
+    SpikeGuard,
+    TrainConfig,
+    Trainer,
+    epoch_batches,
+    list_checkpoints,
+    lr_at,
+    param_groups,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from cascade.data import load_labels, load_split
 from training.calibration import calibration_report
 from training.export import encode
-from training.task import label_distribution
 from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
-from training.trainer import IGNORE, Hooks, Sequence, Trainer, TrainConfig, default_precision
+from training.task import label_distribution
+from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, default_precision
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,

@@ -124,7 +124,8 @@ def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False,
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     cfg = json.loads((d / "config.json").read_text())
     ids, mask = encode(tokenizer, texts, cfg["max_seq_len"])
-    calib_rows = [{"input_ids": ids[i:i + 1, : int(mask[i].sum())], "attention_mask": mask[i:i + 1, : int(mask[i].sum())]}
+    calib_rows = [{"input_ids": ids[i:i + 1, : int(mask[i].sum())],
+                   "attention_mask": mask[i:i + 1, : int(mask[i].sum())]}
                   for i in range(min(calibration_texts, len(texts)))]
 
     class Reader:  # onnxruntime's CalibrationDataReader protocol

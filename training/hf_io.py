@@ -118,7 +118,8 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Transf
     cfg = from_hf_config(json.loads(config_file.read_text()), str(config_file))
     # model.safetensors, or HF's shards model-00001-of-00003.safetensors; not our side files
     # such as model.fp8.safetensors.
-    files = [d / "model.safetensors"] if (d / "model.safetensors").exists() else sorted(d.glob("model-*-of-*.safetensors"))
+    files = ([d / "model.safetensors"] if (d / "model.safetensors").exists()
+             else sorted(d.glob("model-*-of-*.safetensors")))
     if not files:
         raise CheckpointError(f"{d}: no model.safetensors (pickle checkpoints are not loaded)")
     state: dict[str, torch.Tensor] = {}

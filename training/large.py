@@ -22,7 +22,7 @@ from cascade.data import load_labels, load_split
 from training.hf_io import load_hf, save_hf
 from training.model import SIZES, Transformer, build_model
 from training.task import TaskFormat, add_label_tokens, encode_prompts, label_distribution, resize_for_labels
-from training.trainer import IGNORE, Hooks, Sequence, Trainer, TrainConfig, default_precision
+from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, default_precision
 
 
 def models_home() -> Path:
@@ -133,7 +133,8 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
                 from training.planner import Plan, SizePoint, format_plan
 
                 p = extra["plan"]
-                print(format_plan(Plan(*(SizePoint(**p[k]) for k in ("compute_optimal", "fit_optimal", "inference_aware")),
+                print(format_plan(Plan(*(SizePoint(**p[k])
+                                         for k in ("compute_optimal", "fit_optimal", "inference_aware")),
                                        p["inference_tokens"])), file=sys.stderr)
                 print(f"--size auto: {size} ({extra['chosen_params']:,} non-embedding params) for "
                       f"{n_tokens:,} training tokens", file=sys.stderr)
@@ -143,7 +144,8 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         label_only = False
     label_ids = add_label_tokens(tokenizer, label_set.labels)
     resize_for_labels(model, tokenizer, label_set.labels, label_ids)
-    fmt = TaskFormat(label_set.labels, label_ids, template or TaskFormat.__dataclass_fields__["prompt_template"].default,
+    fmt = TaskFormat(label_set.labels, label_ids,
+                     template or TaskFormat.__dataclass_fields__["prompt_template"].default,
                      task=Path(data_dir).name, oos_label=label_set.oos_label, extra=extra)
     eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else 0
     data = build_sequences(tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train], label_only, eos)
@@ -172,7 +174,10 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     state = trainer._model_state()  # collective under FSDP
     summary = {
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-        "params": n_params, "params_with_embeddings": sum(v.numel() for k, v in state.items() if k != "lm_head.weight" or not model_cfg.tie_embeddings) if rank == 0 else None,
+        "params": n_params,
+        "params_with_embeddings": (sum(v.numel() for k, v in state.items()
+                                       if k != "lm_head.weight" or not model_cfg.tie_embeddings)
+                                   if rank == 0 else None),
         "final_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
         "val_accuracy": next((e["val_accuracy"] for e in reversed(trainer.log) if "val_accuracy" in e), None),

@@ -43,7 +43,8 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+          else MixedPrecisionPolicy())
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -53,8 +54,12 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.
 def full_state_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Full (unsharded) state dict access for checkpoints; collectives: call on every rank."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-        set_optimizer_state_dict)
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     load = StateDictOptions(full_state_dict=True)

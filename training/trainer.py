@@ -29,8 +29,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from training.model import Transformer
-
 IGNORE = -100
 
 
@@ -426,7 +424,8 @@ class Trainer:
         """One optimizer step; returns (loss, grad norm, real tokens processed on this rank)."""
         batch = self._next_batch()
         # This rank's share of the global batch, then split into micro-batches.
-        mine = batch[self.rank * self.cfg.batch_size // self.world_size:(self.rank + 1) * self.cfg.batch_size // self.world_size]
+        mine = batch[self.rank * self.cfg.batch_size // self.world_size:
+                     (self.rank + 1) * self.cfg.batch_size // self.world_size]
         seqs = [self.data[i] for i in mine]
         n_targets = torch.tensor(float(sum(self.count_targets(s) for s in seqs)))
         global_targets = all_reduce_sum(n_targets.clone()).item()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.config import ConfigError, TierConfig

@@ -75,7 +75,8 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or cfg.max_seq_len
         cache = self.config.cache
         self.kv_bytes_per_token = kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self.dtype)
-        num_blocks = cache.num_blocks or max(1, int(cache.memory_gb * 2**30 // (self.kv_bytes_per_token * cache.block_size)))
+        num_blocks = cache.num_blocks or max(
+            1, int(cache.memory_gb * 2**30 // (self.kv_bytes_per_token * cache.block_size)))
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv)

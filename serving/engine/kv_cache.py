@@ -29,7 +29,8 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: tor
 
 
 def allocate_kv_tensors(n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype, device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        dtype: torch.dtype,
+                        device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (K, V) pair per layer, each (num_blocks, n_kv_heads, block_size, head_dim), zeroed."""
     shape = (num_blocks, n_kv_heads, block_size, head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

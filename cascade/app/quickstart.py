@@ -60,7 +60,7 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     step = Steps(8)
 
     if data is None:
-        from cascade.demo import make_demo
+        from cascade.app.demo import make_demo
 
         data_dir = workdir / "data"
         step(f"generate the demo task (customer-support intents, seeded) -> {data_dir}")

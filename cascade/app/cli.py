@@ -189,7 +189,8 @@ def cmd_train_student(args: argparse.Namespace) -> int:
                       seed=args.seed)
     run = train_student(args.data, args.teacher, args.out, size=args.size, from_teacher=args.from_teacher,
                         temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled,
-                        augment=args.augment, cfg=cfg, resume=args.resume, limit_train=args.limit_train, inference_tokens=args.inference_tokens,
+                        augment=args.augment, cfg=cfg, resume=args.resume, limit_train=args.limit_train,
+                        inference_tokens=args.inference_tokens,
                         progress=not args.no_progress)
     s = run.summary
     c = s["calibration"]
@@ -221,9 +222,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e} "
               f"on {report['parity_texts']} texts")
     if args.fp8:
-        from training.export import export_fp8
-
         import random
+
+        from training.export import export_fp8
 
         # a seeded sample, not the head: split files are often grouped by label
         sample = random.Random(0).sample(val, min(args.fp8_texts, len(val)))
@@ -348,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from cascade.quickstart import run_quickstart
+    from cascade.app.quickstart import run_quickstart
 
     run_quickstart(args.workdir, data=args.data, smoke=args.smoke)
     return 0
@@ -506,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_prepare)
 
-    rules = sub.add_parser("rules", help="rule packs").add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rules = sub.add_parser("rules", help="rule packs").add_subparsers(
+        dest="rules_command", required=True, metavar="ACTION")
     p = rules.add_parser("check", help="per-rule support and precision, coverage, conflicts")
     p.add_argument("pack", help="rule pack .toml")
     p.add_argument("--data", required=True, help="dataset dir")
