@@ -95,9 +95,9 @@ def stage_prepare(cfg: E2EConfig) -> dict:
 
 def stage_rules(cfg: E2EConfig) -> dict:
     from cascade.data import load_labels, load_split
-    from cascade.rulecheck import check_pack
-    from cascade.rulemine import MineConfig, mine_pack, oos_weight_for, write_pack
-    from cascade.rulepack import load_pack
+    from cascade.rules.check import check_pack
+    from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rules.pack import load_pack
 
     labels = load_labels(cfg.data)
     train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")

@@ -21,10 +21,10 @@ import torch
 
 from cascade.data import load_split, prepare
 from cascade.metrics import accuracy
-from training.calibration import expected_calibration_error
 from training.distill import teacher_distributions, train_student
 from training.export import encode, export_onnx, ort_session, quantize_int8, softmax
 from training.student import load_student
+from training.temperature import expected_calibration_error
 from training.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.calibration import calibration_report, expected_calibration_error, fit_temperature, nll  # noqa: E402
+from training.temperature import calibration_report, expected_calibration_error, fit_temperature, nll  # noqa: E402
 
 
 def synthetic(n=4000, classes=10, seed=0):

@@ -135,7 +135,7 @@ def test_router_isolates_an_item_that_breaks_a_tier_and_falls_back_per_item(stud
 
 
 def test_cascade_batch_writes_every_good_row_and_lists_the_poison(tmp_path, clinc_dir):
-    from serving.batch import run_batch
+    from serving.batch_job import run_batch
 
     config = rules_cascade_config(tmp_path, clinc_dir)
     rows = [{"id": "a", "text": "are you a real person"}, {"id": "p", "text": POISON},

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from cascade.data import Example, load_split
-from cascade.rulecheck import check_pack
-from cascade.rulemine import MineConfig, mine_candidates, mine_pack, oos_weight_for, write_pack
-from cascade.rulepack import RuleError, decide, load_pack, match_text, parse_pack
+from cascade.rules.check import check_pack
+from cascade.rules.mine import MineConfig, mine_candidates, mine_pack, oos_weight_for, write_pack
+from cascade.rules.pack import RuleError, decide, load_pack, match_text, parse_pack
 from cascade.tiers.rules import RulesTier
 
 REPO = Path(__file__).resolve().parents[1]

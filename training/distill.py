@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade.data import load_labels, load_split
-from training.calibration import calibration_report
 from training.export import encode
 from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
 from training.task import label_distribution
+from training.temperature import calibration_report
 from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, default_precision
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cascade.config import ConfigError
 from cascade.data import DataError
-from cascade.rulepack import RuleError
+from cascade.rules.pack import RuleError
 
 USER_ERRORS = (DataError, RuleError, ConfigError, FileNotFoundError)
 
@@ -53,8 +53,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
     from cascade.data import load_split
-    from cascade.rulecheck import check_pack, format_check
-    from cascade.rulepack import load_pack
+    from cascade.rules.check import check_pack, format_check
+    from cascade.rules.pack import load_pack
 
     pack = load_pack(args.pack)
     report = check_pack(pack, load_split(args.data, args.split), args.timeout_ms / 1000.0)
@@ -68,7 +68,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 def cmd_rules_mine(args: argparse.Namespace) -> int:
     from cascade.data import load_labels, load_split
-    from cascade.rulemine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
 
     labels = load_labels(args.data)
     train = load_split(args.data, "train")
@@ -296,7 +296,7 @@ def cmd_llm_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from serving.batch import run_batch
+    from serving.batch_job import run_batch
 
     s = run_batch(args.input, args.config, args.out, resume=args.resume, batch_size=args.batch_size,
                   text_field=args.text_field, id_field=args.id_field, label_field=args.label_field,

@@ -76,9 +76,9 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
           f"{len(labels.labels)} labels")
 
     step("mine a rule pack from train, kept only where precise on val")
-    from cascade.rulecheck import check_pack
-    from cascade.rulemine import MineConfig, mine_pack, oos_weight_for, write_pack
-    from cascade.rulepack import load_pack
+    from cascade.rules.check import check_pack
+    from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rules.pack import load_pack
 
     mine_cfg = MineConfig(min_train_support=2 if smoke else 8, min_val_support=1 if smoke else 3,
                           oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))

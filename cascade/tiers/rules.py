@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.config import TierConfig
-from cascade.rulepack import RulePack, decide, load_pack, match_text
+from cascade.rules.pack import RulePack, decide, load_pack, match_text
 from cascade.types import CostMeter, Prediction
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import tomli_w
 
 from cascade.data import Example
-from cascade.rulecheck import check_pack
-from cascade.rulepack import parse_pack
+from cascade.rules.check import check_pack
+from cascade.rules.pack import parse_pack
 
 TOKEN = re.compile(r"\w+")
 
@@ -179,7 +179,7 @@ def write_pack(data: dict, out: str | Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Rule pack {data['name']!r}: regex rules answered by the rules tier.\n"
               "# Fields per [[rule]]: label, pattern (regex module syntax), flags, priority, fields,\n"
-              "# confidence (probability of being right), note. See cascade/rulepack.py.\n\n")
+              "# confidence (probability of being right), note. See cascade/rules/pack.py.\n\n")
     body = [f"name = {_toml_str(data['name'])}", f"description = {_toml_str(data.get('description', ''))}", ""]
     for rule in data["rule"]:
         body.append("[[rule]]")

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from cascade.data import Example
-from cascade.rulepack import RulePack, decide, match_text
+from cascade.rules.pack import RulePack, decide, match_text
 
 
 @dataclass
