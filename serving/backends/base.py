@@ -1,5 +1,5 @@
-"""What every large-model backend offers the cascade: constrained choice among labels, and
-plain completion. No torch here (the `openai` backend runs without it)."""
+"""What every large-model backend offers the cascade: constrained choice among labels. No
+torch here (the `openai` backend runs without it)."""
 
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ class LLMBackend(Protocol):
         Returns:
             One ChoiceResult per prompt, same order. Raises on backend failure.
         """
-        ...
-
-    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None) -> list[str]:
-        """Free generation (used by the batch tools and for smoke checks)."""
         ...
 
     def close(self) -> None:

@@ -37,11 +37,5 @@ class BuiltinBackend:
         except TimeoutError:
             raise DeadlineExceeded(f"the engine did not answer {len(prompts)} prompts within {timeout:.2f}s") from None
 
-    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None) -> list[str]:
-        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop or []))
-                  for _ in prompts]
-        return [o.text for o in self._run(prompts, params)]
-
     def close(self) -> None:
         self.async_engine.shutdown()

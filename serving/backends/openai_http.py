@@ -107,14 +107,6 @@ class OpenAIBackend:
                 results.append(distribution_from_logprobs(c["text"], top, list(choices), path))
         return results
 
-    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None) -> list[str]:
-        body = {"model": self.model, "prompt": list(prompts), "max_tokens": max_tokens, "temperature": temperature}
-        if stop:
-            body["stop"] = stop
-        data = self._post("/completions", body)
-        return [c["text"] for c in sorted(data["choices"], key=lambda c: c["index"])]
-
     def close(self) -> None:
         self.closed.set()
         self.client.close()

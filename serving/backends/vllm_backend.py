@@ -49,12 +49,5 @@ class VLLMBackend:
             results.append(distribution_from_logprobs(c.text, top, list(choices), c.cumulative_logprob))
         return results
 
-    def complete(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None) -> list[str]:
-        from vllm import SamplingParams
-
-        sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop or None)
-        return [o.outputs[0].text for o in self.llm.generate(list(prompts), sp, use_tqdm=False)]
-
     def close(self) -> None:
         del self.llm

@@ -38,7 +38,6 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hits when (last) admitted
-    num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     choice: ChoiceState | None = None
@@ -77,11 +76,6 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
-    preempted: list[str]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.seqs)
 
 
 class Scheduler:
@@ -108,7 +102,6 @@ class Scheduler:
         self.kv.free(victim.request_id)
         victim.num_computed_tokens = 0
         victim.status = Status.WAITING
-        victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
@@ -157,7 +150,7 @@ class Scheduler:
             budget -= num_new
 
         seqs = [ScheduledSeq(req, start, n, self.kv.block_table(req.request_id)) for req, start, n in planned]
-        return SchedulerOutput(seqs, preempted)
+        return SchedulerOutput(seqs)
 
     def _schedule_alone(self, req: Request) -> SchedulerOutput:
         num_new = min(req.num_tokens - req.num_computed_tokens, self.config.long_prefill_chunk,
@@ -167,15 +160,15 @@ class Scheduler:
             num_new = min(req.num_tokens - num_cached, self.config.long_prefill_chunk,
                           self.config.max_num_batched_tokens)
             if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_cached, num_new, hits) is None:
-                return SchedulerOutput([], [])  # no room yet: the running ones finish first
+                return SchedulerOutput([])  # no room yet: the running ones finish first
             self.waiting.remove(req)
             req.num_computed_tokens = req.num_cached_tokens = num_cached
             req.status = Status.RUNNING
             self.running.append(req)
         elif self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
-            return SchedulerOutput([], [])
+            return SchedulerOutput([])
         start = req.num_computed_tokens
-        return SchedulerOutput([ScheduledSeq(req, start, num_new, self.kv.block_table(req.request_id))], [])
+        return SchedulerOutput([ScheduledSeq(req, start, num_new, self.kv.block_table(req.request_id))])
 
     def finish(self, req: Request, reason: str) -> None:
         """Mark a request done and give its blocks back (also for aborts of waiting requests)."""
