@@ -50,7 +50,7 @@ def main() -> None:
     test = load_split(data, "test")[: args.limit_test]
     t1 = time.perf_counter()
     probs = label_distribution(model, tokenizer, fmt, [ex.text for ex in test], batch_size=64,
-                               dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+                               dtype=torch.bfloat16 if run.summary["precision"] == "bf16" else None)
     infer_s = time.perf_counter() - t1
     pred = [fmt.labels[i] for i in probs.argmax(-1).tolist()]
     gold = [ex.label for ex in test]
@@ -59,7 +59,7 @@ def main() -> None:
     speed = [e for e in log if "tokens_per_s" in e]
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized) fine-tuned, label-token head",
-        "precision": cfg.precision,
+        "precision": run.summary["precision"],
         "epochs": args.epochs,
         "steps": run.summary["steps"],
         "batch_size": args.batch_size,
@@ -71,7 +71,7 @@ def main() -> None:
         "test_n": len(test),
         "tokens_per_s": sum(e["tokens_per_s"] for e in speed) / max(1, len(speed)),
         "model_flops_per_s": sum(e["model_flops_per_s"] for e in speed) / max(1, len(speed)),
-        "matmul_peak_flops": matmul_peak(cfg.precision),
+        "matmul_peak_flops": matmul_peak(run.summary["precision"]),
         "wall_s": train_wall,
         "test_items_per_s": len(test) / infer_s,
         "per_epoch": [{"epoch": args.epochs, "val_accuracy": run.summary["val_accuracy"],

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from cascade.data import load_labels, load_split
 from training.export import encode
+from training.recipes import STUDENT
 from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
 from training.task import label_distribution
 from training.temperature import calibration_report
@@ -109,7 +110,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
 
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
-    cfg = cfg or TrainConfig(lr=1e-3, epochs=3, batch_size=64, warmup_steps=50)
+    cfg = cfg or TrainConfig(**STUDENT)
     torch.manual_seed(cfg.seed)
     teacher_dir, out = Path(teacher_dir), Path(out_dir)
     teacher_meta = json.loads((teacher_dir / "cascade.json").read_text())

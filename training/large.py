@@ -12,7 +12,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,8 +21,9 @@ from tokenizers import Tokenizer
 from cascade.data import load_labels, load_split
 from training.hf_io import load_hf, save_hf
 from training.model import SIZES, Transformer, build_model
+from training.recipes import LARGE
 from training.task import TaskFormat, add_label_tokens, encode_prompts, label_distribution, resize_for_labels
-from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, default_precision
+from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, resolve_precision
 
 
 def models_home() -> Path:
@@ -103,7 +104,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
                 template: str | None = None, progress: bool = True) -> LargeRun:
     from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel, shutdown_distributed
 
-    cfg = cfg or TrainConfig()
+    cfg = cfg or TrainConfig(**LARGE)
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
@@ -152,8 +153,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     n_params = model.num_params()
     model_cfg = model.cfg
     model.to(device)
-    if cfg.precision == "auto":
-        cfg.precision = default_precision(device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # once; the caller's stays as given
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     if world_size > 1:
         apply_fsdp(model, device, param_dtype)
@@ -174,7 +174,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     state = trainer._model_state()  # collective under FSDP
     summary = {
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-        "params": n_params,
+        "precision": cfg.precision, "params": n_params,
         "params_with_embeddings": (sum(v.numel() for k, v in state.items()
                                        if k != "lm_head.weight" or not model_cfg.tie_embeddings)
                                    if rank == 0 else None),

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,11 @@ def default_precision(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" made concrete for `device`; a concrete value as it is."""
+    return default_precision(device) if precision == "auto" else precision
 
 
 def matmul_peak(precision: str, size: int = 1024, repeats: int = 3) -> float:
@@ -306,8 +311,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.batches_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            fused=False)
-        if cfg.precision == "auto":
-            cfg.precision = default_precision(self.device)
+        # resolved once into the trainer's own copy; the caller's config is not changed
+        self.cfg = cfg = replace(cfg, precision=resolve_precision(cfg.precision, self.device))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 + GradScaler is a GPU option; use bf16 on CPU")

@@ -359,6 +359,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.recipes import LARGE, STUDENT  # torch-free: the defaults `--help` shows
+
     parser = argparse.ArgumentParser(
         prog="cascade",
         description="Answer each request with the cheapest tier that is confident enough.",
@@ -435,21 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="smollm2-135m or an HF model dir to fine-tune; omit to pretrain")
     p.add_argument("--size", default="auto", help="named size when pretraining, or auto (planner)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=LARGE["epochs"])
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step, all ranks")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--batch-size", type=int, default=LARGE["batch_size"],
+                   help="sequences per optimizer step, all ranks")
+    p.add_argument("--grad-accum", type=int, default=LARGE["grad_accum"])
+    p.add_argument("--lr", type=float, default=LARGE["lr"])
+    p.add_argument("--warmup-steps", type=int, default=LARGE["warmup_steps"])
+    p.add_argument("--weight-decay", type=float, default=LARGE["weight_decay"])
+    p.add_argument("--clip-norm", type=float, default=LARGE["clip_norm"])
+    p.add_argument("--precision", default=LARGE["precision"], choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: at the end)")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--spike-factor", type=float, default=3.0, help="skip steps whose loss exceeds this x mean")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=LARGE["eval_every"],
+                   help="steps between val evaluations (0: at the end)")
+    p.add_argument("--ckpt-every", type=int, default=LARGE["ckpt_every"], help="steps between checkpoints")
+    p.add_argument("--keep-last", type=int, default=LARGE["keep_last"], help="checkpoints kept")
+    p.add_argument("--spike-factor", type=float, default=LARGE["spike_factor"],
+                   help="skip steps whose loss exceeds this x mean")
+    p.add_argument("--seed", type=int, default=LARGE["seed"])
     p.add_argument("--limit-train", type=int, help="first N training rows only")
     p.add_argument("--eval-limit", type=int, default=300, help="val rows sampled for periodic accuracy")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when pretraining")
@@ -480,14 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="extra texts without labels (JSONL with text, or one per line)")
     p.add_argument("--augment", type=int, default=0,
                    help="perturbed copies per train text, labelled by the teacher alone (training/augment.py)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
+    p.add_argument("--lr", type=float, default=STUDENT["lr"])
+    p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
+    p.add_argument("--precision", default=STUDENT["precision"], choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--ckpt-every", type=int, default=STUDENT["ckpt_every"])
+    p.add_argument("--seed", type=int, default=STUDENT["seed"])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--limit-train", type=int)
     p.add_argument("--inference-tokens", type=parse_quantity, default=1e9, help="traffic for --size auto")
