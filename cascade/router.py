@@ -155,12 +155,14 @@ class Cascade:
                 for i in open_idx:
                     spent_ms[i] += 1000.0 * elapsed / len(batch)
                 log.warning("tier %s failed on a batch of %d: %s", tier.name, len(batch), exc)
-                why = ItemFailure(getattr(exc, "code", "tier_failed"), f"tier {tier.name!r}: {exc}", tier.name)
+                code = exc.code if isinstance(exc, TierUnavailable) else "tier_failed"
+                why = ItemFailure(code, f"tier {tier.name!r}: {exc}", tier.name)
                 for i in open_idx:
                     failure[i] = failure[i] or why
                 if level == last:
-                    for i in open_idx:
-                        fall_back(i, why)
+                    for i in open_idx:  # a deadline that passed earlier says so, not "overloaded"
+                        deadline_first = failure[i] if failure[i] and failure[i].code == "deadline_exceeded" else None
+                        fall_back(i, deadline_first or why)
                     open_idx = []
                 continue
             elapsed = time.perf_counter() - t0

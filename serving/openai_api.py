@@ -51,7 +51,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
-    stop: Text | list[Text] | None = Field(default=None, max_length=16)
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = None
     # torch's generators take seeds in [-2^63, 2^64)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     guided_choice: list[Text] | None = Field(default=None, min_length=1, max_length=4096)
@@ -112,6 +112,22 @@ def load_chat_template(model_dir: Path) -> str:
 
 def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+class AdmittedStream(StreamingResponse):
+    """A stream that gives its admission slot back exactly once however it ends: finished, the
+    client gone mid-stream, or gone before the first byte (a generator's own `finally` does not
+    run if it never started)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class EngineAdmission:
@@ -214,14 +230,18 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                                     "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
                     yield sse(error_body(400, "invalid_prompt", str(exc), "prompt"))
-                finally:
-                    admission.give(1)
                 yield sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
         admission.take(len(prompts))
+        tasks = [asyncio.ensure_future(final(p, SamplingParams(**vars(params)))) for p in prompts]
         try:
-            outs = await asyncio.gather(*(final(p, SamplingParams(**vars(params))) for p in prompts))
+            outs = await asyncio.gather(*tasks)
+        except BaseException:  # one prompt failed (or the client left): stop the others in the engine
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             admission.give(len(prompts))
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
@@ -262,11 +282,9 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                                             "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
                     yield sse(error_body(400, "invalid_prompt", str(exc), "messages"))
-                finally:
-                    admission.give(1)
                 yield sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
         try:
             out = await final(prompt, params)
         finally:

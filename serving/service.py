@@ -117,6 +117,7 @@ class TierWorker:
         self.metrics = metrics
         self.pending: list[tuple[list[str], asyncio.Future, float]] = []  # (texts, future, deadline)
         self.pending_items = 0
+        self.running_take: list[tuple[list[str], asyncio.Future, float]] = []
         self.running_items = 0
         self.running_since = 0.0
         self.seconds_per_item = 0.0  # moving average over batches, queueing excluded
@@ -170,9 +171,10 @@ class TierWorker:
             raise
 
     def _fail_pending(self, exc: Exception) -> None:
-        for _, fut, _ in self.pending:
+        for _, fut, _ in self.pending + self.running_take:
             if not fut.done():
                 fut.set_exception(exc)
+        self.running_take = []
         self.pending.clear()
         self.pending_items = 0
 
@@ -207,6 +209,7 @@ class TierWorker:
                 except asyncio.TimeoutError:
                     pass
             take = self._take()
+            self.running_take = take  # failed by _loop too, should this loop die mid-batch
             batch = [t for texts, _, _ in take for t in texts]
             if not batch:
                 continue
@@ -359,7 +362,14 @@ class CascadeService:
                 left = deadline - time.monotonic()
                 wait = worker.estimated_wait()
                 self.metrics.estimated_wait.labels(worker.tier.name).set(wait)
-                if level > 0 and wait > min(left, worker.max_queue_wait_s):
+                if left <= 0:  # spent at earlier tiers: a deadline, not an overload
+                    self.metrics.deadline.labels(worker.tier.name).inc(len(batch))
+                    level, batch = steps.throw(DeadlineExceeded(f"the request's deadline passed before tier "
+                                                                f"{worker.tier.name!r}"))
+                    continue
+                # Only the last tier sheds: an item shed at a middle tier would go on to the
+                # costlier last one. The cheaper tiers are guarded at admission (`admit`).
+                if level == len(self.workers) - 1 and level > 0 and wait > min(left, worker.max_queue_wait_s):
                     why = (f"tier {worker.tier.name!r} would take about {wait:.2f}s to start; "
                            f"{max(0.0, left):.2f}s of the request's deadline were left")
                     if self.overload == "reject":

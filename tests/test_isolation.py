@@ -239,6 +239,52 @@ def test_engine_blames_only_the_sequence_its_step_fails_on(model_dir):  # noqa: 
     assert [got[i][-1].token_ids for i in (0, 1, 3)] == [clean[i] for i in (0, 1, 3)]
 
 
+def test_engine_blames_a_fault_past_the_first_prefill_chunk_and_never_livelocks(model_dir):  # noqa: F811
+    """Found in review: a suspect cleared after one solo chunk rejoined, failed the batch again,
+    and the engine recomputed forever. Now a suspect runs alone until it samples; and when only
+    batches fail (no single culprit), each request is failed after MAX_FAILED_STEPS."""
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import MAX_FAILED_STEPS, LLMEngine
+
+    def engine_with(fault):
+        engine = LLMEngine.from_model_dir(model_dir, EngineConfig.default(dtype="fp32", num_blocks=128, block_size=4,
+                                                                         long_prefill_chunk=4))
+        real = engine.runner.execute
+
+        def execute(seqs):
+            if fault(seqs):
+                raise RuntimeError("fault")
+            return real(seqs)
+
+        engine.runner.execute = execute
+        return engine
+
+    def run(engine, prompts, params):
+        rids = [engine.add_request(p, SamplingParams(**vars(params))) for p in prompts]
+        final = {}
+        for _ in range(500):
+            if not engine.has_unfinished():
+                break
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        assert not engine.has_unfinished(), "the engine is stuck"
+        return [final[r] for r in rids]
+
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompts = ["1 2 3 4 5 6 17 8", "20 21 22", "30 31"]
+    clean = [o.token_ids for o in small_engine(model_dir).generate(prompts, params)]
+    deep = engine_with(lambda seqs: any(17 in s.request.all_token_ids[s.start:s.start + s.num_new] for s in seqs))
+    outs = run(deep, prompts, params)
+    assert outs[0].finish_reason == "error" and [o.token_ids for o in outs[1:]] == clean[1:]
+
+    batch_only = engine_with(lambda seqs: len(seqs) > 1)
+    outs = run(batch_only, prompts, params)
+    assert all(o.finished for o in outs)
+    assert all(o.finish_reason == "error" and str(MAX_FAILED_STEPS) in o.error or o.token_ids == c
+               for o, c in zip(outs, clean))
+
+
 def test_openai_routes_answer_bad_input_with_4xx_not_500(model_dir, serve_app):  # noqa: F811
     from cascade.config import ServingConfig
     from serving.app import create_llm_app
@@ -273,6 +319,30 @@ def test_openai_routes_answer_bad_input_with_4xx_not_500(model_dir, serve_app): 
         assert ok.status_code == 200
 
 
+def test_a_stream_the_client_abandons_gives_its_admission_slot_back(model_dir, serve_app):  # noqa: F811
+    """Found in review: a stream closed before (or right after) its first chunk kept its slot,
+    and after max_llm_requests of them every request got a 429."""
+    from cascade.config import ServingConfig
+    from serving.app import create_llm_app
+
+    app = create_llm_app(model_dir, "tiny", engine=AsyncEngine(small_engine(model_dir)),
+                         limits=ServingConfig(max_llm_requests=1))
+    body = {"prompt": "5 6", "max_tokens": 40, "stream": True}
+    chat = {"messages": [{"role": "user", "content": "5 6"}], "max_tokens": 40, "stream": True}
+    with serve_app(app) as url:
+        for path, req in [("/v1/completions", body), ("/v1/chat/completions", chat)] * 2:
+            with httpx.stream("POST", url + path, json=req, timeout=30) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # one chunk, then the client goes away
+            deadline = time.monotonic() + 10
+            while True:  # the slot comes back once the server notices
+                ok = httpx.post(url + "/v1/completions", json={"prompt": "5", "max_tokens": 1}, timeout=30)
+                if ok.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert ok.status_code == 200, ok.text
+
+
 # --- deadlines -------------------------------------------------------------------------------
 
 
@@ -299,6 +369,13 @@ def test_requests_queued_behind_a_hung_large_model_are_degraded_at_their_deadlin
         assert r.status_code == 504 and error_of(r)["code"] == "deadline_exceeded"
         r = httpx.post(url2 + "/v1/classify", json={"text": "x", "timeout_s": 10**6}, timeout=10)
         assert r.status_code == 422 and error_of(r)["param"] == "timeout_s"
+    # spent at an earlier tier (found in review: this came back as a 429 "overloaded")
+    for overload in ("degrade", "reject"):
+        slow_first = create_app(write_config(tmp_path), service=service_with(
+            [SlowTier("student", confidence=0.4, delay=0.5), SlowTier("llm")], [0.9, 0.0], overload=overload))
+        with serve_app(slow_first) as url3:
+            r = httpx.post(url3 + "/v1/classify", json={"text": "x", "timeout_s": 0.1}, timeout=10)
+            assert r.status_code == 504 and error_of(r)["code"] == "deadline_exceeded", r.text
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import threading
 import httpx
 
 from cascade.deadline import remaining
-from cascade.types import TierUnavailable
+from cascade.types import DeadlineExceeded, TierUnavailable
 from serving.backends.base import ChoiceResult, distribution_from_logprobs
 
 
@@ -57,6 +57,8 @@ class OpenAIBackend:
         last, tries = "", 0
         for attempt in range(self.retries + 1):
             left = remaining(self.timeout_s)
+            if left is not None and left <= 0.001 and tries == 0:
+                raise DeadlineExceeded(f"{self.url}{path}: the deadline passed before the request was sent")
             if left is not None and left <= 0.001 or self.closed.is_set():
                 break
             tries += 1
@@ -69,8 +71,10 @@ class OpenAIBackend:
                 if r.status_code == 200:
                     return r.json()
                 last = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code in (401, 403, 404):  # a wrong key, URL or model: every request will fail
+                    raise BackendUnavailable(f"{self.url}{path}: {last}")
                 if r.status_code != 429 and r.status_code < 500:
-                    raise BackendError(f"{self.url}{path}: {last}")  # our request is wrong: retrying won't help
+                    raise BackendError(f"{self.url}{path}: {last}")  # this request is wrong: retrying won't help
                 wait = self.backoff_s * 2**attempt
                 if r.status_code == 429:
                     try:
@@ -79,6 +83,9 @@ class OpenAIBackend:
                         pass
             if attempt == self.retries:
                 break
+            if not 0.0 <= wait:  # negative or NaN
+                wait = self.backoff_s
+            wait = min(wait, self.timeout_s)  # a server's Retry-After is advice, not a blank cheque
             left = remaining(None)
             if left is not None and wait >= left:  # the deadline comes first: say so now
                 last += f" (a retry in {wait:.2f}s would pass the deadline)"

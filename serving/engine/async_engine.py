@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
@@ -136,7 +137,7 @@ class AsyncEngine:
 
     def run_sync(self, prompts: list[str | list[int]], params: list[SamplingParams],
                  timeout: float | None = None) -> list[RequestOutput]:
-        """Blocking: submit all, wait for all final outputs (in order)."""
+        """Blocking: submit all, wait for all final outputs (in order), `timeout` seconds in all."""
         futures: list[Future] = []
         requests = []
         for prompt, p in zip(prompts, params):
@@ -151,8 +152,9 @@ class AsyncEngine:
             requests.append((prompt, p, sink))
             futures.append(fut)
         rids = self.submit_many(requests)
+        end = None if timeout is None else time.monotonic() + timeout  # one deadline for all
         try:
-            return [f.result(timeout=timeout) for f in futures]
+            return [f.result(timeout=None if end is None else max(0.0, end - time.monotonic())) for f in futures]
         except BaseException:  # timed out (or one failed): stop computing the rest
             for rid, fut in zip(rids, futures):
                 if not fut.done():

@@ -28,6 +28,9 @@ from serving.engine.sampling import SamplingParams, check_sampling, sample_token
 from serving.engine.scheduler import Request, Scheduler
 from training.model import Transformer
 
+# A request in this many failed steps is failed itself (see LLMEngine.step).
+MAX_FAILED_STEPS = 3
+
 
 class RequestError(ValueError):
     """A request the engine cannot serve (too long, bad parameters); the message says which."""
@@ -200,19 +203,23 @@ class LLMEngine:
 
         If the forward pass raises, only the requests it can be blamed on fail: the step's
         requests are preempted (their blocks may be half written, so they recompute, and the
-        prefix cache is dropped) and become suspects; the next steps run one suspect at a time,
-        alone. A suspect whose solo step raises is finished with `finish_reason` "error" and
-        the message in `RequestOutput.error`; one that steps cleanly rejoins the batch. A lone
-        request whose step raises is blamed at once."""
+        prefix cache is dropped) and become suspects; the next steps run one suspect alone until
+        it has computed all its known tokens and sampled. A suspect whose solo step raises is
+        finished with `finish_reason` "error" and the message in `RequestOutput.error`; one that
+        gets through rejoins the batch. A lone request whose step raises is blamed at once, and
+        a request in `MAX_FAILED_STEPS` failed steps is blamed too, so a failure that only
+        batches trigger (no single culprit) cannot livelock the engine."""
         solo = self._next_suspect()
-        plan = self.scheduler.schedule(only=solo)
+        plan = self.scheduler.schedule(only=solo) if solo is not None else None
+        if plan is None or not plan.seqs:  # no suspect, or no room to run it alone: a normal step
+            solo, plan = None, self.scheduler.schedule()
         if not plan.seqs:
             return []
         try:
             logits = self.runner.execute(plan.seqs)
         except Exception as exc:
             return self._step_failed(plan.seqs, exc)
-        if solo is not None:
+        if solo is not None and plan.seqs[0].samples:  # its whole sequence ran alone, cleanly
             self.suspects.remove(solo.request_id)
         self.steps += 1
         used = self.kv.num_used_blocks
@@ -237,23 +244,32 @@ class LLMEngine:
             self.suspects.pop(0)  # aborted meanwhile
         return None
 
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        if req.request_id in self.suspects:
+            self.suspects.remove(req.request_id)
+        self.scheduler.finish(req, "error")
+        out = self._output(req)
+        out.error = message
+        return out
+
     def _step_failed(self, seqs, exc: Exception) -> list[RequestOutput]:
         self.failed_steps += 1
         self.kv.reset_prefix_cache()  # blocks written by the failed step may be half written
+        reason = f"{type(exc).__name__}: {exc}"
         reqs = [s.request for s in seqs]
         if len(reqs) == 1:  # alone: it is to blame
-            req = reqs[0]
-            if req.request_id in self.suspects:
-                self.suspects.remove(req.request_id)
-            self.scheduler.finish(req, "error")
-            out = self._output(req)
-            out.error = f"the model failed on this request: {type(exc).__name__}: {exc}"
-            return [out]
+            return [self._fail(reqs[0], f"the model failed on this request: {reason}")]
+        failed = []
         for req in reqs:
+            req.failed_steps += 1
+            if req.failed_steps >= MAX_FAILED_STEPS:
+                failed.append(self._fail(req, f"the model failed on {req.failed_steps} steps this request was "
+                                              f"in (no single request to blame); last: {reason}"))
+                continue
             self.scheduler.preempt(req)
             if req.request_id not in self.suspects:
                 self.suspects.append(req.request_id)
-        return []
+        return failed
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         p = req.params

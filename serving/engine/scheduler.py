@@ -39,6 +39,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hits when (last) admitted
     status: Status = Status.WAITING
+    failed_steps: int = 0  # forward passes that raised with this request in them
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     choice: ChoiceState | None = None
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
@@ -160,7 +161,7 @@ class Scheduler:
             num_new = min(req.num_tokens - num_cached, self.config.long_prefill_chunk,
                           self.config.max_num_batched_tokens)
             if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_cached, num_new, hits) is None:
-                return SchedulerOutput([])  # no room yet: the running ones finish first
+                return SchedulerOutput([])  # no room: the engine runs a normal step instead
             self.waiting.remove(req)
             req.num_computed_tokens = req.num_cached_tokens = num_cached
             req.status = Status.RUNNING
