@@ -285,6 +285,29 @@ def test_engine_blames_a_fault_past_the_first_prefill_chunk_and_never_livelocks(
                for o, c in zip(outs, clean))
 
 
+def test_a_request_that_cannot_be_sampled_fails_alone(model_dir):  # noqa: F811
+    """Found by the schema fuzzer: temperature 1e-300 made torch.multinomial raise after the
+    forward pass, outside the blame logic, and every running request heard the error. Such
+    temperatures now sample greedily (as vLLM does), and a sampling failure fails its request
+    alone."""
+    engine = small_engine(model_dir)
+    greedy = small_engine(model_dir).generate(["5 6 7"], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    tiny_t = engine.generate(["5 6 7"], SamplingParams(max_tokens=5, ignore_eos=True, temperature=1e-300))[0]
+    assert tiny_t.token_ids == greedy.token_ids
+
+    real = engine._append_token
+
+    def append(req, logits):
+        if req.prompt_token_ids[0] == 17:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(req, logits)
+
+    engine._append_token = append
+    outs = engine.generate(["5 6 7", "17 18"], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert outs[0].token_ids == greedy.token_ids and outs[1].finish_reason == "error"
+    assert "sampling failed" in outs[1].error and not engine.has_unfinished()
+
+
 def test_openai_routes_answer_bad_input_with_4xx_not_500(model_dir, serve_app):  # noqa: F811
     from cascade.config import ServingConfig
     from serving.app import create_llm_app

@@ -29,7 +29,11 @@ class Innocent:
     def run(self) -> None:
         with httpx.Client(timeout=30) as client:
             while not self.stop.is_set():
-                r = client.post(self.url + self.path, json=self.body)
+                try:
+                    r = client.post(self.url + self.path, json=self.body)
+                except httpx.HTTPError as exc:  # the server dropped it: as bad as a wrong answer
+                    self.bad.append((-1, repr(exc)))
+                    continue
                 self.n += 1
                 if r.status_code != 200 or not self.expect(r.json()):
                     self.bad.append((r.status_code, r.text[:300]))

@@ -231,9 +231,13 @@ class LLMEngine:
             req.num_computed_tokens = s.start + s.num_new
             if not s.samples:
                 continue
-            self._append_token(req, logits[row])
+            try:  # sampling is per request: one that cannot be sampled fails alone
+                self._append_token(req, logits[row])
+            except Exception as exc:
+                outputs.append(self._fail(req, f"sampling failed for this request: {type(exc).__name__}: {exc}"))
+            else:
+                outputs.append(self._output(req))
             row += 1
-            outputs.append(self._output(req))
         return outputs
 
     def _next_suspect(self) -> Request | None:

@@ -13,7 +13,8 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most tokens to generate.
-        temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+        temperature: below GREEDY_BELOW (0 included) is greedy; otherwise logits are divided by it
+            before sampling.
         top_p: nucleus sampling: sample from the smallest set of tokens whose mass >= top_p.
         seed: per-request generator seed (reproducible sampling); None draws from torch's.
         stop: strings that end generation; the returned text stops before them.
@@ -47,6 +48,9 @@ class SamplingParams:
             self.stop = [self.stop]
 
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing by 1e-300 turns
+# the logits into inf and the probabilities into NaN.
+GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -89,7 +93,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         masked = torch.full_like(logits, float("-inf"))
         masked[idx] = logits[idx]
         logits = masked
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax()), choice_probs
     probs = top_p_filter(torch.softmax(logits / params.temperature, -1), params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator)), choice_probs
