@@ -230,7 +230,8 @@ def predict_isolated(tier: Tier, texts: list[str]) -> list[Prediction | None | I
     the items that fail on their own fail (an ItemFailure each) and every other item gets the
     answer it gets alone. If every item fails alone too, or the failure is one of UNAVAILABLE,
     the tier itself is failing: the original exception is raised for the batch to fall back.
-    Cost: a clean batch pays nothing; k bad items among n cost about 2k·log2(n) extra calls."""
+    Cost: a clean batch pays nothing; k bad items among n cost about 2k·log2(n) extra calls;
+    a tier that fails on everything (but not as UNAVAILABLE) costs 2n - 1 before it is known."""
     try:
         return _run(tier, texts)
     except UNAVAILABLE:
@@ -258,6 +259,9 @@ def _bisect(tier: Tier, texts: list[str]) -> list[Prediction | None | ItemFailur
     mid = len(texts) // 2
     out: list = []
     for half in (texts[:mid], texts[mid:]):
+        if len(half) == 1:  # one run decides it (trying it as a "batch" first would run it twice)
+            out.extend(_bisect(tier, half))
+            continue
         try:
             out.extend(_run(tier, half))
         except UNAVAILABLE:
