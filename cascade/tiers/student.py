@@ -43,7 +43,7 @@ class StudentTier:
     labels: list[str]
     temperature: float = 1.0
     max_len: int = 128
-    batch_size: int = 32  # sorted batches of 16/32/64/256 CLINC150 texts: 0.22/0.23/0.27/0.61 ms each (int8)
+    batch_size: int = 32  # rows per onnxruntime run: past 32 a batch costs more per row (docs/students.md)
     meter: CostMeter = field(default_factory=CostMeter)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:

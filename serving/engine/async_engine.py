@@ -40,7 +40,7 @@ class AsyncEngine:
     def submit_many(self, requests: list[tuple[str | list[int], SamplingParams, Sink]]) -> list[str]:
         """Queue requests together: the engine thread sees all of them at its next step. One at
         a time, it could wake on the first and step with a few while the rest were still being
-        queued (the effect on a batch of 36 classifications was within this machine's noise)."""
+        queued."""
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is shut down")

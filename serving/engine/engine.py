@@ -168,8 +168,8 @@ class LLMEngine:
 
     def _trie(self, choices: tuple[str, ...]) -> tuple[TokenTrie, int]:
         """The label set's token trie and its longest label in tokens, built once per label set
-        (a classification tier sends the same set with every request; tokenizing its 150 labels
-        each time held the CLINC150 large-model tier at 123 items/s, 144 without). Tries are
+        (a classification tier sends the same set with every request; tokenizing its labels each
+        time cost the CLINC150 tier a seventh of its throughput: docs/engine.md). Tries are
         read-only."""
         key = (choices, self.eos_token_id)  # the end token is part of the trie
         hit = self._tries.pop(key, None)
