@@ -43,7 +43,7 @@ class StudentTier:
     labels: list[str]
     temperature: float = 1.0
     max_len: int = 128
-    batch_size: int = 32  # rows per onnxruntime run: past 32 a batch costs more per row (docs/students.md)
+    batch_size: int = 32  # rows per onnxruntime run (how it was chosen: docs/students.md)
     meter: CostMeter = field(default_factory=CostMeter)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
