@@ -165,13 +165,11 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         acc = sum(fmt.labels[p] == ex.label for p, ex in zip(pred, val)) / max(1, len(val))
         return {"val_accuracy": acc, "val_n": len(val)}
 
-    trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=eos, n_params=n_params, device=device)
-    if world_size > 1:
-        for key, fn in full_state_hooks(model, trainer.optimizer).items():
-            setattr(trainer.hooks, key, fn)
+    trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=eos, n_params=n_params, device=device,
+                      state_hooks=full_state_hooks if world_size > 1 else None)
     result = trainer.fit(resume=resume, progress=progress)
 
-    state = trainer._model_state()  # collective under FSDP
+    state = trainer.model_state()  # collective under FSDP
     summary = {
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
         "precision": cfg.precision, "params": n_params,

@@ -294,7 +294,10 @@ class Trainer:
                  hooks: Hooks, pad_id: int, n_params: int, device: torch.device | None = None,
                  loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  batch_loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, int]] | None = None,
-                 count_targets: Callable[[Sequence], int] | None = None):
+                 count_targets: Callable[[Sequence], int] | None = None,
+                 state_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], dict] | None = None):
+        """`state_hooks(model, optimizer)` returns Hooks fields for full-state access (under
+        FSDP: `training.parallelize.full_state_hooks`); it is called once the optimizer exists."""
         self.model, self.data, self.cfg, self.hooks, self.pad_id = model, data, cfg, hooks, pad_id
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -311,6 +314,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.batches_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            fused=False)
+        if state_hooks is not None:
+            self.hooks = replace(hooks, **state_hooks(model, self.optimizer))
         # resolved once into the trainer's own copy; the caller's config is not changed
         self.cfg = cfg = replace(cfg, precision=resolve_precision(cfg.precision, self.device))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -331,7 +336,8 @@ class Trainer:
 
     # -- checkpointing --
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full model state on CPU (a collective under FSDP: call on every rank)."""
         if self.hooks.model_state:
             return self.hooks.model_state()
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -340,7 +346,7 @@ class Trainer:
         return self.hooks.optim_state() if self.hooks.optim_state else self.optimizer.state_dict()
 
     def save_checkpoint(self) -> Path | None:
-        model_state, optim_state = self._model_state(), self._optim_state()  # collective under FSDP
+        model_state, optim_state = self.model_state(), self._optim_state()  # collective under FSDP
         if self.rank != 0:
             if self.world_size > 1:
                 dist.barrier()
