@@ -173,8 +173,8 @@ def _mount_llm_routes(app: FastAPI, service, limits: ServingConfig) -> None:
     from serving.openai_api import build_openai_router
 
     for tier in service.cascade.tiers:
-        backend = getattr(tier, "backend", None)
-        engine = getattr(backend, "async_engine", None)
-        if engine is not None:
-            app.include_router(build_openai_router(engine, backend.model_dir.name, backend.model_dir, limits))
+        shared = tier.shared_engine() if callable(getattr(tier, "shared_engine", None)) else None
+        if shared is not None:
+            engine, model_dir = shared
+            app.include_router(build_openai_router(engine, model_dir.name, model_dir, limits))
             return

@@ -77,6 +77,12 @@ class LLMTier:
     def close(self) -> None:
         self.backend.close()
 
+    def shared_engine(self):
+        """(async engine, model dir) when the backend runs the built-in engine in this process,
+        for the app to serve the OpenAI routes on the same continuous batch; else None."""
+        engine = getattr(self.backend, "async_engine", None)
+        return None if engine is None else (engine, self.backend.model_dir)
+
 
 def build_llm_tier(spec: TierConfig, base_dir: Path) -> LLMTier:
     from serving.backends import build_backend

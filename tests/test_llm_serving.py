@@ -225,3 +225,19 @@ def test_async_engine_timeout_aborts_step_failure_recovers_and_shutdown_answers(
     runner.submit("5 6", long, got.append)
     runner.shutdown()
     assert got and isinstance(got[-1], RuntimeError) and "shut down" in str(got[-1])
+
+
+def test_cascade_serve_mounts_the_openai_routes_on_its_builtin_engine(model_dir, tmp_path, serve_app):
+    """An llm tier on the built-in engine shares it with the OpenAI routes of `cascade serve`."""
+    import httpx
+
+    from serving.app import create_app
+
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text(f'[task]\nname = "t"\n\n[[tiers]]\nname = "llm"\nkind = "llm"\npath = "{model_dir}"\n'
+                   'options = { backend = "builtin", dtype = "fp32", num_blocks = 64, block_size = 4 }\n')
+    with serve_app(create_app(cfg)) as url:
+        label = httpx.post(url + "/v1/classify", json={"text": "5 6 7"}, timeout=30).json()
+        assert label["tier"] == "llm" and label["label"] in LABELS
+        done = httpx.post(url + "/v1/completions", json={"prompt": "5 6", "max_tokens": 2}, timeout=30)
+        assert done.status_code == 200 and done.json()["model"] == model_dir.name
