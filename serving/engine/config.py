@@ -72,6 +72,12 @@ class EngineConfig:
             place through the block tables (serving/engine/paged_attention.c, built at first
             use; an error if it cannot be built); "torch": gather the blocks, then matmuls;
             "auto": the kernel where it builds, else torch.
+        kernel_chunk: query positions per kernel work item; a long prefill chunk is cut into
+            pieces of this many so the kernel's threads share it (docs/engine.md).
+        group_prefill_max: torch path: prefill chunks up to this many tokens attend in padded
+            groups; longer ones alone, with chunked causal attention.
+        prefill_max_padding: torch path: a padded group's attention work may be at most this
+            multiple of its real work (ops, not FLOPs, bound short prompts).
     """
 
     cache: CacheConfig
@@ -80,6 +86,9 @@ class EngineConfig:
     threads: int = 0
     max_model_len: int | None = None
     attention: str = "auto"
+    kernel_chunk: int = 128
+    group_prefill_max: int = 64
+    prefill_max_padding: float = 2.0
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"{self.dtype!r} is not auto, bf16 or fp32")
@@ -87,6 +96,11 @@ class EngineConfig:
         _check(self.attention in ("auto", "kernel", "torch"), "attention",
                f"{self.attention!r} is not auto, kernel or torch")
         _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", f"{self.max_model_len} < 2")
+        _check(1 <= self.kernel_chunk <= 65536, "kernel_chunk", f"{self.kernel_chunk} is not in 1..65536")
+        _check(0 <= self.group_prefill_max <= 65536, "group_prefill_max",
+               f"{self.group_prefill_max} is not in 0..65536")
+        _check(1.0 <= self.prefill_max_padding <= 1000.0, "prefill_max_padding",
+               f"{self.prefill_max_padding} is not in 1..1000")
 
     @classmethod
     def default(cls, **overrides) -> EngineConfig:

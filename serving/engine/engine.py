@@ -85,7 +85,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
         tensors = allocate_kv_tensors(cfg.n_layers, num_blocks, cache.block_size, cfg.n_kv_heads, cfg.head_dim,
                                       self.dtype, next(model.parameters()).device)
-        self.runner = ModelRunner(model, tensors, cache.block_size, attention=self.config.attention)
+        c = self.config
+        self.runner = ModelRunner(model, tensors, cache.block_size, attention=c.attention, kernel_chunk=c.kernel_chunk,
+                                  group_prefill_max=c.group_prefill_max, prefill_max_padding=c.prefill_max_padding)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._sent: dict[str, int] = {}

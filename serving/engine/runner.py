@@ -18,6 +18,8 @@ The weights are the plain `training.model.Transformer`'s; nothing in the model i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -121,9 +123,15 @@ def use_attention_kernel(attention: str, device: torch.device) -> bool:
     return kernels.paged_attention_available()
 
 
+# One layer's attention for a step: (q, k, v, k_cache, v_cache, out) -> None, filling `out`.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 attention: str = "auto"):
+                 attention: str = "auto", kernel_chunk: int = 128, group_prefill_max: int = 64,
+                 prefill_max_padding: float = 2.0):
+        """The tunables are EngineConfig's (serving/engine/config.py documents them)."""
         keep_freed_memory()
         self.model = model.eval()
         self.cfg = model.cfg
@@ -132,10 +140,10 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.packed = pack_linear_weights(model)
-        self.group_prefill_max = 64  # prefill chunks up to this many tokens attend in padded groups
-        self.prefill_max_padding = 2.0  # padded/real attention work of a group; ops, not FLOPs, bound short prompts
+        self.group_prefill_max = group_prefill_max
+        self.prefill_max_padding = prefill_max_padding
         self.attention_kernel = use_attention_kernel(attention, self.device)
-        self.kernel_chunk = 128  # query positions per kernel work item
+        self.kernel_chunk = kernel_chunk
 
     def _linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         w = self.packed.get(id(module))
@@ -279,6 +287,50 @@ class ModelRunner:
             })
         return groups
 
+    def _plan_attention(self, seqs: list[ScheduledSeq], offsets: list[int]) -> Attend:
+        """How this step attends, decided once for all layers: a function
+        `attend(q, k, v, k_cache, v_cache, out)` that fills `out` (N, H, D) for one layer from its
+        queries, the step's fresh K/V and the layer's cache (already holding this step's K/V).
+
+        The C kernel takes every sequence in one call. The torch path serves decodes in groups
+        by length, short prefill chunks in padded groups, and long chunks alone (chunked causal
+        attention skips most of the masked triangle; with nothing cached, over their own K/V)."""
+        if self.attention_kernel:
+            paged = self._kernel_batch(seqs, offsets)
+
+            def attend_kernel(q, k, v, k_cache, v_cache, out):
+                kernels.paged_attention(q, k_cache, v_cache, *paged, out=out, checked=True)
+
+            return attend_kernel
+        bs, dev = self.block_size, self.device
+        decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
+        prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
+        groups = self._decode_groups(seqs, decode, offsets) if decode else []
+        short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
+        long = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
+        prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
+        # Block tables of long chunks that attend to cached context.
+        tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
+                                  device=dev)[None] for i in long if seqs[i].start > 0}
+
+        def attend_torch(q, k, v, k_cache, v_cache, out):
+            for group in groups:
+                out.index_copy_(0, group["idx"], self._decode_attention(q.index_select(0, group["idx"]), k_cache,
+                                                                         v_cache, group))
+            for group in prefill_groups:
+                self._prefill_attention(q, k_cache, v_cache, group, out)
+            for i in long:
+                s, a = seqs[i], offsets[i]
+                qs = q[a:a + s.num_new].transpose(0, 1)  # (H, T, D)
+                if s.start == 0:  # nothing cached: its own fresh K/V, no gather
+                    ks, vs = k[a:a + s.num_new].transpose(0, 1), v[a:a + s.num_new].transpose(0, 1)
+                else:
+                    ctx = s.start + s.num_new
+                    ks, vs = self._gather(k_cache, tables[i], ctx), self._gather(v_cache, tables[i], ctx)
+                out[a:a + s.num_new] = causal_attention(qs, ks, vs, s.start).transpose(0, 1)
+
+        return attend_torch
+
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step. Returns fp32 logits (S, vocab) for the sequences whose `samples` is
@@ -301,27 +353,12 @@ class ModelRunner:
         cos, sin = rope_tables(D, pos_t, cfg.rope_theta)
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
 
-        # Offsets of each sequence in the flat batch; decodes are served together.
+        # Offsets of each sequence in the flat batch.
         offsets, o = [], 0
         for s in seqs:
             offsets.append(o)
             o += s.num_new
-        if self.attention_kernel:  # every sequence, decode or prefill, in one call per layer
-            paged = self._kernel_batch(seqs, offsets)
-            groups, prefill_groups, prefill = [], [], []
-        else:
-            paged = None
-            decode = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.start > 0]
-            prefill = [i for i, s in enumerate(seqs) if not (s.num_new == 1 and s.start > 0)]
-            groups = self._decode_groups(seqs, decode, offsets) if decode else []
-            # Short chunks attend in padded groups; long ones alone, where chunked causal
-            # attention skips most of the masked triangle.
-            short = [i for i in prefill if seqs[i].num_new <= self.group_prefill_max]
-            prefill = [i for i in prefill if seqs[i].num_new > self.group_prefill_max]
-            prefill_groups = self._prefill_groups(seqs, short, offsets) if short else []
-        # Block tables of prefill chunks that attend to cached context, built once for all layers.
-        tables = {i: torch.tensor(seqs[i].block_table[: -(-(seqs[i].start + seqs[i].num_new) // bs)],
-                                  device=dev)[None] for i in prefill if seqs[i].start > 0}
+        attend = self._plan_attention(seqs, offsets)  # built once, used by every layer
 
         x = self.model.embed_tokens(tok)  # (N, C)
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv):
@@ -340,23 +377,7 @@ class ModelRunner:
             v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D))
 
             out = torch.empty_like(q)  # (N, H, D)
-            if paged is not None:
-                kernels.paged_attention(q, k_cache, v_cache, *paged, out=out, checked=True)
-            for group in groups:
-                out.index_copy_(0, group["idx"], self._decode_attention(q.index_select(0, group["idx"]), k_cache,
-                                                                         v_cache, group))
-            for group in prefill_groups:
-                self._prefill_attention(q, k_cache, v_cache, group, out)
-            for i in prefill:
-                s, a = seqs[i], offsets[i]
-                qs = q[a:a + s.num_new].transpose(0, 1)  # (H, T, D)
-                ctx = s.start + s.num_new
-                if s.start == 0:  # nothing cached: its own fresh K/V, no gather
-                    ks = k[a:a + s.num_new].transpose(0, 1)
-                    vs = v[a:a + s.num_new].transpose(0, 1)
-                else:
-                    ks, vs = self._gather(k_cache, tables[i], ctx), self._gather(v_cache, tables[i], ctx)
-                out[a:a + s.num_new] = causal_attention(qs, ks, vs, s.start).transpose(0, 1)
+            attend(q, k, v, k_cache, v_cache, out)
             x = x + self._linear(attn.o_proj, out.view(-1, H * D))
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
