@@ -41,19 +41,11 @@ import httpx
 import numpy as np
 import tomli_w
 
+from cascade.cpu import cpu_report
 from cascade.data import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP_TIERS_EXCLUDE = ("llm",)  # tier kinds that are not "cheap"
-
-
-def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text()
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
-    return {"model": model, "flags": sorted(f for f in keep if f in flags), "cores": os.cpu_count(),
-            "class": "AVX512-BF16" if "avx512_bf16" in flags else ("AVX2-only" if "avx2" in flags else "other")}
 
 
 def matmul_peaks() -> dict:
@@ -271,7 +263,7 @@ def main() -> None:
     work = ROOT / "runs" / "load"
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    report = {"cpu": cpu_info(), **matmul_peaks(), "source_config": args.config, "llm": args.llm,
+    report = {"cpu": cpu_report(), **matmul_peaks(), "source_config": args.config, "llm": args.llm,
               "llm_threads": args.llm_threads, "seconds_per_phase": args.seconds,
               "client": "bench.load.RawClient (asyncio streams, keep-alive) in one process on the same cores "
                         "as the servers"}

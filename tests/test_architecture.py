@@ -40,3 +40,17 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def build():\n    from serving.backends import build_backend\n    import torch.nn\n")
     assert [name for _, name in imported_modules(f)] == ["serving.backends", "torch.nn"]
+
+
+def test_one_cpu_probe_agrees_with_itself_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    from cascade.cpu import cpu_class, cpu_flags, cpu_report, has_fast_bf16
+
+    report = cpu_report()
+    assert report["class"] == cpu_class() in ("AMX", "AVX512-BF16", "AVX2-only", "other")
+    assert has_fast_bf16() == (report["class"] in ("AMX", "AVX512-BF16"))
+    assert set(report["flags"]) <= cpu_flags()
+    code = "import sys, cascade.cpu; cascade.cpu.cpu_report(); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from cascade.cpu import has_fast_bf16
+
 IGNORE = -100
 
 
@@ -82,13 +84,8 @@ class TrainConfig:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: where oneDNN runs bf16 matmuls several times faster than fp32. On an
-    AVX2-only CPU (seen here: AMD EPYC, 0.14 TFLOP/s fp32 vs 0.02 bf16) bf16 is a slowdown."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """AMX or AVX512-BF16 (cascade.cpu, the one probe): where bf16 beats fp32 on the CPU."""
+    return has_fast_bf16()
 
 
 def default_precision(device: torch.device) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from cascade.cpu import has_fast_bf16
 from serving.engine.config import EngineConfig
 from serving.engine.constrained import ChoiceState, TokenTrie
 from serving.engine.kv_cache import KVCacheManager, allocate_kv_tensors, kv_bytes_per_token
@@ -58,9 +59,7 @@ class RequestOutput:
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        from training.trainer import cpu_has_fast_bf16
-
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() or has_fast_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 

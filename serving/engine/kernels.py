@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from cascade.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
@@ -34,19 +36,10 @@ class KernelUnavailable(RuntimeError):
     """The C kernel could not be built or loaded here (the message says why)."""
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    cpu = " ".join(sorted(cpu_flags()))
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu]).encode())
     cache = Path(os.environ.get("CASCADE_KERNEL_DIR") or Path.home() / ".cache" / "cascade" / "kernels")
     lib = cache / f"paged_attention-{key.hexdigest()[:16]}.so"
     if lib.exists():
