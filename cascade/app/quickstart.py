@@ -60,7 +60,8 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     workdir.mkdir(parents=True, exist_ok=True)
     cpu = cpu_report()
     print(f"CPU: {cpu['class']} ({' '.join(cpu['flags']) or 'no vector flags read'}), {cpu['cores']} cores: "
-          + ("bf16 training; the full run took 13 min on 2 such cores" if cpu["class"] in ("AMX", "AVX512-BF16")
+          + ("bf16 training; the full run takes 4-13 min on 2 such cores, by their bf16 speed (README)"
+             if cpu["class"] in ("AMX", "AVX512-BF16")
              else "fp32 training (bf16 would be slower here); the full run was reported at 15 min on 2 cores")
           + ("" if not smoke else " (--smoke: about a minute)"))
     step = Steps(8)
