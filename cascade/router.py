@@ -160,9 +160,8 @@ class Cascade:
                 for i in open_idx:
                     failure[i] = failure[i] or why
                 if level == last:
-                    for i in open_idx:  # a deadline that passed earlier says so, not "overloaded"
-                        deadline_first = failure[i] if failure[i] and failure[i].code == "deadline_exceeded" else None
-                        fall_back(i, deadline_first or why)
+                    for i in open_idx:  # the first reason it has none (a deadline spent earlier, say)
+                        fall_back(i, failure[i])
                     open_idx = []
                 continue
             elapsed = time.perf_counter() - t0

@@ -131,12 +131,17 @@ class LoopLag:
         return None
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except BaseException:  # noqa: S110  the cancellation we asked for
-                pass
+        await cancel_task(self.task)
+
+
+async def cancel_task(task: asyncio.Task | None) -> None:
+    """Cancel a background task and wait for it to end."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: S110  the cancellation we asked for
+            pass
 
 
 def api_keys_from_env(name: str) -> frozenset[str]:

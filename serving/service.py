@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily
 from cascade.deadline import deadline_scope
 from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
-from serving.http import LoopLag
+from serving.http import LoopLag, cancel_task
 
 
 class Overloaded(RuntimeError):
@@ -238,18 +238,9 @@ class TierWorker:
                 start += len(texts)
 
     async def stop(self) -> None:
-        await _cancel(self.task)
+        await cancel_task(self.task)
         self._fail_pending(RuntimeError(f"tier {self.tier.name!r} is shut down"))
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except BaseException:  # noqa: S110  the cancellation we asked for
-            pass
 
 
 class CascadeService:
