@@ -12,7 +12,8 @@ is finished (an interrupted training stage resumes from its last checkpoint):
     large      SmolLM2-135M fine-tuned on train (label-token head), bf16
     student    distilled from it (teacher label distributions, temperature-calibrated)
     export     ONNX fp32 (parity-checked) and int8 (agreement-checked on val)
-    calibrate  rules -> student -> llm thresholds on val; target: the large model's val accuracy
+    calibrate  rules -> student -> llm thresholds on val; target: within --max-loss (0.5 pt) of the large
+               model's accuracy with --confidence (90%), the search included (docs/calibration.md)
     measure    on test, in one process and back to back: the cascade, the large model alone,
                the student alone, TF-IDF + logistic regression, and a two-tier threshold router
                that sends a fixed share of requests to the large model (RouteLLM-style)
@@ -63,7 +64,10 @@ class E2EConfig:
     student_epochs: float = 6.0
     student_lr: float = 5e-4
     student_augment: int = 0  # perturbed copies per train text, labelled by the teacher (training/augment.py)
-    confidence: float | None = None  # calibrate's one-sided bound against the large model
+    # calibrate: within max_loss of the large model's accuracy, with this confidence after the search
+    # (Learn then Test, docs/calibration.md); the headline's 0.5 pt at 90%
+    max_loss: float = 0.005
+    confidence: float | None = 0.9
     # Calibrate for traffic where out-of-scope requests are this share (rule mining's default):
     # CLINC150's val holds 3% of them, its test 18%. None: val as it comes.
     oos_share: float | None = 0.2
@@ -167,15 +171,16 @@ def stage_calibrate(cfg: E2EConfig) -> dict:
     config_path = cfg.workdir / "cascade.toml"
     config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset, writer="bench/e2e.py"), encoding="utf-8")
     try:
-        cal = run_calibration(config_path, cfg.data, "llm", confidence=cfg.confidence, oos_share=cfg.oos_share)
+        cal = run_calibration(config_path, cfg.data, "llm", max_loss=cfg.max_loss, confidence=cfg.confidence,
+                              oos_share=cfg.oos_share)
         met = True
     except CalibrationError as exc:  # toy models may not reach it: the best accuracy instead, said so
         print(f"calibrate: {exc}; taking the most accurate point instead", file=sys.stderr)
         cal = run_calibration(config_path, cfg.data, max_llm_share=1.0, oos_share=cfg.oos_share)
         met = False
     print(cal["table"])
-    keep = ("n", "tiers", "tier_accuracy_alone", "tier_mean_ms", "target_accuracy", "confidence", "chosen",
-            "last_tier_accuracy", "chosen_confidence", "plot", "grid_points", "oos_share", "split_oos_share")
+    keep = ("n", "tiers", "tier_accuracy_alone", "tier_mean_ms", "target_accuracy", "max_loss", "confidence",
+            "chosen", "last_tier_accuracy", "guarantee", "plot", "grid_points", "oos_share", "split_oos_share")
     return {**{k: cal[k] for k in keep}, "target_met": met}
 
 
@@ -499,7 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-epochs", type=float, help="default: 1 for clinc150, 3 for banking77")
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
-    ap.add_argument("--confidence", type=float, help="calibrate with this one-sided confidence")
+    ap.add_argument("--confidence", type=float, default=0.9,
+                    help="calibrate: certify the target with this confidence, the search included (0: none)")
+    ap.add_argument("--max-loss", type=float, default=0.005,
+                    help="calibrate: tolerate this much accuracy below the large model's (0.005: 0.5 pt)")
     ap.add_argument("--oos-share", type=float, default=0.2,
                     help="calibrate for this out-of-scope share of traffic (0: val as it comes)")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes over test per system; the best is kept")
@@ -515,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs or LARGE_EPOCHS[args.dataset],
         student_epochs=args.student_epochs,
         student_augment=args.student_augment,
-        confidence=args.confidence, router_share=args.router_share, oos_share=args.oos_share or None,
+        confidence=args.confidence or None, max_loss=args.max_loss, router_share=args.router_share,
+        oos_share=args.oos_share or None,
         repeats=args.repeats,
     )
     run_stages(cfg, args.redo, args.until)

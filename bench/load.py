@@ -151,7 +151,7 @@ async def _post(client: RawClient, text: str, results: list) -> None:
     t0 = time.perf_counter()
     try:
         status, data = await client.post_json("/v1/classify", json.dumps({"text": text}).encode())
-        body = json.loads(data) if status == 200 else {}
+        body = json.loads(data)["results"][0] if status == 200 else {}
         results.append((status, 1000 * (time.perf_counter() - t0), body.get("tier"), body.get("degraded")))
     except (OSError, asyncio.IncompleteReadError, ValueError):
         results.append((-1, 1000 * (time.perf_counter() - t0), None, None))

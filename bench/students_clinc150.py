@@ -71,7 +71,7 @@ def main() -> None:
     int8 = quantize_int8(args.out, [ex.text for ex in load_split(data, "val")])
 
     # accuracy and ECE on test: teacher (cached label distributions), student fp32 / int8
-    teacher_probs, _ = teacher_distributions(teacher, texts, teacher / "label_cache")
+    teacher_probs, _ = teacher_distributions(teacher, texts)
     student = load_student(args.out)
     from tokenizers import Tokenizer
 

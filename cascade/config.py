@@ -52,6 +52,9 @@ class TierConfig(BaseModel):
     max_queue_wait_s: float | None = Field(default=None, gt=0.0, le=3600.0,
                                            description="serving: longest estimated queue wait at this tier before "
                                                        "new work is refused (default: [serving] max_queue_wait_s)")
+    llm_agreement: float | None = Field(default=None, ge=0.0, le=1.0,
+                                        description="the share of this tier's answers the large model agrees with, "
+                                                    "as calibrated; audit sampling flags drift below it")
 
     @field_validator("label_thresholds")
     @classmethod
@@ -115,11 +118,42 @@ class ServingConfig(BaseModel):
                              description="OpenAI routes: most prompts in one /v1/completions request (413)")
     max_llm_requests: int = Field(default=256, ge=1, le=1_000_000,
                                   description="OpenAI routes: engine requests in flight before 429")
-    public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz"],
+    public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/readyz", "/health"],
                                     description="routes answered without an API key when keys are set")
     api_keys_env: str = Field(default="CASCADE_API_KEYS", min_length=1,
                               description="env var with comma-separated API keys; when set, requests need one")
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After sent with 429")
+
+
+class TrafficLogConfig(BaseModel):
+    """[traffic_log]: every answered item logged for the flywheel (serving/traffic_log.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field(min_length=1, description="where segments go; relative paths resolve against cascade.toml")
+    text: Literal["keep", "hash", "drop"] = Field(default="keep", description="the text itself, its sha256, or "
+                                                                               "nothing")
+    segment_mb: float = Field(default=64.0, gt=0.0, le=1 << 20, description="a segment rotates past this size")
+    max_total_mb: float = Field(default=4096.0, gt=0.0, le=1 << 30,
+                                description="oldest segments are deleted past this total")
+    fsync_s: float = Field(default=1.0, ge=0.0, le=3600.0, description="how often written entries are fsynced")
+    queue_items: int = Field(default=100_000, ge=1, le=100_000_000,
+                             description="entries waiting for the writer before new ones are dropped")
+
+
+class AuditConfig(BaseModel):
+    """[audit]: a share of the cheap tiers' answers also asked of the large model, in the
+    background, for live agreement and drift (serving/audit.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(default=0.02, ge=0.0, le=1.0, description="share of cheap-tier answers audited")
+    max_per_s: float = Field(default=2.0, gt=0.0, le=1e6, description="audits per second at most (the budget)")
+    max_llm_wait_s: float = Field(default=0.05, ge=0.0, le=3600.0,
+                                  description="low priority: audit only while the large model's queue would start "
+                                              "it within this")
+    timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="an audit's own deadline")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="of the one-sided drift bound")
 
 
 class CascadeConfig(BaseModel):
@@ -128,6 +162,8 @@ class CascadeConfig(BaseModel):
     task: TaskConfig
     tiers: list[TierConfig] = Field(min_length=1)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    traffic_log: TrafficLogConfig | None = None
+    audit: AuditConfig | None = None
 
 
 def _loc(loc: tuple) -> str:
@@ -179,20 +215,45 @@ def load_config(path: str | Path) -> CascadeConfig:
     return parse_config(read_toml(path, ConfigError, "config"), str(path))
 
 
+THRESHOLD_DECIMALS = 6
+
+
+def readable_threshold(t: float) -> float:
+    """A threshold as a person reads it: 6 decimals, rounded *up*, so the rounded config never
+    lets a tier answer an item the calibrated one would have passed on (0.9107564635 -> 0.910757)."""
+    import math
+
+    scale = 10**THRESHOLD_DECIMALS
+    return min(1.000001, math.ceil(t * scale - 1e-9) / scale)
+
+
 def dump_config(config: CascadeConfig, path: str | Path) -> None:
-    """Write a config atomically (used by `cascade calibrate` to store thresholds)."""
+    """Write a config atomically (used by `cascade calibrate` to store thresholds), thresholds
+    rounded up to `THRESHOLD_DECIMALS`."""
     path = Path(path)
+    data = config.model_dump(exclude_none=True)
+    for tier in data["tiers"]:
+        tier["threshold"] = readable_threshold(tier["threshold"])
+        tier["label_thresholds"] = {k: readable_threshold(v) for k, v in tier.get("label_thresholds", {}).items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(tomli_w.dumps(config.model_dump(exclude_none=True)), encoding="utf-8")
+    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
     tmp.replace(path)
 
 
-def build_cascade(config: CascadeConfig, base_dir: str | Path):
-    """Instantiate every tier and the router; paths resolve against `base_dir` (the config's dir)."""
+def build_cascade(config: CascadeConfig, base_dir: str | Path, on_tier=None, make_tier=None):
+    """Instantiate every tier and the router; paths resolve against `base_dir` (the config's dir).
+    `on_tier(name, tier_or_None)` hears each tier before (None) and after it loads; `make_tier(spec,
+    base_dir)` builds a tier in place of `cascade.tiers.build_tier` (e.g. one living elsewhere)."""
     from cascade.router import Cascade
     from cascade.tiers import build_tier
 
     base_dir = Path(base_dir)
-    tiers = [build_tier(spec, base_dir) for spec in config.tiers]
+    tiers = []
+    for spec in config.tiers:
+        if on_tier is not None:
+            on_tier(spec.name, None)
+        tiers.append((make_tier or build_tier)(spec, base_dir))
+        if on_tier is not None:
+            on_tier(spec.name, tiers[-1])
     return Cascade(tiers, [spec.threshold for spec in config.tiers],
                    label_thresholds=[dict(spec.label_thresholds) for spec in config.tiers])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from cascade.config import CascadeConfig, build_cascade, load_config
 from cascade.data import load_labels, load_split
 from cascade.metrics import classification_report
+from cascade.progress import Progress
 from cascade.router import Cascade
 from cascade.textcheck import TextError, clean_text
 from cascade.types import ItemFailure, Prediction
@@ -17,7 +19,7 @@ LLM_KINDS = frozenset({"llm"})
 FAILED = "(no answer)"  # the tier name a failed item is scored under
 
 
-def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256
+def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256, progress: Progress | None = None
                   ) -> tuple[list[Prediction | ItemFailure], float]:
     """Route `texts` in batches of `batch_size`: per text a Prediction (or the ItemFailure of a
     text that got none: refused by `clean_text`, or failed alone in a tier), and the wall
@@ -34,6 +36,8 @@ def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256
         chunk = clean[start:start + batch_size]
         for (i, _), answer in zip(chunk, cascade.answer_batch([t for _, t in chunk])):
             answers[i] = answer
+        if progress is not None:
+            progress.update(len(chunk))
     return answers, time.perf_counter() - t0
 
 
@@ -50,10 +54,34 @@ def as_predictions(answers: list[Prediction | ItemFailure]) -> tuple[list[Predic
     return preds, failed
 
 
+def item_rows(texts: list[str], gold: list[str], answers: list[Prediction | ItemFailure],
+              ids: list[str] | None = None) -> list[dict]:
+    """One row per item, in order, for the `.items.jsonl` report: what it was, what it got, from
+    which tier, how sure and how fast; an item without an answer carries its error instead."""
+    rows = []
+    for i, (text, g, a) in enumerate(zip(texts, gold, answers)):
+        row = {"index": i, "id": ids[i] if ids else str(i), "text": text, "gold": g}
+        if isinstance(a, ItemFailure):
+            row.update({"label": None, "tier": None, "confidence": None, "correct": False, "degraded": False,
+                        "latency_ms": None, "error": {"code": a.code, "message": a.message, "tier": a.tier}})
+        else:
+            row.update({"label": a.label, "tier": a.tier, "confidence": a.confidence, "correct": a.label == g,
+                        "degraded": a.degraded, "latency_ms": a.latency_ms})
+        rows.append(row)
+    return rows
+
+
 def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: list[str],
-             oos_label: str | None = None, batch_size: int = 256) -> dict:
-    """Route `texts` in batches of `batch_size` and score the answers against `gold`."""
-    answers, seconds = predict_timed(cascade, texts, batch_size)
+             oos_label: str | None = None, batch_size: int = 256, ids: list[str] | None = None,
+             progress: bool = False, desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Route `texts` in batches of `batch_size` and score the answers against `gold`.
+
+    Returns:
+        The report (the keys of `cascade.metrics.classification_report`, per-tier counters,
+        failures) and the per-item rows (`item_rows`).
+    """
+    with Progress(len(texts), desc, "item", enabled=progress) as bar:
+        answers, seconds = predict_timed(cascade, texts, batch_size, bar)
     preds, failed = as_predictions(answers)
     names = [t.name for t in cascade.tiers]
     llm = [spec.name for spec in config.tiers if spec.kind in LLM_KINDS and spec.name in names]
@@ -67,12 +95,14 @@ def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: li
         row["item_errors"] = cascade.counters[tier.name].item_errors
     report["failed"] = len(failed)
     report["failures"] = failed[:50]  # the first ones, with their index: enough to find the rest
-    return report
+    return report, item_rows(texts, gold, answers, ids)
 
 
 def run_eval(config_path: str | Path, data_dir: str | Path, split: str = "test",
-             baseline: bool = False, batch_size: int = 256, limit: int | None = None) -> dict:
-    """Evaluate the configured cascade; with `baseline`, also its last tier alone."""
+             baseline: bool = False, batch_size: int = 256, limit: int | None = None, progress: bool = False
+             ) -> tuple[dict, list[dict]]:
+    """Evaluate the configured cascade; with `baseline`, also its last tier alone (its report
+    under "baseline"). Returns the report and the cascade's per-item rows."""
     config_path = Path(config_path)
     config = load_config(config_path)
     examples = load_split(data_dir, split)
@@ -82,14 +112,108 @@ def run_eval(config_path: str | Path, data_dir: str | Path, split: str = "test",
     texts = [ex.text for ex in examples]
     gold = [ex.label for ex in examples]
     cascade = build_cascade(config, config_path.parent)
-    report = evaluate(cascade, config, texts, gold, label_set.oos_label, batch_size)
-    report.update({"split": split, "data": str(data_dir), "config": str(config_path)})
+    report, items = evaluate(cascade, config, texts, gold, label_set.oos_label, batch_size,
+                             [ex.id for ex in examples], progress=progress, desc=f"eval {split}")
+    report.update({"task": config.task.name, "split": split, "data": str(data_dir), "config": str(config_path)})
     if baseline:
         last = cascade.tiers[-1]
         alone = Cascade([last], [0.0])
-        report["baseline"] = evaluate(alone, config, texts, gold, label_set.oos_label, batch_size)
+        report["baseline"], _ = evaluate(alone, config, texts, gold, label_set.oos_label, batch_size,
+                                         progress=progress, desc=f"eval {split}, {last.name} alone")
         report["baseline"]["tier"] = last.name
-    return report
+    return report, items
+
+
+# --- the report files ----------------------------------------------------------------------
+
+
+def report_paths(json_path: str | Path) -> dict[str, Path]:
+    """The files written beside `--json PATH`: eval.json -> eval.md, eval.items.jsonl,
+    eval.confusion.png, eval.reliability.png."""
+    json_path = Path(json_path)
+    stem = json_path.with_suffix("") if json_path.suffix == ".json" else json_path
+    return {"json": json_path, "markdown": stem.with_name(stem.name + ".md"),
+            "items": stem.with_name(stem.name + ".items.jsonl"),
+            "confusion_png": stem.with_name(stem.name + ".confusion.png"),
+            "reliability_png": stem.with_name(stem.name + ".reliability.png")}
+
+
+def write_reports(report: dict, items: list[dict], json_path: str | Path, top_labels: int = 20
+                  ) -> dict[str, Path | None]:
+    """Write the JSON report and everything beside it (`report_paths`): the per-item JSONL, the
+    two figures (None where skipped: no matplotlib, or nothing to draw) and the Markdown, whose
+    per-label table shows the `top_labels` worst (the JSON has them all). The JSON gets a
+    "files" key naming what was written, relative to it."""
+    from cascade import plots
+    from cascade.report import markdown_report
+
+    paths = report_paths(json_path)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    with paths["items"].open("w", encoding="utf-8") as f:
+        for row in items:
+            f.write(json.dumps(row) + "\n")  # ASCII escapes: a lone surrogate in a text still writes
+    title = report_title(report)
+    written: dict[str, Path | None] = dict(paths)
+    written["confusion_png"] = plots.confusion_png(
+        report["confusion"], paths["confusion_png"],
+        f"Most-confused labels ({len(report['confusion']['labels'])}): {title}")
+    written["reliability_png"] = plots.reliability_png(report["tiers"], paths["reliability_png"],
+                                                       f"Reliability per tier: {title}")
+    for key in ("confusion_png", "reliability_png"):  # a stale figure from an earlier run would mislead
+        if written[key] is None:
+            paths[key].unlink(missing_ok=True)
+    report["files"] = {k: (None if p is None else p.name) for k, p in written.items() if k != "json"}
+    paths["json"].write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    markdown_report(report, paths["markdown"])
+    with paths["markdown"].open("a", encoding="utf-8") as f:
+        f.write("\n".join(["", *detail_markdown(report, written, top_labels)]) + "\n")
+    return written
+
+
+def report_title(report: dict) -> str:
+    """"<task> <split>, n=<items>" for the figures' titles (the dataset dir's name without a task)."""
+    name = report.get("task") or (Path(report["data"]).name if report.get("data") else "?")
+    return f"{name} {report.get('split', '?')}, n={report['n']}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def detail_markdown(report: dict, files: dict[str, Path | None], top_labels: int = 20) -> list[str]:
+    """The Markdown sections after `cascade.report.markdown_report`'s: latency and calibration
+    per tier, the worst labels, the two figures and where the per-item rows are."""
+    lines = ["## Latency and calibration per tier", "",
+             "Latency: each answered item's milliseconds across every tier it went through (a batch's "
+             "time shared among its items), by the tier that answered it. ECE: expected calibration "
+             "error of that tier's confidence on its answers (10 bins).", "",
+             "| tier | answered | p50 ms | p95 ms | p99 ms | ECE |", "|---|---:|---:|---:|---:|---:|"]
+    for row in report["tiers"]:
+        lat = row.get("latency_ms") or {}
+        ece = "-" if row.get("ece") is None else f"{row['ece']:.3f}"
+        lines.append(f"| {row['name']} | {row['answered']} | {_ms(lat.get('p50'))} | {_ms(lat.get('p95'))} | "
+                     f"{_ms(lat.get('p99'))} | {ece} |")
+    per_label = report["per_label"]
+    shown = per_label[:top_labels]
+    lines += ["", f"## Per label, worst F1 first ({len(shown)} of {len(per_label)}"
+              + (f"; all in {files['json'].name} under per_label)" if len(shown) < len(per_label) else ")"), "",
+              "| label | precision | recall | F1 | support | predicted |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['label']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} | "
+              f"{r['predicted']} |" for r in shown]
+    for key, heading, alt in (("confusion_png", "Confusion matrix", "confusion among the most-confused labels"),
+                              ("reliability_png", "Reliability diagrams", "accuracy against confidence per tier")):
+        lines += ["", f"## {heading}", ""]
+        if files[key] is not None:
+            lines.append(f"![{alt}]({files[key].name})")
+        elif key == "confusion_png" and not report["confusion"]["labels"]:
+            lines.append("(no errors to show)")
+        elif key == "reliability_png" and not any(row["answered"] for row in report["tiers"]):
+            lines.append("(no answers to show)")
+        else:
+            lines.append("(not drawn: matplotlib is not installed; `pip install 'cascade[plots]'`)")
+    lines += ["", f"Every item's answer, tier, confidence and latency: `{files['items'].name}` (JSON lines, "
+              "in the split's order; items without an answer carry their error)."]
+    return lines
 
 
 def format_report(report: dict) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from cascade.types import Prediction
 
 
@@ -68,6 +70,12 @@ def classification_report(gold: Sequence[str], preds: Sequence[Prediction], tier
         "seconds": seconds,
     }
     report["confused_pairs"] = most_confused(gold, labels)
+    for row in report["tiers"]:
+        row.update(tier_latency_and_calibration(gold, preds, row["name"]))
+    answered = set(tier_names)
+    report["latency_ms"] = latency_summary([p.latency_ms for p in preds if p.tier in answered])
+    report["per_label"] = per_label_scores(gold, labels)
+    report["confusion"] = confusion_summary(gold, labels)
     if oos_label is not None:
         p, r, f = precision_recall_f1(gold, labels, oos_label)
         report.update({"oos_precision": p, "oos_recall": r, "oos_f1": f})
@@ -84,3 +92,96 @@ def most_confused(gold: Sequence[str], pred: Sequence[str], top: int = 10) -> li
 
     pairs = Counter((g, p) for g, p in zip(gold, pred) if g != p)
     return [{"gold": g, "pred": p, "count": c} for (g, p), c in pairs.most_common(top)]
+
+
+# --- per-label scores, confusion, latency and calibration (numpy; the eval reports read them) ---
+
+
+def _confusion_counts(gold: Sequence[str], pred: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Every label seen in gold or predictions (sorted) and the counts [gold, pred] over them."""
+    labels = sorted(set(gold) | set(pred))
+    index = {lab: k for k, lab in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(counts, ([index[g] for g in gold], [index[p] for p in pred]), 1)
+    return labels, counts
+
+
+def per_label_scores(gold: Sequence[str], pred: Sequence[str], no_answer: str = "") -> list[dict]:
+    """Per label: precision, recall, F1 (0.0 where undefined, as `precision_recall_f1`), support
+    (gold count) and predicted count; worst F1 first (then the larger support, then the name).
+    `no_answer` (the label an item without an answer is scored under) gets no row: such an
+    item counts against its gold label's recall only."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    labels, counts = _confusion_counts(gold, pred)
+    tp = np.diag(counts).astype(float)
+    support, predicted = counts.sum(axis=1), counts.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    rows = [{"label": lab, "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+             "support": int(support[k]), "predicted": int(predicted[k])}
+            for k, lab in enumerate(labels) if lab != no_answer]
+    rows.sort(key=lambda r: (r["f1"], -r["support"], r["label"]))
+    return rows
+
+
+def confusion_summary(gold: Sequence[str], pred: Sequence[str], top: int = 15, no_answer: str = "") -> dict:
+    """The confusion matrix restricted to the `top` labels with the most off-diagonal mass (items
+    of the label answered wrong, plus items answered the label wrongly), most confused first.
+
+    Returns:
+        {"labels": [...], "matrix": rows of counts (row: gold, column: predicted),
+         "support": each label's gold count over the whole split}. Empty lists without errors.
+    """
+    labels, counts = _confusion_counts(gold, pred)
+    off = counts - np.diag(np.diag(counts))
+    mass = off.sum(axis=0) + off.sum(axis=1)
+    keep = [k for k in np.argsort(-mass, kind="stable") if mass[k] > 0 and labels[k] != no_answer][:top]
+    return {"labels": [labels[k] for k in keep],
+            "matrix": counts[np.ix_(keep, keep)].tolist() if keep else [],
+            "support": [int(counts[k].sum()) for k in keep]}
+
+
+def latency_summary(ms: Sequence[float]) -> dict | None:
+    """p50/p95/p99/mean/max of per-item milliseconds (None for no items)."""
+    if not len(ms):
+        return None
+    x = np.asarray(ms, dtype=float)
+    p50, p95, p99 = np.percentile(x, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(x.mean()),
+            "max": float(x.max())}
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10) -> list[dict]:
+    """Equal-width confidence bins over [0, 1]: per bin its range, item count, mean confidence
+    and accuracy (None where empty). A confidence of exactly 1.0 falls in the last bin."""
+    conf = np.clip(np.asarray(confidence, dtype=float), 0.0, 1.0)
+    hit = np.asarray(correct, dtype=float)
+    which = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        inside = which == b
+        n = int(inside.sum())
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
+                     "confidence": float(conf[inside].mean()) if n else None,
+                     "accuracy": float(hit[inside].mean()) if n else None})
+    return bins
+
+
+def expected_calibration_error(bins: Sequence[dict]) -> float | None:
+    """ECE: the item-weighted mean |accuracy - confidence| over the bins (None for no items)."""
+    total = sum(b["n"] for b in bins)
+    if not total:
+        return None
+    return sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])
+
+
+def tier_latency_and_calibration(gold: Sequence[str], preds: Sequence[Prediction], name: str) -> dict:
+    """For the items tier `name` answered: latency percentiles (each item's `latency_ms`, its
+    time across every tier it went through), the reliability bins and their ECE."""
+    idx = [i for i, p in enumerate(preds) if p.tier == name]
+    bins = reliability_bins([preds[i].confidence for i in idx], [preds[i].label == gold[i] for i in idx])
+    return {"latency_ms": latency_summary([preds[i].latency_ms for i in idx]),
+            "ece": expected_calibration_error(bins), "reliability": bins}

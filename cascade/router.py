@@ -71,9 +71,12 @@ class Cascade:
         """The confidence this tier's answer needs to stand."""
         return self.label_thresholds[level].get(pred.label, self.thresholds[level])
 
-    def close(self) -> None:
-        """Release what the tiers hold (engine threads, HTTP pools); tiers without `close` are skipped."""
+    def close(self, keep: Sequence = ()) -> None:
+        """Release what the tiers hold (engine threads, HTTP pools); tiers without `close` are
+        skipped, and so are those in `keep` (handed on to another cascade)."""
         for tier in self.tiers:
+            if any(tier is k for k in keep):
+                continue
             close = getattr(tier, "close", None)
             if callable(close):
                 close()

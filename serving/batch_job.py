@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.data import DataError
+from cascade.progress import Progress
 from cascade.textcheck import TextError, clean_text
 from cascade.types import ItemFailure
 
@@ -130,20 +131,26 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
     config = load_config(config_path)
     cascade = build_cascade(config, config_path.parent)
     llm_tiers = {spec.name for spec in config.tiers if spec.kind in LLM_KINDS}
+    log = None
+    if config.traffic_log is not None:  # the same log `cascade serve` writes
+        from serving.traffic_log import TrafficLog, entry_of
+
+        log = TrafficLog.from_config(config.traffic_log, config_path.parent)
+        llm_name = config.tiers[-1].name if config.tiers[-1].kind in LLM_KINDS else None
     shares: Counter = Counter()
     n_rows = n_bad = n_gold = n_right = n_degraded = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="cascade batch", unit="item", initial=done_rows, dynamic_ncols=True)
+    bar = Progress(None, "cascade batch", "item", enabled=progress, initial=done_rows)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
             def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
                 nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
-                answers = cascade.answer_batch([r.text for r in rows]) if rows else []
+                answers = cascade.answer_batch([r.text for r in rows], explain=log is not None) if rows else []
+                if log is not None:
+                    for r, a in zip(rows, answers):
+                        if not isinstance(a, ItemFailure):
+                            log.put(entry_of(a, r.text, r.id, r.line, llm_name, log.text))
                 failed = [(r, a) for r, a in zip(rows, answers) if isinstance(a, ItemFailure)]
                 for r, p in zip(rows, answers):
                     if isinstance(p, ItemFailure):  # this row alone: to the errors file, the run goes on
@@ -170,10 +177,8 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                 tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
                 n_rows += len(rows) - len(failed)
                 n_bad += len(bad) + len(failed)
-                if bar is not None:
-                    bar.update(len(rows) - len(failed))
-                    total = sum(shares.values())
-                    bar.set_postfix_str(" ".join(f"{k} {v / total:.0%}" for k, v in shares.items()) + f" bad {n_bad}")
+                total = sum(shares.values()) or 1
+                bar.update(len(rows) - len(failed), **{k: f"{v / total:.0%}" for k, v in shares.items()}, bad=n_bad)
 
             rows: list[Row] = []
             bad: list[Malformed] = []
@@ -188,10 +193,11 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                     rows, bad = [], []
             if rows or bad:
                 flush(rows, bad, last)
-    finally:  # also on errors: engine threads and HTTP pools are released, the bar closed
+    finally:  # also on errors: engine threads and HTTP pools are released, the bar closed, the log written
         cascade.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t0
     total = sum(shares.values())
     counters = cascade.counters

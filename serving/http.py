@@ -1,5 +1,6 @@
 """What both apps (`cascade serve`, `cascade llm serve`) share at the HTTP edge: one error shape,
-API keys on every route but the probes, and a request-body byte limit.
+API keys on every route but the probes, a request-body byte limit, and a 503 for work while
+the models still load.
 
 Every 4xx/5xx body is
 
@@ -55,7 +56,7 @@ class ErrorBody(BaseModel):
 
 
 # For the OpenAPI schema: the error statuses every route may answer, with the one body.
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 413, 422, 429, 503)}
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
@@ -173,10 +174,11 @@ class EdgeMiddleware:
     Content-Length (or the bytes read so far) says so; under it, the body is handed on whole."""
 
     def __init__(self, app, keys: frozenset[str], public_paths: list[str], max_body_bytes: int, shed=None,
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, unavailable=None):
         self.app, self.keys, self.public = app, keys, frozenset(public_paths)
         self.max_body_bytes = max_body_bytes
-        self.shed = shed  # () -> reason | None: refuse work (429) before reading its body
+        self.shed = shed  # (scope) -> reason | None: refuse work (429) before reading its body
+        self.unavailable = unavailable  # (scope) -> reason | None: not ready for it (503), e.g. still loading
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope, receive, send):
@@ -194,6 +196,9 @@ class EdgeMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await _send_error(send, 413, "body_too_large", f"body: {length} bytes, the limit is "
                                                                   f"{self.max_body_bytes}", "body")
+        if self.unavailable is not None and (why := self.unavailable(scope)):
+            return await _send_error(send, 503, "not_ready", f"not ready: {why}; retry later", None,
+                                     {"Retry-After": str(self.retry_after_s)})
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         if self.shed is not None and (why := self.shed(scope)):

@@ -41,6 +41,7 @@ from cascade.deadline import deadline_scope
 from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
 from serving.http import LoopLag, cancel_task
+from serving.traffic_log import entry_of
 
 
 class Overloaded(RuntimeError):
@@ -49,6 +50,27 @@ class Overloaded(RuntimeError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TrafficLogCounters:
+    """The traffic log's own counts: entries written, and dropped (never a request) by reason."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def collect(self):
+        written = CounterMetricFamily("cascade_traffic_log_written", "traffic-log entries written")
+        written.add_metric([], self.log.written)
+        yield written
+        dropped = CounterMetricFamily("cascade_traffic_log_dropped", "traffic-log entries dropped (queue full, "
+                                      "write error); the requests were answered", labels=["reason"])
+        for reason in ("queue_full", "write_error"):
+            dropped.add_metric([reason], self.log.dropped.get(reason, 0))
+        yield dropped
+        deleted = CounterMetricFamily("cascade_traffic_log_segments_deleted", "oldest segments deleted past "
+                                      "max_total_mb")
+        deleted.add_metric([], self.log.segments_deleted)
+        yield deleted
 
 
 class RouterCounters:
@@ -83,7 +105,6 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("cascade_requests_total", "classify requests", ["status"], registry=r)
         self.items = Counter("cascade_items_total", "texts classified", registry=r)
         self.answers = Counter("cascade_answers_total", "answers by the tier that gave them", ["tier"], registry=r)
         self.tier_errors = Counter("cascade_tier_errors_total", "tier batches that failed or timed out", ["tier"],
@@ -99,6 +120,9 @@ class Metrics:
         self.queue = Gauge("cascade_queue_items", "items admitted and not yet answered", registry=r)
         self.latency = Histogram("cascade_tier_latency_seconds", "per-item latency by answering tier", ["tier"],
                                  registry=r, buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.confidence = Histogram("cascade_tier_confidence", "each tier's confidence in its predictions "
+                                    "(answered or passed on); a shift is drift", ["tier"], registry=r,
+                                    buckets=(.1, .2, .3, .4, .5, .6, .7, .8, .85, .9, .95, .98, .99, 1.0))
         self.batch_size = Histogram("cascade_tier_batch_size", "texts per tier batch", ["tier"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
@@ -249,7 +273,8 @@ class CascadeService:
     def __init__(self, cascade: Cascade, max_queue: int, micro_batch_size: int, micro_batch_ms: float,
                  tier_timeout_s: float, metrics: Metrics | None = None, request_timeout_s: float = 10.0,
                  max_queue_wait_s: float = 1.0, overload: str = "degrade", retry_after_s: int = 1,
-                 max_loop_lag_s: float = 0.05, tier_queue_wait_s: list[float | None] | None = None):
+                 max_loop_lag_s: float = 0.05, tier_queue_wait_s: list[float | None] | None = None,
+                 traffic_log=None, llm_tier: str | None = None, auditor=None):
         if overload not in ("degrade", "reject"):
             raise ValueError(f"overload: {overload!r} is not 'degrade' or 'reject'")
         self.cascade = cascade
@@ -267,16 +292,37 @@ class CascadeService:
         self.ready = False
         self.max_loop_lag_s = max_loop_lag_s
         self.loop_lag = LoopLag()
+        self.traffic_log = traffic_log  # serving.traffic_log.TrafficLog, or None
+        self.llm_tier = llm_tier  # whose answers the log records as the large model's
+        if traffic_log is not None:
+            self.metrics.registry.register(TrafficLogCounters(traffic_log))
+        self.auditor = auditor  # serving.audit.Auditor: cheap answers also asked of the last tier
+        if auditor is not None:
+            self.metrics.registry.register(auditor)
 
     @classmethod
-    def from_config(cls, cascade: Cascade, config) -> CascadeService:
-        """From a cascade.config.CascadeConfig: its [serving] table and each tier's own
-        `max_queue_wait_s`."""
+    def from_config(cls, cascade: Cascade, config, base_dir=None) -> CascadeService:
+        """From a cascade.config.CascadeConfig: its [serving] table, each tier's own
+        `max_queue_wait_s`, and its [traffic_log] (paths against `base_dir`, the config's dir)."""
+        from pathlib import Path
+
         limits = config.serving
+        log = None
+        if config.traffic_log is not None:
+            from serving.traffic_log import TrafficLog
+
+            log = TrafficLog.from_config(config.traffic_log, Path(base_dir or "."))
+        llm = config.tiers[-1].name if config.tiers[-1].kind == "llm" else None
+        auditor = None
+        if config.audit is not None and len(config.tiers) > 1:
+            from serving.audit import Auditor
+
+            auditor = Auditor.from_config(config.audit, config.tiers[:-1])
         return cls(cascade, limits.max_queue, limits.micro_batch_size, limits.micro_batch_ms, limits.tier_timeout_s,
                    request_timeout_s=limits.request_timeout_s, max_queue_wait_s=limits.max_queue_wait_s,
                    overload=limits.overload, retry_after_s=limits.retry_after_s, max_loop_lag_s=limits.max_loop_lag_s,
-                   tier_queue_wait_s=[spec.max_queue_wait_s for spec in config.tiers])
+                   tier_queue_wait_s=[spec.max_queue_wait_s for spec in config.tiers], traffic_log=log,
+                   llm_tier=llm, auditor=auditor)
 
     async def start(self) -> None:
         for w in self.workers:
@@ -293,12 +339,24 @@ class CascadeService:
             self.metrics.rejected.inc()
         return why
 
-    async def stop(self) -> None:
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight here (after a reload stopped sending new ones)."""
+        end = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return not self.in_flight
+
+    async def stop(self, keep=()) -> None:
+        """Stop the workers and close the tiers, but those in `keep` (reused by a new version)."""
         self.ready = False
         await self.loop_lag.stop()
+        for task in list(self.auditor.tasks if self.auditor else ()):
+            await cancel_task(task)
         for w in self.workers:
             await w.stop()
-        self.cascade.close()
+        self.cascade.close(keep)
+        if self.traffic_log is not None:
+            self.traffic_log.close()
 
     def _refuse(self, n: int, why: str, wait_s: float) -> Overloaded:
         self.metrics.rejected.inc(n)
@@ -317,8 +375,8 @@ class CascadeService:
                 raise self._refuse(n, f"tier {worker.tier.name!r} would take about {wait:.2f}s to start this "
                                       f"request; its limit is {budget:.2f}s", wait)
 
-    async def classify(self, texts: list[str], explain: bool = False,
-                       timeout_s: float | None = None) -> list[Prediction | ItemFailure]:
+    async def classify(self, texts: list[str], explain: bool = False, timeout_s: float | None = None,
+                       request_id: str | None = None) -> list[Prediction | ItemFailure]:
         """Per text, its Prediction or the ItemFailure that says why it has none.
 
         Raises Overloaded (before any work) when the request cannot start within its budget,
@@ -329,20 +387,58 @@ class CascadeService:
         self.in_flight += len(texts)
         self.metrics.queue.set(self.in_flight)
         try:
-            out = await self._drive(self.cascade.route(texts, explain), deadline)
+            trail = explain or self.traffic_log is not None  # the log records every tier's prediction
+            out = await self._drive(self.cascade.route(texts, trail), deadline)
         finally:
             self.in_flight -= len(texts)
             self.metrics.queue.set(self.in_flight)
         self.metrics.items.inc(len(texts))
-        for pred in out:
+        log = self.traffic_log
+        for i, (text, pred) in enumerate(zip(texts, out)):
             if isinstance(pred, ItemFailure):
                 continue
+            if log is not None:
+                log.put(entry_of(pred, text, request_id, i, self.llm_tier, log.text))
+                if not explain:
+                    pred.trail = None
+            if self.auditor is not None and pred.tier != self.workers[-1].tier.name and not pred.degraded:
+                self._maybe_audit(text, pred, request_id, i)
             self.metrics.answers.labels(pred.tier).inc()
             # per item: the time it spent in the tiers it went through, queueing included
             self.metrics.latency.labels(pred.tier).observe(pred.latency_ms / 1000.0)
             if pred.degraded:
                 self.metrics.degraded.inc()
         return out
+
+    def _maybe_audit(self, text: str, pred: Prediction, request_id: str | None, index: int) -> None:
+        """Ask the last tier too, in the background, if this answer is picked, the budget allows
+        and the last tier's queue is short (low priority: audits never queue ahead of work)."""
+        auditor, last = self.auditor, self.workers[-1]
+        if not auditor.pick():
+            return
+        if last.estimated_wait() > auditor.max_llm_wait_s or last.pending_items:
+            auditor.skipped["busy"] += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._audit(text, pred, request_id, index))
+        auditor.tasks.add(task)
+        task.add_done_callback(auditor.tasks.discard)
+
+    async def _audit(self, text: str, pred: Prediction, request_id: str | None, index: int) -> None:
+        auditor, last = self.auditor, self.workers[-1]
+        try:
+            (answer,) = await last.predict([text], time.monotonic() + auditor.timeout_s)
+        except Exception:  # an audit that fails is counted, never anyone's error
+            auditor.skipped["failed"] += 1
+            return
+        if not isinstance(answer, Prediction):
+            auditor.skipped["failed"] += 1
+            return
+        auditor.record(pred.tier, answer.label == pred.label)
+        if self.traffic_log is not None:
+            entry = entry_of(pred, text, request_id, index, None, self.traffic_log.text)
+            entry["audit"] = True
+            entry["llm"] = {"tier": answer.tier, "label": answer.label, "confidence": round(answer.confidence, 6)}
+            self.traffic_log.put(entry)
 
     async def _drive(self, steps, deadline: float) -> list[Prediction | ItemFailure]:
         """Run the routing generator with each tier's micro-batcher, under the deadline."""
@@ -373,6 +469,10 @@ class CascadeService:
                 except Exception as exc:
                     level, batch = steps.throw(exc)
                 else:
+                    seen = self.metrics.confidence.labels(worker.tier.name)
+                    for p in preds:
+                        if isinstance(p, Prediction):
+                            seen.observe(p.confidence)
                     level, batch = steps.send(preds)
         except StopIteration as done:
             return done.value

@@ -98,7 +98,9 @@ def serve_app():
     servers = []
 
     @contextlib.contextmanager
-    def serve(app):
+    def serve(app, ready: bool = True):
+        """`ready`: also wait until the app's readiness probe says 200 (its models loaded)."""
+        import httpx
         import uvicorn
 
         sock = socket.socket()
@@ -113,8 +115,15 @@ def serve_app():
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        paths = {getattr(r, "path", "") for r in getattr(app, "routes", [])}
+        probe = next((p for p in ("/readyz", "/health") if p in paths), None)
+        while ready and probe and httpx.get(url + probe).status_code != 200:
+            if time.monotonic() > deadline + 100 or not thread.is_alive():
+                raise RuntimeError(f"{probe} never said ready: {httpx.get(url + probe).text}")
+            time.sleep(0.05)
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield url
         finally:
             server.should_exit = True
             thread.join(timeout=10)

@@ -231,3 +231,219 @@ def test_traffic_weights_make_out_of_scope_the_asked_share():
         pytest.approx(simulate(runs, gold, point.thresholds).accuracy)
     assert confidence_of(runs, gold, point, 0.88, weights=traffic_weights(gold, "oos", 0.2)) == \
         pytest.approx(confidence_of(runs, gold, point, 0.88))
+
+
+# --- the guarantee: exact tests and Learn then Test (issue 20) ----------------------------------
+
+
+def test_binomial_helpers_are_exact():
+    from math import comb
+
+    from cascade.calibrate import binom_cdf, binom_lower, binom_upper
+
+    for k, n, p in [(0, 5, 0.3), (3, 10, 0.2), (40, 1000, 0.05), (7, 7, 0.9)]:
+        assert binom_cdf(k, n, p) == pytest.approx(sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1)),
+                                                   rel=1e-9)
+    # Clopper-Pearson: the bounds are where the tail equals alpha (0 of n: 1 - alpha^(1/n))
+    assert binom_upper(0, 100, 0.05) == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-6)
+    u, lo = binom_upper(3, 100, 0.05), binom_lower(3, 100, 0.05)
+    assert binom_cdf(3, 100, u) == pytest.approx(0.05, rel=1e-6)
+    assert 1 - binom_cdf(2, 100, lo) == pytest.approx(0.05, rel=1e-6) and lo < 0.03 < u
+
+
+def test_paired_tail_is_the_trinomial_probability():
+    """Golden: the sum over the trinomial's outcomes, enumerated by hand for a small n."""
+    from math import comb
+
+    from cascade.calibrate import paired_statistic, paired_tail
+
+    n, pw, pb, eps, z = 15, 0.2, 0.1, 0.05, -0.5
+    want = sum(comb(n, w) * comb(n - w, b) * pw ** w * pb ** b * (1 - pw - pb) ** (n - w - b)
+               for w in range(n + 1) for b in range(n + 1 - w) if paired_statistic(w, b, n, eps) <= z + 1e-9)
+    assert paired_tail(z, n, pw, pb, eps) == pytest.approx(want, rel=1e-9)
+
+
+def test_the_paired_test_holds_its_level_on_every_null_it_was_checked_on():
+    """Exact size: the probability, summed over every outcome, that the test rejects, for
+    distributions on H0 (loss >= the tolerance) from no discordance to a lot."""
+    from math import comb
+
+    from cascade.calibrate import paired_loss_pvalue
+
+    n, eps, alpha, nuisance = 40, 0.05, 0.1, 0.01
+    rejects = [(w, b) for w in range(n + 1) for b in range(n + 1 - w)
+               if paired_loss_pvalue(w, b, n, eps, nuisance) <= alpha]
+    assert (0, 0) not in rejects and (0, 10) in rejects  # 40 items cannot show 0-0 is within 5 pt; 0-10 can
+    for disc in (eps, 0.08, 0.15, 0.3, 0.6):
+        for loss in (eps, eps + 0.02):
+            if loss > disc:
+                continue
+            pw, pb = (disc + loss) / 2, (disc - loss) / 2
+            size = sum(comb(n, w) * comb(n - w, b) * pw ** w * pb ** b * (1 - pw - pb) ** (n - w - b)
+                       for w, b in rejects)
+            assert size <= alpha, (disc, loss, size)
+
+
+def plateau(n, rng):
+    """One student and the large model. Items ranked by u (the student's confidence, 1 - 0.5 u);
+    per-item loss P(llm right) - P(student right): -0.01 on the top 30%, +0.06 on the next 15%,
+    0 on [0.45, 0.8) with both 93% right independently (many discordant pairs), +0.3 below. So
+    the loss of answering the top share s rises to 0.006 at s = 0.45 and stays there until 0.8: a
+    plateau just above a 0.005 tolerance, where a search that checks its winner afterwards finds
+    a lucky point."""
+    u = rng.random(n)
+    s = np.select([u < 0.3, u < 0.45, u < 0.8], [0.995, 0.90, 0.93], 0.6)
+    m = np.select([u < 0.3, u < 0.45, u < 0.8], [0.985, 0.96, 0.93], 0.9)
+    student, llm = rng.random(n) < s, rng.random(n) < m
+    runs = [TierRun("student", ["a" if r else "b" for r in student], 1 - 0.5 * u, 1.0),
+            TierRun("llm", ["a" if r else "b" for r in llm], np.ones(n), 50.0, is_llm=True)]
+    return runs, ["a"] * n
+
+
+def test_learn_then_test_keeps_its_confidence_after_the_search_and_the_old_check_does_not():
+    """The share of resamples whose chosen thresholds lose more than the tolerance on the
+    population: at most 1 - confidence for `certify` (plus Monte-Carlo slack: 120 resamples, a
+    standard error of 0.027 at 0.1, so 0.05), well above it for the old procedure (cheapest grid
+    point, then a normal bound on it). The population is 60k items; val 800 is drawn from it with
+    replacement, so the population is exactly the distribution the guarantee is about."""
+    from cascade.calibrate import _masks, certify, confidence_of, path_from_other_items, subset
+
+    rng = np.random.default_rng(0)
+    pop, pop_gold = plateau(60_000, rng)
+    pop_llm = float(np.mean([a == "a" for a in pop[-1].labels]))
+    eps, conf = 0.005, 0.9
+    masks = _masks(pop, pop_gold)
+
+    def on_pop(p):  # (loss against the large model, large-model share) on the population
+        q = simulate(pop, pop_gold, p.thresholds, *masks)
+        return pop_llm - q.accuracy, q.llm_share
+
+    train = rng.integers(0, len(pop_gold), 3000)  # the path's own labelled items
+    train_gold = [pop_gold[i] for i in train]
+    path = path_from_other_items(subset(pop, train)[:-1], train_gold, pop, candidates=16)
+    old, new = [], []
+    for _ in range(120):
+        idx = rng.integers(0, len(pop_gold), 800)
+        runs, gold = subset(pop, idx), [pop_gold[i] for i in idx]
+        target = float(np.mean([a == "a" for a in runs[-1].labels])) - eps
+        try:
+            was = choose(frontier(runs, gold, candidates=16), target,
+                         confident=lambda p: confidence_of(runs, gold, p, target, True, max_loss=eps) >= conf)
+        except CalibrationError:
+            was = simulate(runs, gold, (NEVER, 0.0))
+        old.append(on_pop(was))
+        cert = certify(runs, gold, conf, max_loss=eps, path=path, path_gold=train_gold, bounds=False)
+        new.append(on_pop(cert.point))
+    old, new = np.array(old), np.array(new)
+    old_rate, new_rate = float((old[:, 0] > eps).mean()), float((new[:, 0] > eps).mean())
+    assert new_rate <= (1 - conf) + 0.05, (old_rate, new_rate)
+    assert old_rate > 1 - conf and old_rate > new_rate + 0.08, (old_rate, new_rate)
+    # and the guarantee is not bought by sending everything to the large model: the oracle
+    # (the least share within the tolerance on the population) is about 0.55
+    assert new[:, 1].mean() < 0.8
+
+
+def test_fixed_sequence_starts_at_the_large_model_and_stops_at_its_first_failure():
+    from cascade.calibrate import certify
+
+    runs, gold = plateau(1500, np.random.default_rng(3))
+    cert = certify(runs, gold, 0.9, max_loss=0.005, learn_share=0.3, seed=0)
+    first = cert.steps[0]
+    assert first.point.thresholds[0] == NEVER and first.source == "definition" and first.certified
+    tested = [s for s in cert.steps if s.tested]
+    assert all(s.certified for s in tested[:-1]) and cert.chosen is not None
+    if len(tested) < len(cert.steps):  # stopped at a point not rejected; nothing after it tested
+        assert not tested[-1].certified and cert.chosen == len(tested) - 2
+        assert tested[-1].p_value > 0.1 >= tested[-2].p_value
+    # the answered sets are nested: thresholds only go down along the path
+    thr = [s.point.thresholds[0] for s in cert.steps]
+    assert thr == sorted(thr, reverse=True)
+    assert cert.learn_n == 450 and cert.test_n == 1050 and cert.path_from == "learn split"
+    # every certified point's bound is within the tolerance, the chosen one included
+    assert all(s.test["loss_bound"] <= 0.005 for s in tested if s.certified and s.source != "definition")
+
+
+def test_absolute_and_weighted_targets_are_certified_on_the_same_sequence():
+    from cascade.calibrate import certify, traffic_weights
+
+    runs, gold = synthetic(3000)
+    cert = certify(runs, gold, 0.9, min_accuracy=0.9, learn_share=0.3)
+    step = cert.steps[cert.chosen]
+    assert cert.goal == "accuracy" and step.test["accuracy_bound"] >= 0.9 and step.point.llm_share < 1.0
+    assert "binomial" in cert.method
+    with pytest.raises(CalibrationError, match="no point passed"):
+        from cascade.calibrate import calibrate_runs
+        calibrate_runs(runs, gold, 0.99, confidence=0.9)
+    # traffic weights: a betting test on the weighted loss; more certainty costs share
+    runs, gold = oos_synthetic()
+    w = traffic_weights(gold, "oos", 0.4)
+    loose = certify(runs, gold, 0.8, max_loss=0.01, label="oos", weights=w)
+    tight = certify(runs, gold, 0.99, max_loss=0.01, label="oos", weights=w)
+    assert "betting" in loose.method and loose.point.llm_share <= tight.point.llm_share
+    assert loose.steps[loose.chosen].test["loss_bound"] <= 0.01
+
+
+def distilled(n, rng, agree=0.995):
+    """A student distilled from the large model: on the items it is sure of it says what the large
+    model says (`agree` of the time), whether or not that is right."""
+    u = rng.random(n)
+    gold = ["a"] * n
+    llm_right = rng.random(n) < 0.93
+    llm = ["a" if r else "b" for r in llm_right]
+    sure = u < 0.6
+    copies = np.where(sure, rng.random(n) < agree, rng.random(n) < 0.8)
+    student = [x if c else ("b" if x == "a" else "a") for x, c in zip(llm, copies)]
+    runs = [TierRun("student", student, np.where(sure, 0.99 - 0.1 * u, 0.5 - 0.4 * u), 1.0),
+            TierRun("llm", llm, np.ones(n), 50.0, is_llm=True)]
+    return runs, gold
+
+
+def test_label_free_evidence_buys_share_where_val_is_small_and_keeps_the_level():
+    """300 labelled items cannot show a 0.5 pt tolerance; 20k items the large model answered
+    (no gold) bound the loss by the disagreement, which is about 0.3% on the student's sure items."""
+    from cascade.calibrate import _masks, certify
+
+    rng = np.random.default_rng(0)
+    val, val_gold = distilled(300, rng)
+    extra, _ = distilled(20_000, rng)
+    alone = certify(val, val_gold, 0.9, max_loss=0.005, learn_share=0.3)
+    both = certify(val, val_gold, 0.9, max_loss=0.005, learn_share=0.3, unlabelled=extra)
+    assert both.point.llm_share < alone.point.llm_share - 0.3
+    assert both.unlabelled_n == 20_000 and {s.source for s in both.steps if s.tested} - {"definition"}
+    with pytest.raises(CalibrationError, match="large model only"):
+        certify(val, val_gold, 0.9, min_accuracy=0.9, unlabelled=extra)
+    # the level: on fresh draws the chosen point's true loss (population of 100k) stays within it
+    pop, pop_gold = distilled(100_000, np.random.default_rng(1))
+    pop_llm = float(np.mean([a == "a" for a in pop[-1].labels]))
+    masks = _masks(pop, pop_gold)
+    bad = 0
+    for r in range(30):
+        v, vg = distilled(300, np.random.default_rng(100 + r))
+        e, _ = distilled(20_000, np.random.default_rng(200 + r))
+        p = certify(v, vg, 0.9, max_loss=0.005, learn_share=0.3, unlabelled=e, seed=r, bounds=False).point
+        bad += pop_llm - simulate(pop, pop_gold, p.thresholds, *masks).accuracy > 0.005
+    assert bad <= 6  # 30 draws: at most 10% + slack
+
+
+def test_calibrate_command_certifies_against_the_large_model_with_a_tolerance(clinc_dir, tmp_path, capsys):
+    """`--target-accuracy llm --max-loss --confidence`: the path learnt on train (the cheap tiers
+    only), every val item testing it; the certificate in the report, its table printed, and the
+    plot titled."""
+    from cascade.app.cli import main
+    from tests.conftest import rules_cascade_config
+
+    config = rules_cascade_config(tmp_path, clinc_dir, threshold=0.0)
+    assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "llm",
+                 "--max-loss", "0.01", "--confidence", "0.9", "--limit", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "p-value" in out and "definition" in out and "with 90% confidence" in out
+    report = __import__("json").loads((tmp_path / "cascade.frontier.json").read_text())
+    g = report["guarantee"]
+    assert g["goal"] == "llm" and g["level"] == 0.01 and g["path_from"] == "other items" and g["test_n"] == 600
+    chosen = g["steps"][g["chosen"]]
+    assert chosen["certified"] and report["max_loss"] == 0.01
+    assert report["chosen"]["thresholds"] == chosen["point"]["thresholds"]
+    # a tolerance goes with the large model's own accuracy only
+    assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.5",
+                 "--max-loss", "0.01", "--limit", "600"]) == 2
+    assert "--max-loss" in capsys.readouterr().err

@@ -87,9 +87,10 @@ def test_train_student_end_to_end_with_unlabeled_and_calibration(tiny_task, caps
     assert calib["temperature"] > 0 and calib["nll_after"] <= calib["nll_before"] + 1e-9
     assert {"ece_before", "ece_after", "bins"} <= set(calib) and calib["bins"] == 15
     assert "cascade export" in capsys.readouterr().out
-    # second run: the teacher is not asked again
+    # second run: the teacher is not asked again; the cache is beside the teacher's dir, not in it
     assert main(args[:7] + [str(root / "student2")] + args[8:]) == 0
     assert json.loads((root / "student2" / "train_summary.json").read_text())["teacher_cache_used"] is True
+    assert not (teacher / "label_cache").exists() and list((root / "teacher.labels").glob("teacher-*.safetensors"))
 
 
 def test_augmented_copies_are_new_seeded_and_teacher_labelled(tiny_task):

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from cascade.app.cli import main  # noqa: E402
 from training.hf_io import load_hf  # noqa: E402
 from training.importer import greedy_complete, import_model  # noqa: E402
-from training.large import load_large, train_bpe  # noqa: E402
+from training.large import checkpoint_dir_for, load_large, train_bpe  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.task import TaskFormat, add_label_tokens, label_distribution, resize_for_labels  # noqa: E402
 
@@ -93,7 +93,13 @@ def test_train_large_from_scratch_end_to_end(tmp_path, make_dataset):
     assert hf_tok.convert_tokens_to_ids("<|weather|>") == fmt.label_token_ids[1]
     probs = label_distribution(model, tok, fmt, ["book a flight to city 99", "will it rain on day 99"], dtype=None)
     assert probs.argmax(-1).tolist() == [0, 1]
-    assert [p.name for p in (out / "checkpoints").iterdir()] and (out / "train_log.jsonl").exists()
+    # generation_config.json: transformers' greedy generate stops right after the label token
+    prompt = hf_tok(fmt.prompt("will it rain on day 99"), return_tensors="pt")
+    generated = hf.generate(**prompt, max_new_tokens=5, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert generated.tolist() == [fmt.label_token_ids[1]]
+    # checkpoints beside the model dir, not in it
+    assert [p.name for p in checkpoint_dir_for(out).iterdir()] and not (out / "checkpoints").exists()
+    assert (out / "train_log.jsonl").exists()
 
 
 def test_cli_reports_bad_init(tmp_path, make_dataset, capsys):

@@ -174,10 +174,13 @@ def test_cascade_llm_serve_command(model_dir):
     try:
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + 60
-        while True:
+        while True:  # the port opens at once; /health says 200 once the model is loaded
             try:
-                models = httpx.get(url + "/models", timeout=2).json()
-                break
+                if httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code == 200:
+                    models = httpx.get(url + "/models", timeout=2).json()
+                    break
+                assert time.monotonic() < deadline, "never healthy"
+                time.sleep(0.2)
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read().decode()
                 assert time.monotonic() < deadline, "server did not come up"
@@ -237,7 +240,7 @@ def test_cascade_serve_mounts_the_openai_routes_on_its_builtin_engine(model_dir,
     cfg.write_text(f'[task]\nname = "t"\n\n[[tiers]]\nname = "llm"\nkind = "llm"\npath = "{model_dir}"\n'
                    'options = { backend = "builtin", dtype = "fp32", num_blocks = 64, block_size = 4 }\n')
     with serve_app(create_app(cfg)) as url:
-        label = httpx.post(url + "/v1/classify", json={"text": "5 6 7"}, timeout=30).json()
+        label = httpx.post(url + "/v1/classify", json={"text": "5 6 7"}, timeout=30).json()["results"][0]
         assert label["tier"] == "llm" and label["label"] in LABELS
         done = httpx.post(url + "/v1/completions", json={"prompt": "5 6", "max_tokens": 2}, timeout=30)
         assert done.status_code == 200 and done.json()["model"] == model_dir.name

@@ -64,18 +64,24 @@ def test_classify_happy_path_explain_health_and_metrics(tmp_path, serve_app):
     app = create_app(write_config(tmp_path), service=service_with([rules_tier(), fallback], [0.5, 0.0]))
     with serve_app(app) as url:
         assert httpx.get(url + "/healthz").json() == {"status": "ok"}
-        assert httpx.get(url + "/readyz").json()["tiers"] == ["rules", "fallback"]
+        ready = httpx.get(url + "/readyz").json()
+        assert ready["status"] == "ready" and ready["parts"] == {"rules": "ready", "fallback": "ready"}
         one = httpx.post(url + "/v1/classify", json={"text": RULE_TEXT}).json()
-        assert one["tier"] == "rules" and one["label"] == "are_you_a_bot" and one["latency_ms"] >= 0
+        assert one["object"] == "classification" and one["model"] == "clinc150" and one["id"].startswith("cls-")
+        assert one["usage"] == {"items": 1, "tiers": {"rules": 1, "fallback": 0}}
+        (res,) = one["results"]
+        assert res["tier"] == "rules" and res["label"] == "are_you_a_bot" and res["latency_ms"] >= 0
+        assert res["index"] == 0 and res["fields"] == {} and res["degraded"] is False and "scores" not in res
         many = httpx.post(url + "/v1/classify", json={"texts": ["zzz qqq", RULE_TEXT], "explain": True}).json()
-        preds = many["predictions"]
-        assert [p["tier"] for p in preds] == ["fallback", "rules"]
+        preds = many["results"]
+        assert [p["tier"] for p in preds] == ["fallback", "rules"] and [p["index"] for p in preds] == [0, 1]
         assert [t["tier"] for t in preds[0]["trail"]] == ["fallback"]  # rules abstained, nothing to show
+        assert many["usage"] == {"items": 2, "tiers": {"rules": 1, "fallback": 1}}
         metrics = httpx.get(url + "/metrics").text
         assert 'cascade_answers_total{tier="rules"} 2.0' in metrics
         assert 'cascade_answers_total{tier="fallback"} 1.0' in metrics
         assert 'cascade_escalations_total{tier="rules"} 1.0' in metrics
-        assert 'cascade_requests_total{status="200"} 2.0' in metrics
+        assert 'cascade_requests_total{code="200",path="/v1/classify"} 2.0' in metrics
 
 
 def test_limits_name_the_field(tmp_path, serve_app):
@@ -121,7 +127,7 @@ def test_overload_gives_429_with_retry_after_and_nothing_is_lost(tmp_path, serve
         assert codes.count(200) >= 2 and 429 in codes and set(codes) <= {200, 429}
         rejected = [r for r in responses if r.status_code == 429]
         assert all(r.headers["retry-after"] == "2" for r in rejected)
-        answered = sum(len(r.json()["predictions"]) for r in responses if r.status_code == 200)
+        answered = sum(len(r.json()["results"]) for r in responses if r.status_code == 200)
         assert answered == 2 * codes.count(200) == sum(len(b) for b in slow.batches)
         assert f"cascade_rejected_total {2.0 * len(rejected)}" in httpx.get(url + "/metrics").text
 
@@ -133,7 +139,7 @@ def test_large_model_failure_gives_degraded_answers(tmp_path, serve_app):
     with serve_app(app) as url:
         r = httpx.post(url + "/v1/classify", json={"text": "how much money do I have"})
         assert r.status_code == 200
-        body = r.json()
+        body = r.json()["results"][0]
         assert body["degraded"] is True and body["tier"] == "student" and body["label"] == "balance"
         metrics = httpx.get(url + "/metrics").text
         assert "cascade_degraded_total 1.0" in metrics and 'cascade_tier_errors_total{tier="llm"} 1.0' in metrics
@@ -145,7 +151,7 @@ def test_large_model_timeout_is_a_failure_too(tmp_path, serve_app):
     app = create_app(write_config(tmp_path),
                      service=service_with([student, llm], [0.9, 0.0], tier_timeout_s=0.2))
     with serve_app(app) as url:
-        body = httpx.post(url + "/v1/classify", json={"text": "x"}, timeout=10).json()
+        body = httpx.post(url + "/v1/classify", json={"text": "x"}, timeout=10).json()["results"][0]
         assert body["degraded"] is True and body["tier"] == "student"
 
 
@@ -168,7 +174,7 @@ def test_serve_builds_the_configured_tiers(tmp_path, serve_app, clinc_dir):
     cfg = write_config(tmp_path)
     cfg.write_text(cfg.read_text().replace(str(REPO / "tests"), str(clinc_dir)))
     with serve_app(create_app(cfg)) as url:
-        assert httpx.post(url + "/v1/classify", json={"text": RULE_TEXT}).json()["tier"] == "rules"
+        assert httpx.post(url + "/v1/classify", json={"text": RULE_TEXT}).json()["results"][0]["tier"] == "rules"
 
 
 def test_shutdown_drains_in_flight_requests(tmp_path):
@@ -197,7 +203,7 @@ def test_shutdown_drains_in_flight_requests(tmp_path):
     server.should_exit = True  # what SIGTERM does
     client.join(timeout=10)
     thread.join(timeout=10)
-    assert result["r"].status_code == 200 and result["r"].json()["tier"] == "fallback"
+    assert result["r"].status_code == 200 and result["r"].json()["results"][0]["tier"] == "fallback"
     assert not thread.is_alive()
     with pytest.raises(httpx.ConnectError):  # and it is really gone
         httpx.post(url + "/v1/classify", json={"text": "x"}, timeout=2)

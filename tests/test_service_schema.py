@@ -59,7 +59,11 @@ def fuzz(url: str, paths: set[tuple[str, str]], max_examples: int) -> set[int]:
         def check(case):
             response = case.call(base_url=url, timeout=60)
             seen.add(response.status_code)
-            assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text}"
+            # a request that set its own tiny deadline (timeout_s: 1e-300) is rightly a 504
+            own_deadline = isinstance(case.body, dict) and "timeout_s" in case.body and \
+                response.status_code == 504 and '"deadline_exceeded"' in response.text
+            assert response.status_code < 500 or own_deadline, \
+                f"{case.method} {case.path}: {response.status_code} {response.text}"
 
         try:
             check()
@@ -78,7 +82,8 @@ def test_no_server_errors_from_schema_generated_requests(tmp_path, serve_app):
                      service=service_with([rules, SlowTier("fallback")], [0.5, 0.0]))
     with serve_app(app) as url:
         innocent_body = {"text": "are you a real person"}
-        with Innocent(url, "/v1/classify", innocent_body, lambda b: b["label"] == "are_you_a_bot") as innocent:
+        answered_right = lambda b: b["results"][0]["label"] == "are_you_a_bot"  # noqa: E731
+        with Innocent(url, "/v1/classify", innocent_body, answered_right) as innocent:
             seen = fuzz(url, {("POST", "/v1/classify"), ("GET", "/healthz")}, 60)
         assert 200 in seen and 422 in seen  # both valid and invalid requests were made
         assert innocent.n > 0 and innocent.bad == [], rules.outcomes

@@ -1,8 +1,10 @@
 """`cascade train student`: distil the large model into a compact student.
 
 The teacher labels every training text once (its label distribution, one forward pass per text
-through `training.task.label_distribution`) and the result is cached on disk, keyed by the
-teacher's weights and the texts, so a second run reuses it. The student learns from
+through `training.task.label_distribution`) and the result is cached beside the teacher's dir,
+in `TEACHER.labels/` (the teacher's dir stays what is served; `$CASCADE_HOME/teacher-labels/`
+when the teacher's parent is not ours to write), keyed by the teacher's weights and the texts,
+so a second run reuses it. The student learns from
 
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade.data import load_labels, load_split
+from cascade.progress import Progress
 from training.export import encode
 from training.recipes import STUDENT
 from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
@@ -69,23 +73,43 @@ def _fingerprint(teacher_dir: Path, texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_distributions(teacher_dir: str | Path, texts: list[str], cache_dir: str | Path,
-                          batch_size: int = 64) -> tuple[torch.Tensor, bool]:
+def label_cache_dir(teacher_dir: str | Path) -> Path:
+    """Where new teacher labels go: `TEACHER.labels/` beside the teacher's dir, or
+    `$CASCADE_HOME/teacher-labels/` when that is not ours to write (a shared, read-only teacher)."""
+    from training.large import cascade_home
+
+    teacher = Path(teacher_dir).resolve()
+    sibling = teacher.with_name(teacher.name + ".labels")
+    writable = os.access(sibling, os.W_OK) if sibling.exists() else os.access(teacher.parent, os.W_OK)
+    return sibling if writable else cascade_home() / "teacher-labels"
+
+
+def teacher_distributions(teacher_dir: str | Path, texts: list[str], cache_dir: str | Path | None = None,
+                          batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, bool]:
     """The teacher's (N, L) label distribution for `texts`, from the cache when it has them.
 
-    Returns (probabilities, whether the cache was used).
+    `cache_dir` defaults to `label_cache_dir(teacher_dir)`; an entry an older version left in
+    `TEACHER/label_cache/` is still read. Returns (probabilities, whether the cache was used).
     """
     from training.large import load_large
 
-    teacher_dir, cache_dir = Path(teacher_dir), Path(cache_dir)
-    path = cache_dir / f"teacher-{_fingerprint(teacher_dir, texts)}.safetensors"
+    teacher_dir = Path(teacher_dir)
+    name = f"teacher-{_fingerprint(teacher_dir, texts)}.safetensors"
+    old = teacher_dir / "label_cache" / name
+    if cache_dir is None and old.exists():
+        print(f"note: teacher labels read from {old}, the old in-dir cache (deprecated; new entries go to "
+              f"{label_cache_dir(teacher_dir)})", file=sys.stderr)
+        return load_file(str(old))["probs"], True
+    cache_dir = Path(cache_dir) if cache_dir is not None else label_cache_dir(teacher_dir)
+    path = cache_dir / name
     if path.exists():
         return load_file(str(path))["probs"], True
     model, tokenizer, fmt = load_large(teacher_dir)
     precision = default_precision(torch.device("cpu"))
     print(f"labelling {len(texts)} texts with the teacher (cached in {path})", file=sys.stderr)
-    probs = label_distribution(model, tokenizer, fmt, texts, batch_size=batch_size,
-                               dtype=torch.bfloat16 if precision == "bf16" else None)
+    with Progress(len(texts), "teacher labels", "text", enabled=progress) as bar:
+        probs = label_distribution(model, tokenizer, fmt, texts, batch_size=batch_size,
+                                   dtype=torch.bfloat16 if precision == "bf16" else None, progress=bar)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"probs": probs.contiguous()}, str(tmp))
@@ -128,8 +152,8 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
         extra += augment_texts(texts, augment, seed=cfg.seed)
     texts += extra
     gold += [IGNORE] * len(extra)
-    # The cache lives with the teacher: any student of this teacher on these texts reuses it.
-    teacher_probs, cached = teacher_distributions(teacher_dir, texts, teacher_dir / "label_cache")
+    # Keyed by the teacher's weights: any student of this teacher on these texts reuses it.
+    teacher_probs, cached = teacher_distributions(teacher_dir, texts, progress=progress)
     tokenizer = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
     # The student reads the teacher's tokenizer: ids line up for initialising from the teacher.
     vocab = tokenizer.get_vocab_size()
@@ -194,7 +218,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
     }
     save_student(student, out, teacher_dir / "tokenizer.json", labels,
                  {"data": str(Path(data_dir).resolve()), "teacher": str(teacher_dir.resolve()),
-                  "oos_label": label_set.oos_label})
+                  "oos_label": label_set.oos_label}, temperature=calib["temperature"])
     (out / "calibration.json").write_text(json.dumps(calib, indent=1) + "\n")
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return StudentRun(out, summary)

@@ -5,6 +5,11 @@ onnxruntime with full graph optimisation, must give the PyTorch probabilities wi
 real texts, or the export fails loudly and removes the file. `--int8` quantizes the weights
 (onnxruntime dynamic quantization: int8 weights, activations quantized per batch at run time,
 which AVX512-VNNI/AVX2 kernels execute) and reports top-1 agreement with fp32.
+
+Both graphs carry what a reader needs besides the tokenizer in `metadata_props`: the labels
+(`labels`, `id2label`), `temperature` (probabilities = softmax(logits / temperature)),
+`max_length` and `pad_token_id`, so `onnxruntime` + `tokenizers` alone reproduce the student
+tier (docs/students.md).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.student import load_student
+from training.hf_io import make_world_readable
+from training.student import is_student_config, load_student, student_config
 
 PARITY_TOL = 1e-4
 
@@ -64,6 +70,37 @@ def check_parity(model, onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> f
     return diff
 
 
+def student_temperature(model_dir: Path) -> float:
+    """The tier's temperature: calibration.json's when present, else config.json's, else 1."""
+    calib = model_dir / "calibration.json"
+    if calib.exists():
+        return float(json.loads(calib.read_text())["temperature"])
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return float((cfg.get("cascade") or {}).get("temperature", cfg.get("temperature", 1.0)))
+
+
+def onnx_metadata(model_dir: Path) -> dict[str, str]:
+    labels = json.loads((model_dir / "cascade.json").read_text())["labels"]
+    max_len = student_config(json.loads((model_dir / "config.json").read_text())).max_seq_len
+    return {"labels": json.dumps(labels), "id2label": json.dumps({str(i): lab for i, lab in enumerate(labels)}),
+            "temperature": repr(student_temperature(model_dir)), "max_length": str(max_len), "pad_token_id": "0",
+            "logits": "(batch, labels); probabilities = softmax(logits / temperature)"}
+
+
+def stamp_metadata(onnx_path: Path, model_dir: Path) -> None:
+    """Write the student's labels and temperature into the graph's `metadata_props`."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)  # weights stay where the export put them
+    props = {p.key: p.value for p in model.metadata_props} | onnx_metadata(model_dir)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(onnx_path)
+
+
 def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dict:
     from tokenizers import Tokenizer
 
@@ -83,6 +120,8 @@ def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dic
     except ExportError:
         out.unlink(missing_ok=True)
         raise
+    stamp_metadata(out, d)
+    make_world_readable(d)
     return {"onnx": str(out), "opset": opset, "parity_max_abs_diff": diff, "parity_texts": len(texts)}
 
 
@@ -122,8 +161,8 @@ def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False,
     if not src.exists():
         raise ExportError(f"{src}: export to ONNX first (cascade export --model {d})")
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = json.loads((d / "config.json").read_text())
-    ids, mask = encode(tokenizer, texts, cfg["max_seq_len"])
+    max_len = student_config(json.loads((d / "config.json").read_text())).max_seq_len
+    ids, mask = encode(tokenizer, texts, max_len)
     calib_rows = [{"input_ids": ids[i:i + 1, : int(mask[i].sum())],
                    "attention_mask": mask[i:i + 1, : int(mask[i].sum())]}
                   for i in range(min(calibration_texts, len(texts)))]
@@ -168,6 +207,8 @@ def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False,
             if agreement >= min_agreement:
                 break
     probs8 = softmax(logits(dst))
+    stamp_metadata(dst, d)
+    make_world_readable(d)
     return {"int8": str(dst), "mode": "static-qdq" if static else "dynamic", "top1_agreement": agreement,
             "agreement_texts": len(texts), "agreement_all_int8": first_agreement,
             "kept_fp32": excluded, "target": min_agreement,
@@ -184,8 +225,7 @@ def export_fp8(model_dir: str | Path, texts: list[str], gold: list[str]) -> dict
     from training.fp8 import convert_to_fp8, fp8_state
 
     d = Path(model_dir)
-    kind = json.loads((d / "config.json").read_text()).get("model_type")
-    if kind == "cascade-student":
+    if is_student_config(json.loads((d / "config.json").read_text())):
         model = load_student(d)
         tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         labels = json.loads((d / "cascade.json").read_text())["labels"]

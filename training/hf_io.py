@@ -1,13 +1,19 @@
 """Checkpoints in Hugging Face layout, so `transformers` and vLLM load ours and we load theirs.
 
-A model dir: `config.json` (model_type llama, with num_key_value_heads), `model.safetensors`,
-`generation_config.json`, and, when given, `tokenizer.json` and `cascade.json`. Our parameter
-names are HF's without the `model.` prefix, so the mapping is a prefix, not a table.
+A model dir: `config.json` (model_type llama, with num_key_value_heads, `torch_dtype`/`dtype`
+naming the saved weights' dtype), `model.safetensors`, `generation_config.json`, and, when
+given, `tokenizer.json` and `cascade.json`. With a task (`cascade_meta` holding labels),
+config.json also carries `id2label`/`label2id` and the task under `cascade`, and generation
+stops after the label token. Our parameter names are HF's without the `model.` prefix, so the
+mapping is a prefix, not a table. Files are 0644 and dirs 0755 whatever the umask: a model dir
+is meant to be served by another user (a vLLM container, a shared cache).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -41,8 +47,80 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "mlp_bias": False,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        # transformers 4.x, vLLM and llama.cpp's converter read torch_dtype; transformers 5 reads dtype
+        "torch_dtype": dtype_name(dtype),
+        "dtype": dtype_name(dtype),
     }
+
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def task_fields(cascade_meta: dict) -> dict:
+    """config.json's view of the task: HF's id2label/label2id and the prompt under `cascade`
+    (cascade.json stays what our code reads; this copy is for tools that read config.json)."""
+    labels = cascade_meta["labels"]
+    keys = ("task", "prompt_template", "labels", "label_token_ids", "oos_label", "max_prompt_tokens")
+    return {"id2label": {str(i): lab for i, lab in enumerate(labels)},
+            "label2id": {lab: i for i, lab in enumerate(labels)},
+            "cascade": {k: cascade_meta[k] for k in keys if k in cascade_meta}}
+
+
+def generation_config(cfg: ModelConfig, label_token_ids: list[int] | None = None) -> dict:
+    """Greedy generation ends at eos or, for a classifier, right after its label token.
+
+    The model's own eos stays first: our engine (and HF's single-eos readers) take the first."""
+    eos = cfg.eos_token_id
+    if eos is not None and label_token_ids:
+        eos = [eos, *label_token_ids]
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.eos_token_id}
+
+
+def write_tokenizer_config(out_dir: str | Path, tokenizer_json: str | Path, cfg: ModelConfig,
+                           base: dict | None = None) -> Path:
+    """`tokenizer_config.json` naming `PreTrainedTokenizerFast` (a class transformers 4.x and 5,
+    vLLM and llama.cpp's converter all accept; transformers 5 writes its own
+    `TokenizersBackend`, which older readers reject), the special tokens and model_max_length.
+    Other keys of `base` (the init model's file: chat_template, ...) are kept."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+
+    def name(token_id: int | None) -> str | None:
+        return tok.id_to_token(token_id) if token_id is not None else None
+
+    out = dict(base or {})
+    out.pop("auto_map", None)  # remote-code tokenizer classes do not apply to our file
+    out.update({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(cfg.bos_token_id),
+                "eos_token": name(cfg.eos_token_id), "model_max_length": cfg.max_seq_len})
+    out["pad_token"] = out.get("pad_token") or name(cfg.eos_token_id)
+    path = Path(out_dir) / "tokenizer_config.json"
+    _write_json(path, out)
+    return path
+
+
+def make_world_readable(root: str | Path) -> None:
+    """Files 0644, dirs 0755 under `root` (links left alone), whatever the umask was."""
+    root = Path(root)
+    root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                path.chmod(0o755)
+            elif stat.S_ISREG(mode):
+                path.chmod(0o644)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def from_hf_config(raw: dict, where: str = "config.json") -> ModelConfig:
@@ -87,25 +165,28 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype = torch.float32,
             tokenizer_json: str | Path | None = None, cascade_meta: dict | None = None) -> Path:
-    """Write the model dir; files are written to temp names and renamed, so a crash leaves
-    either the old file or the new one, never half of one."""
+    """Write the model dir, weights in `dtype` (fp32 or bf16; config.json says which); files
+    are written to temp names and renamed, so a crash leaves either the old file or the new one,
+    never half of one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")
-    files = {
-        "config.json": to_hf_config(model.cfg, dtype),
-        "generation_config.json": {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id},
-    }
+    config = to_hf_config(model.cfg, dtype)
+    label_ids = None
+    if cascade_meta is not None and "labels" in cascade_meta:
+        config.update(task_fields(cascade_meta))
+        label_ids = cascade_meta.get("label_token_ids")
+    files = {"config.json": config, "generation_config.json": generation_config(model.cfg, label_ids)}
     if cascade_meta is not None:
         files["cascade.json"] = cascade_meta
     for name, obj in files.items():
-        (out / f"{name}.tmp").write_text(json.dumps(obj, indent=1) + "\n")
-        (out / f"{name}.tmp").replace(out / name)
+        _write_json(out / name, obj)
     if tokenizer_json is not None and Path(tokenizer_json) != out / "tokenizer.json":
         (out / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+    make_world_readable(out)
     return out
 
 

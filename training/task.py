@@ -112,10 +112,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def label_distribution(model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat, texts: list[str],
-                       batch_size: int = 32, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+                       batch_size: int = 32, dtype: torch.dtype | None = torch.bfloat16,
+                       progress=None) -> torch.Tensor:
     """(len(texts), len(labels)) probabilities: one forward pass per text, batched.
 
-    Texts are sorted by length inside the call so batches carry little padding.
+    Texts are sorted by length inside the call so batches carry little padding. `progress`
+    (a cascade.progress.Progress) hears each batch.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -133,4 +135,6 @@ def label_distribution(model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(tokens, attention_mask=mask, logits_at=last)  # (b, vocab)
         out[idx] = torch.softmax(logits.float()[:, label_ids], dim=-1).cpu()
+        if progress is not None:
+            progress.update(len(idx))
     return out

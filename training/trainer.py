@@ -4,9 +4,10 @@ One explicit step: forward under autocast (bf16 on CPU and GPU; fp16 + GradScale
 loss on the target positions only, backward, global-norm clipping, AdamW with decoupled weight
 decay (none on norms, biases, embeddings), linear warmup then cosine decay to 10% of peak.
 A spike guard skips steps whose loss is non-finite or far above the running mean and, when
-that repeats, rolls back to the last checkpoint. Checkpoints (safetensors + JSON, never pickle)
-are written to a temp dir and renamed, the last K kept; `resume` restores model, optimizer,
-schedule position, data order and RNG, so a resumed run repeats the uninterrupted one.
+that repeats, rolls back to the last checkpoint. Checkpoints (`training/checkpoint.py`:
+safetensors + JSON in one process, DCP shards under torchrun; written to a temp dir and renamed,
+the last K kept) restore model, optimizer, schedule position, data position and RNG, so a resumed
+run repeats the uninterrupted one, and they load on another number of ranks (docs/large-model.md).
 
 Data parallel and FSDP2 come from outside (`training/parallelize.py`): the loop only needs
 `dist` helpers that are no-ops in a single process.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
 import sys
 import time
 from collections import deque
@@ -27,9 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from cascade.cpu import has_fast_bf16
+from cascade.progress import Progress
+from training import checkpoint
+from training.checkpoint import list_checkpoints
 
 IGNORE = -100
 
@@ -233,43 +234,20 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# --- checkpoints ---------------------------------------------------------------------------
+# --- hooks --------------------------------------------------------------------------------
 
 
 @dataclass
 class Hooks:
-    """How the loop reaches outside: evaluating the model and, under FSDP, full-state access."""
+    """How the loop reaches outside: evaluating the model and, under FSDP, the full model state."""
 
     evaluate: Callable[[], dict] | None = None  # -> {"val_accuracy": ...}
     model_state: Callable[[], dict[str, torch.Tensor]] | None = None  # full (unsharded) state
-    load_model_state: Callable[[dict[str, torch.Tensor]], None] | None = None
-    optim_state: Callable[[], dict] | None = None
-    load_optim_state: Callable[[dict], None] | None = None
 
 
-def _flatten_optim(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
-    tensors, scalars = {}, {}
-    for key, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{key}/{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{key}/{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        key, name = flat.rsplit("/", 1)
-        key = int(key) if key.isdigit() else key
-        state.setdefault(key, {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists())
+# The data position and the sampling fields it depends on: a checkpoint resumes only where the
+# global batches are the same ones (any rank count or grad accumulation makes them the same way).
+DATA_ORDER_FIELDS = ("batch_size", "seed", "bucket_batches")
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -292,12 +270,14 @@ class Trainer:
                  loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  batch_loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, int]] | None = None,
                  count_targets: Callable[[Sequence], int] | None = None,
-                 state_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], dict] | None = None):
+                 state_hooks: Callable[[torch.nn.Module, torch.optim.Optimizer], dict] | None = None,
+                 ckpt_dir: str | Path | None = None):
         """`state_hooks(model, optimizer)` returns Hooks fields for full-state access (under
-        FSDP: `training.parallelize.full_state_hooks`); it is called once the optimizer exists."""
+        FSDP: `training.parallelize.full_state_hooks`); it is called once the optimizer exists.
+        Checkpoints go to `ckpt_dir`, default `out_dir/checkpoints`."""
         self.model, self.data, self.cfg, self.hooks, self.pad_id = model, data, cfg, hooks, pad_id
         self.out = Path(out_dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else self.out / "checkpoints"
         self.device = device or torch.device("cpu")
         self.rank, self.world_size = world()
         if cfg.batch_size % (self.world_size * cfg.grad_accum):
@@ -321,7 +301,8 @@ class Trainer:
         self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.spike_min_history, cfg.max_consecutive_skips,
                                 cfg.spike_min_delta)
         self.step = 0
-        self.cursor = 0  # batches consumed, over all epochs: (epoch, index) = divmod(cursor, per epoch)
+        self.resumed_from: dict | None = None  # the JSON state of the last checkpoint loaded
+        self.cursor = 0  # global batches consumed, all epochs: (epoch, index) = divmod(cursor, per epoch)
         self.n_params = n_params
         self.loss_hook = loss_hook  # (batches consumed, loss) -> loss; tests inject spikes through it
         # The objective: by default next-token loss on the target positions; students plug in
@@ -339,64 +320,37 @@ class Trainer:
             return self.hooks.model_state()
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
-    def _optim_state(self) -> dict:
-        return self.hooks.optim_state() if self.hooks.optim_state else self.optimizer.state_dict()
-
     def save_checkpoint(self) -> Path | None:
-        model_state, optim_state = self.model_state(), self._optim_state()  # collective under FSDP
-        if self.rank != 0:
-            if self.world_size > 1:
-                dist.barrier()
-            return None
-        final = self.ckpt_dir / f"step-{self.step:07d}"
-        tmp = self.ckpt_dir / f".tmp-step-{self.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Tied weights are one tensor under two names; safetensors wants each stored once.
-        unique, seen = {}, set()
-        for k, v in model_state.items():
-            if v.data_ptr() not in seen or v.numel() == 0:
-                unique[k] = v
-                seen.add(v.data_ptr())
-        save_file(unique, str(tmp / "train_model.safetensors"))
-        tensors, meta = _flatten_optim(optim_state)
-        tensors["rng/torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": self.step, "cursor": self.cursor, "guard": self.guard.state(), "optimizer": meta,
-                 "python_rng": list(random.getstate()[1]), "config": asdict(self.cfg), "losses": self.losses}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # the atomic step: a checkpoint dir exists whole or not at all
-        for old in list_checkpoints(self.ckpt_dir)[:-self.cfg.keep_last]:
-            shutil.rmtree(old)
-        if self.world_size > 1:
-            dist.barrier()
-        return final
+        """`step-NNNNNNN/` in the checkpoint dir (`training/checkpoint.py`: safetensors in one
+        process, DCP shards under torchrun); a collective: call on every rank."""
+        state = {"step": self.step, "cursor": self.cursor, "samples": self.cursor * self.cfg.batch_size,
+                 "sequences": len(self.data), "guard": self.guard.state(), "config": asdict(self.cfg),
+                 "losses": self.losses, "scaler": self.scaler.state_dict() if self.scaler else None}
+        return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
-        model_state = load_file(str(path / "train_model.safetensors"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = tensors.pop("rng/torch")
-        optim_state = _unflatten_optim(tensors, state["optimizer"])
-        if self.hooks.load_model_state:
-            self.hooks.load_model_state(model_state)
-        else:
-            missing, unexpected = self.model.load_state_dict(model_state, strict=False)
-            # a tied head shares the embedding tensor, stored once
-            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-                raise RuntimeError(f"{path}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
-        if self.hooks.load_optim_state:
-            self.hooks.load_optim_state(optim_state)
-        else:
-            self.optimizer.load_state_dict(optim_state)
-        torch.set_rng_state(rng)
-        py = random.getstate()
-        random.setstate((py[0], tuple(state["python_rng"]), py[2]))
+        """Restore everything `save_checkpoint` wrote, from a checkpoint of any rank count.
+
+        The data position is the cursor: global batches of `batch_size` sequences consumed, each
+        rank taking its slice of every global batch, so it means the same samples on 1 or N ranks
+        as long as the global batch, seed, bucketing and data are the same (checked here)."""
+        state = checkpoint.read_state(path)
+        saved = state.get("config", {})
+        bad = [f"{k}={saved[k]!r} (now {getattr(self.cfg, k)!r})" for k in DATA_ORDER_FIELDS
+               if k in saved and saved[k] != getattr(self.cfg, k)]
+        if state.get("sequences", len(self.data)) != len(self.data):
+            bad.append(f"{state['sequences']} training sequences (now {len(self.data)})")
+        if bad:
+            raise ValueError(f"{path}: written with {', '.join(bad)}; its data position (global batches "
+                             f"consumed) means other samples in this run; resume with the same global "
+                             f"--batch-size, seed and data (any number of ranks)")
+        checkpoint.load(path, self.model, self.optimizer)
         self.step, self.cursor = state["step"], state["cursor"]
         self.guard.load(state["guard"])
         self.losses = state["losses"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.resumed_from = state
 
     def resume_latest(self) -> bool:
         ckpts = list_checkpoints(self.ckpt_dir)
@@ -463,14 +417,11 @@ class Trainer:
     def fit(self, resume: bool = False, progress: bool = True) -> TrainResult:
         self._epoch_cache: dict[int, list[list[int]]] = {}
         if resume and self.resume_latest() and self.rank == 0:
-            print(f"resumed from step {self.step}", file=sys.stderr)
+            saved = self.resumed_from["world_size"]
+            moved = f" (written by {saved} rank(s), now {self.world_size})" if saved != self.world_size else ""
+            print(f"resumed from step {self.step}{moved}", file=sys.stderr)
         peak = self.cfg.peak_flops or (989e12 if self.device.type == "cuda" else matmul_peak(self.cfg.precision))
-        bar = None
-        if progress and self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                       mininterval=2.0, dynamic_ncols=True)
+        bar = Progress(self.total_steps, "train", "step", enabled=progress and self.rank == 0, initial=self.step)
         t_start = time.perf_counter()
         window_tokens, window_t0 = 0, time.perf_counter()
         all_tokens = 0
@@ -505,9 +456,7 @@ class Trainer:
                 continue
             self.losses.append(loss)
             self.step += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 dt = time.perf_counter() - window_t0
                 tps = window_tokens / dt if dt > 0 else 0.0
@@ -521,11 +470,11 @@ class Trainer:
                 self._evaluate()
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-        if bar:
-            bar.close()
+        bar.close()
         wall = time.perf_counter() - t_start
         self._evaluate()
         self.save_checkpoint()
+        self._plot_loss()
         return TrainResult(self.step, self.losses, self.log, all_tokens / wall if wall > 0 else 0.0, wall)
 
     def _evaluate(self) -> None:
@@ -533,6 +482,18 @@ class Trainer:
             return
         result = self.hooks.evaluate()
         self._log({"step": self.step, **result})
+
+    def _plot_loss(self) -> None:
+        """`train_loss.png` beside `train_log.jsonl` (the whole log, resumed runs included)."""
+        log_path = self.out / "train_log.jsonl"
+        if self.rank != 0 or not log_path.exists():
+            return
+        from cascade.plots import loss_curve_png
+
+        try:
+            loss_curve_png(log_path)
+        except Exception as exc:  # a figure is not worth failing a finished run over
+            print(f"loss curve not drawn: {exc}", file=sys.stderr)
 
     def _log(self, entry: dict) -> None:
         self.log.append(entry)

@@ -30,6 +30,24 @@ def _write_json(obj: dict, path: str | Path) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
 
 
+def _json_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """`--json FILE` means the same on every command: `what` as JSON into FILE; `--json` alone
+    (or `--json -`) prints that JSON on stdout instead of the table."""
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help=f"write {what} as JSON to FILE; alone or '-': print it on stdout instead of the table")
+
+
+def _emit(report: dict, json_to: str | None, table: str) -> None:
+    """The table on stdout, or with `--json`/`--json -` the JSON there; with `--json FILE`, both."""
+    if json_to == "-":
+        print(json.dumps(report, indent=1))
+        return
+    print(table)
+    if json_to:
+        _write_json(report, json_to)
+        print(f"wrote {json_to}")
+
+
 # --- data ----------------------------------------------------------------------------------
 
 
@@ -59,10 +77,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     pack = load_pack(args.pack)
     report = check_pack(pack, load_split(args.data, args.split), args.timeout_ms / 1000.0)
     report["split"] = args.split
-    print(format_check(report))
-    if args.json:
-        _write_json(report, args.json)
-        print(f"wrote {args.json}")
+    _emit(report, args.json, format_check(report))
     return 0
 
 
@@ -90,35 +105,44 @@ def cmd_rules_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cascade.evaluate import format_report, run_eval
+    from cascade.evaluate import format_report, run_eval, write_reports
 
-    report = run_eval(args.config, args.data, args.split, baseline=args.baseline,
-                      batch_size=args.batch_size, limit=args.limit)
+    report, items = run_eval(args.config, args.data, args.split, baseline=args.baseline,
+                             batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    if args.json == "-":
+        print(json.dumps(report, indent=1))
+        return 0
     print(format_report(report))
     if args.json:
-        from cascade.report import markdown_report
-
-        _write_json(report, args.json)
-        md = markdown_report(report, Path(args.json).with_suffix(".md"))
-        print(f"wrote {args.json} and {md}")
+        written = write_reports(report, items, args.json)
+        print("wrote " + ", ".join(str(p) for p in written.values() if p is not None))
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cascade.calibrate import CalibrationError, run_calibration
+    from cascade.progress import per_name
 
-    def progress(name: str, done: int, total: int) -> None:
-        print(f"\r  measuring {name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    progress = per_name("measuring", enabled=not args.no_progress)
 
     try:
         report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
                                  args.candidates, args.limit, write=not args.dry_run, progress=progress,
                                  confidence=args.confidence, oos_threshold=not args.no_oos_threshold,
-                                 oos_share=args.oos_share)
+                                 oos_share=args.oos_share, max_loss=args.max_loss,
+                                 path_split=None if args.path_split == "learn" else args.path_split,
+                                 learn_share=args.learn_share, seed=args.seed)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
     print(report["table"])
+    if (g := report["guarantee"]) is not None:
+        print(f"\nthe test (fixed sequence on {g['test_n']} {args.split} items, path from {g['path_from']}: "
+              f"{g['learn_n']} items; {g['method']}):")
+        print(report["certificate_table"])
+        promise = (f"accuracy >= the last tier's minus {g['level']:g}" if g["goal"] == "llm"
+                   else f"accuracy >= {g['level']:.4f}")
+        print(f"certified: {promise}, with {g['confidence']:.0%} confidence (docs/calibration.md)")
     print(f"chosen: accuracy {c['accuracy']:.4f}, llm share {c['llm_share']:.3f}, {c['cost_ms']:.3f} ms/item "
           f"(the last tier alone: {report['last_tier_accuracy']:.4f}); plot {report['plot']}")
     if not args.dry_run:
@@ -146,7 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan(compute=args.compute, tokens=args.tokens, inference_tokens=args.inference_tokens)
     except ValueError as exc:
         raise DataError(str(exc)) from exc
-    print(json.dumps(result.to_json(), indent=1) if args.json else format_plan(result))
+    _emit(result.to_json(), args.json, format_plan(result))
     return 0
 
 
@@ -172,7 +196,8 @@ def cmd_train_large(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay)
     run = train_large(args.data, args.out, init=args.init, size=args.size, cfg=cfg, resume=args.resume,
                       limit_train=args.limit_train, eval_limit=args.eval_limit, vocab_size=args.vocab_size,
-                      inference_tokens=args.inference_tokens, progress=not args.no_progress)
+                      inference_tokens=args.inference_tokens, progress=not args.no_progress,
+                      save_dtype=args.save_dtype, checkpoint_dir=args.checkpoint_dir)
     if run.summary.get("world_size", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         s = run.summary
         print(f"wrote {run.out}: {s['steps']} steps, val accuracy {s['val_accuracy']}, "
@@ -207,13 +232,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from training.export import export_onnx, quantize_int8
 
     meta = _json.loads((Path(args.model) / "cascade.json").read_text())
-    data = args.data or meta.get("data")
+    data = args.data or (str(Path(args.model) / meta["data"]) if meta.get("data") else None)  # relative to the dir
     if data is None:
         raise DataError(f"--data: {args.model}/cascade.json names no dataset; give the dataset dir whose "
                         "validation split checks parity, int8 agreement and the FP8 accuracy change")
     val = load_split(data, "val")
     texts = [ex.text for ex in val]
-    is_student = _json.loads((Path(args.model) / "config.json").read_text()).get("model_type") == "cascade-student"
+    from training.student import is_student_config
+
+    is_student = is_student_config(_json.loads((Path(args.model) / "config.json").read_text()))
     report: dict = {}
     if args.int8 and not is_student:
         raise DataError(f"--int8: {args.model} is a large model; ONNX int8 is for students (use --fp8)")
@@ -265,38 +292,62 @@ def _load_fault(what: str, exc: BaseException) -> ConfigError:
     return ConfigError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def cmd_llm_serve(args: argparse.Namespace) -> int:
+def _run_server(make_app, args: argparse.Namespace, what: str) -> int:
+    """Open the port at once and serve; the models load behind it (`/readyz`, `/health`). A load
+    that fails ends the server and this command with the one-line error (exit status 2)."""
     import uvicorn
 
+    from serving.observability import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    failed: list[str] = []
+
+    def on_load_error(message: str) -> None:
+        failed.append(message)
+        server.should_exit = True
+
+    app = make_app(on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=getattr(args, "drain_s", None)))
+    print(f"serving {what} on http://{args.host}:{args.port} (ready when /readyz or /health says 200)",
+          file=sys.stderr)
+    server.run()
+    if failed:
+        raise ConfigError(failed[0])
+    return 0
+
+
+def cmd_llm_serve(args: argparse.Namespace) -> int:
     from cascade.config import ServingConfig
     from serving.app import create_llm_app
-    from serving.engine.async_engine import AsyncEngine
     from serving.engine.config import EngineConfig
-    from serving.engine.engine import LLMEngine
 
     _check_port_free(args.host, args.port)
     model = Path(args.model)
     if not (model / "config.json").exists():
         raise ConfigError(f"--model {model}: no config.json there (a Hugging Face Llama-family model dir)")
+    if not (model / "tokenizer.json").exists():
+        raise ConfigError(f"--model {model}: no tokenizer.json there (the engine needs the fast tokenizer)")
     try:
         config = EngineConfig.default(dtype=args.dtype, block_size=args.block_size, memory_gb=args.kv_memory_gb,
                                       enable_prefix_caching=not args.no_prefix_caching,
                                       max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, threads=args.threads)
-        engine = AsyncEngine(LLMEngine.from_model_dir(model, config))
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+    except (ValueError, KeyError) as exc:
         raise _load_fault(f"--model {model}", exc) from None
     name = args.name or model.name
     limits = ServingConfig(api_keys_env=args.api_keys_env, max_prompts=args.max_prompts)
-    keys = " (API keys required)" if os.environ.get(args.api_keys_env) else ""
-    print(f"serving {name} (OpenAI-compatible) on http://{args.host}:{args.port}/v1{keys}", file=sys.stderr)
-    uvicorn.run(create_llm_app(model, name, engine=engine, limits=limits), host=args.host, port=args.port,
-                log_level="warning")
-    return 0
+    keys = ", API keys required" if os.environ.get(args.api_keys_env) else ""
+    return _run_server(lambda on_error: create_llm_app(model, name, limits=limits, engine_config=config,
+                                                       on_load_error=on_error),
+                       args, f"{name} (OpenAI-compatible /v1{keys})")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from serving.batch_job import run_batch
+
+    if args.ray is not None:
+        return _batch_on_ray(args)
 
     s = run_batch(args.input, args.config, args.out, resume=args.resume, batch_size=args.batch_size,
                   text_field=args.text_field, id_field=args.id_field, label_field=args.label_field,
@@ -315,34 +366,37 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _batch_on_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
 
-    from cascade.config import build_cascade, load_config
+        from serving.batch_ray import run_batch_ray
+    except ImportError:
+        raise ConfigError("--ray: Ray is not installed (pip install 'cascade[ray]')") from None
+    s = run_batch_ray(args.input, args.config, args.out, address=None if args.ray == "local" else args.ray,
+                      workers=args.workers, resume=args.resume, batch_size=args.batch_size,
+                      shard_rows=args.shard_rows, text_field=args.text_field, id_field=args.id_field,
+                      label_field=args.label_field, progress=not args.no_progress)
+    shares = "  ".join(f"{k} {v:.1%}" for k, v in s["shares"].items())
+    print(f"wrote {s['rows']} rows in {s['shards']} shards to {s['out']} ({s['routed_now']} routed now, "
+          f"{s['rows_per_s']:.0f} rows/s); answered by: {shares}")
+    if s["malformed"]:
+        print(f"{s['malformed']} malformed or failed rows -> {s['errors_file']} (with their line numbers)")
+    if s["accuracy"] is not None:
+        print(f"accuracy on the {s['labelled']} labelled rows: {s['accuracy']:.4f}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from serving.app import create_app
-    from serving.service import CascadeService
 
     _check_port_free(args.host, args.port)
-    config = load_config(args.config)  # fail here, with the file and key, not inside the server
-    try:
-        cascade = build_cascade(config, Path(args.config).parent)
-    except _user_errors():
-        raise
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise _load_fault(f"{args.config}: loading the tiers", exc) from None
-    service = CascadeService.from_config(cascade, config)
     # The event loop shares the GIL with the tier threads; at Python's default 5 ms switch
     # interval, every hand-off to the loop could wait that long (docs/service.md, bench/load.py).
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
-    # Everything loaded so far (tokenizers, rule packs, sessions) lives as long as the process:
-    # out of the collector's reach, a full collection under load no longer walks it.
-    import gc
-
-    gc.freeze()
-    print(f"serving {args.config} on http://{args.host}:{args.port}/v1/classify", file=sys.stderr)
-    uvicorn.run(create_app(args.config, service=service), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.drain_s)
-    return 0
+    # The config's keys and types fail in create_app, with the file and key, before the port opens.
+    return _run_server(lambda on_error: create_app(args.config, on_load_error=on_error), args,
+                       f"{args.config} (/v1/classify)")
 
 
 # --- quickstart ----------------------------------------------------------------------------
@@ -351,11 +405,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cascade.app.quickstart import run_quickstart
 
-    run_quickstart(args.workdir, data=args.data, smoke=args.smoke)
+    run_quickstart(args.workdir, data=args.data, smoke=args.smoke, progress=not args.no_progress)
     return 0
 
 
 # --- parser --------------------------------------------------------------------------------
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    from serving.observability import LOG_FORMATS, LOG_LEVELS
+
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the access log is at info")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="json: one JSON object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,12 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascade",
         description="Answer each request with the cheapest tier that is confident enough.",
     )
+    from cascade import __version__
+
+    parser.add_argument("--version", action="version", version=f"cascade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="the main job, end to end, on the built-in demo task")
     p.add_argument("--workdir", default="runs/quickstart", help="where data, models, config and reports go")
     p.add_argument("--data", help="a prepared dataset dir instead of the generated demo task")
     p.add_argument("--smoke", action="store_true", help="toy scale (tiny models, few steps): checks the wiring fast")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="Chinchilla and inference-aware model sizing for a budget")
@@ -379,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--compute", type=parse_quantity, help="training compute in FLOPs (e.g. 5.9e23)")
     p.add_argument("--inference-tokens", type=parse_quantity, default=0.0,
                    help="tokens the model will process over its serving life")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _json_flag(p, "the plan")
     p.set_defaults(func=cmd_plan)
 
     models = sub.add_parser("models", help="pre-trained models").add_subparsers(
@@ -389,10 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_import)
 
-    p = sub.add_parser("batch", help="classify a JSONL/CSV file; resumable, in input order")
-    p.add_argument("input", help="JSONL or CSV with a text column (optional id and label)")
+    p = sub.add_parser("batch", help="classify a JSONL/CSV (or, on Ray, Parquet) file; resumable, in input order")
+    p.add_argument("input", help="JSONL or CSV with a text column (optional id and label); Parquet with --ray")
     p.add_argument("--config", required=True, help="cascade.toml")
-    p.add_argument("--out", required=True, help="OUT.jsonl (errors: OUT.errors.jsonl)")
+    p.add_argument("--out", required=True, help="OUT.jsonl (errors: OUT.errors.jsonl); with --ray a directory of "
+                                                "part-NNNNN.jsonl shards")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="route on Ray Data: a local cluster, or the one at ADDRESS (host:port, or 'auto')")
+    p.add_argument("--workers", type=int, default=2, help="--ray: actors holding the cascade")
+    p.add_argument("--shard-rows", type=int, default=1000, help="--ray: input rows per output shard")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--text-field", default="text")
@@ -408,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, how long in-flight requests may finish")
     p.add_argument("--switch-interval-ms", type=float, default=1.0,
                    help="Python's GIL switch interval in this process (its default: 5)")
+    _log_flags(p)
     p.set_defaults(func=cmd_serve)
 
     llm = sub.add_parser("llm", help="the large model on the built-in engine").add_subparsers(
@@ -417,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name clients send (default: the dir name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--dtype", "--precision", dest="dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the weights' dtype in the engine (auto: bf16 where the CPU is fast at it)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-memory-gb", type=float, default=2.0, help="KV cache budget")
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -427,16 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys-env", default="CASCADE_API_KEYS",
                    help="env var with comma-separated API keys; when set, every route but /healthz needs one")
     p.add_argument("--max-prompts", type=int, default=64, help="most prompts in one /v1/completions request")
+    p.add_argument("--drain-s", type=float, default=30.0, help="on shutdown, how long in-flight requests may finish")
+    _log_flags(p)
     p.set_defaults(func=cmd_llm_serve)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,
                                                                          metavar="WHAT")
     p = train.add_parser("large", help="fine-tune (--init) or pretrain the large model; torchrun shards it")
     p.add_argument("--data", required=True, help="dataset dir")
-    p.add_argument("--out", required=True, help="model dir to write (checkpoints under OUT/checkpoints)")
+    p.add_argument("--out", required=True, help="model dir to write (checkpoints beside it, in OUT.checkpoints)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go and --resume looks (default OUT.checkpoints)")
+    p.add_argument("--save-dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
     p.add_argument("--init", help="smollm2-135m or an HF model dir to fine-tune; omit to pretrain")
     p.add_argument("--size", default="auto", help="named size when pretraining, or auto (planner)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--epochs", type=float, default=LARGE["epochs"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=LARGE["batch_size"],
@@ -446,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=LARGE["warmup_steps"])
     p.add_argument("--weight-decay", type=float, default=LARGE["weight_decay"])
     p.add_argument("--clip-norm", type=float, default=LARGE["clip_norm"])
-    p.add_argument("--precision", default=LARGE["precision"], choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--precision", "--dtype", dest="precision", default=LARGE["precision"],
+                   choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32")
     p.add_argument("--eval-every", type=int, default=LARGE["eval_every"],
                    help="steps between val evaluations (0: at the end)")
@@ -456,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip steps whose loss exceeds this x mean")
     p.add_argument("--seed", type=int, default=LARGE["seed"])
     p.add_argument("--limit-train", type=int, help="first N training rows only")
-    p.add_argument("--eval-limit", type=int, default=300, help="val rows sampled for periodic accuracy")
+    p.add_argument("--limit-eval", "--eval-limit", dest="eval_limit", type=int, default=300,
+                   help="val rows sampled for periodic accuracy")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when pretraining")
     p.add_argument("--inference-tokens", type=parse_quantity, default=0.0, help="for --size auto")
     p.add_argument("--no-progress", action="store_true")
@@ -490,11 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
     p.add_argument("--lr", type=float, default=STUDENT["lr"])
     p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
-    p.add_argument("--precision", default=STUDENT["precision"], choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
+                   choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
     p.add_argument("--ckpt-every", type=int, default=STUDENT["ckpt_every"])
     p.add_argument("--seed", type=int, default=STUDENT["seed"])
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-train", type=int, help="first N training rows only")
     p.add_argument("--inference-tokens", type=parse_quantity, default=1e9, help="traffic for --size auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_student)
@@ -518,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pack", help="rule pack .toml")
     p.add_argument("--data", required=True, help="dataset dir")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--json", help="write the full report here")
+    _json_flag(p, "the full report")
     p.add_argument("--timeout-ms", type=float, default=20.0, help="matching budget per text")
     p.set_defaults(func=cmd_rules_check)
     p = rules.add_parser("mine", help="induce high-precision phrase rules from a dataset dir")
@@ -538,13 +617,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="cascade.toml (its thresholds are rewritten)")
     p.add_argument("--data", required=True, help="dataset dir")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-accuracy", help="reach this accuracy at the lowest cost; 'llm' = the last tier's own")
+    goal.add_argument("--target-accuracy", help="reach this accuracy at the lowest cost; 'llm' = the last tier's own "
+                                                "(minus --max-loss)")
     goal.add_argument("--max-llm-share", type=float, help="best accuracy with at most this share at the large model")
+    p.add_argument("--max-loss", type=float, default=0.0,
+                   help="with --target-accuracy llm: tolerate this much accuracy below the large model's, "
+                        "e.g. 0.005 (0.5 pt)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--candidates", type=int, default=24, help="threshold quantiles tried per tier")
     p.add_argument("--confidence", type=float,
-                   help="with --target-accuracy: also require this one-sided confidence that the target holds "
-                        "beyond the validation sample (paired with the large model for 'llm'), e.g. 0.9")
+                   help="with --target-accuracy: certify the target with this confidence, the search included "
+                        "(Learn then Test; docs/calibration.md), e.g. 0.9")
+    p.add_argument("--path-split", default="train", choices=["train", "val", "test", "learn"],
+                   help="with --confidence: the labelled items the tested path is learnt on (the cheap tiers only); "
+                        "'learn': a --learn-share of --split instead (then only the rest tests it)")
+    p.add_argument("--learn-share", type=float, default=0.3, help="with --path-split learn")
+    p.add_argument("--seed", type=int, default=0, help="the learn split's and the path sample's seed")
     p.add_argument("--no-oos-threshold", action="store_true",
                    help="no separate threshold for out-of-scope answers (labels.json's oos_label)")
     p.add_argument("--oos-share", type=float,
@@ -552,21 +640,45 @@ def build_parser() -> argparse.ArgumentParser:
                         "as they come)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="evaluate a cascade on a labelled split")
     p.add_argument("--config", required=True, help="cascade.toml")
     p.add_argument("--data", required=True, help="dataset dir")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--json", help="write the report here")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the report to FILE, and beside it (eval.json -> eval.md, eval.items.jsonl, "
+                        "eval.confusion.png, eval.reliability.png); alone or '-': print the JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--baseline", action="store_true", help="also evaluate the last tier alone")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, help="first N items only")
     p.set_defaults(func=cmd_eval)
+    _show_defaults(parser)
     return parser
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default in its --help line, on every subcommand (none for flags and
+    options without one)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _show_defaults(child)
+            continue
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
+                or action.nargs == 0:
+            continue
+        if "%(default)" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cascade.app.quiet import quiet_third_party
+
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -11,7 +11,6 @@ everything is imported step by step so the progress shows from the first second.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -52,7 +51,8 @@ class Steps:
         print(f"\n[{self.n}/{self.total}] {what}   ({time.perf_counter() - self.t0:.0f}s so far)", flush=True)
 
 
-def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: bool = False) -> dict:
+def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: bool = False,
+                   progress: bool = True) -> dict:
     from cascade.cpu import cpu_report
     from cascade.data import load_labels, load_split
 
@@ -103,10 +103,11 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
 
     if smoke:
         large = train_large(data_dir, workdir / "large", size="debug", vocab_size=512,
-                            cfg=TrainConfig(**SMOKE_LARGE))
+                            cfg=TrainConfig(**SMOKE_LARGE), progress=progress)
     else:
         large = train_large(data_dir, workdir / "large", init="smollm2-135m",
-                            cfg=TrainConfig(**{**LARGE, "warmup_steps": 10}))  # 75 steps here: a short warmup
+                            cfg=TrainConfig(**{**LARGE, "warmup_steps": 10}),  # 75 steps here: a short warmup
+                            progress=progress)
     print(f"      val accuracy {large.summary['val_accuracy']}, {large.summary['wall_s']:.0f}s")
 
     step("distil a student from it (teacher labels cached), calibrate its temperature")
@@ -116,7 +117,8 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
                             size="debug" if smoke else "distil-smollm2", from_teacher=not smoke,
                             # the demo's 2,400 texts: more epochs at half the lr than the default
                             cfg=TrainConfig(**SMOKE_STUDENT) if smoke else
-                            TrainConfig(**{**STUDENT, "lr": 5e-4, "epochs": 6, "warmup_steps": 20}))
+                            TrainConfig(**{**STUDENT, "lr": 5e-4, "epochs": 6, "warmup_steps": 20}),
+                            progress=progress)
     print(f"      student val accuracy {student.summary['val_accuracy']:.4f}, "
           f"{student.summary['non_embedding_params']:,} non-embedding params")
 
@@ -129,34 +131,36 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     print(f"      parity {exp['parity_max_abs_diff']:.1e}; int8 agreement {q['top1_agreement']:.4f}"
           + (f" ({len(q['kept_fp32'])} MatMuls kept fp32)" if q["kept_fp32"] else ""))
 
-    step("write cascade.toml and calibrate the thresholds on val (target: the large model's own accuracy, "
-         "with 90% confidence)")
+    step("write cascade.toml and calibrate the thresholds on val (target: within 0.5 pt of the large model's "
+         "accuracy, with 90% confidence after the search; docs/calibration.md)")
     from cascade.calibrate import CalibrationError, run_calibration
+    from cascade.progress import per_name
 
     config_path = workdir / "cascade.toml"
     config_path.write_text(CONFIG_TEMPLATE.format(task=task, writer="cascade quickstart"), encoding="utf-8")
     try:
-        cal = run_calibration(config_path, data_dir, "llm", confidence=0.9)
+        cal = run_calibration(config_path, data_dir, "llm", max_loss=0.005, confidence=0.9,
+                              progress=per_name("measuring", enabled=progress))
     except CalibrationError as exc:  # tiny smoke models may not reach it: take the best within the llm share
         print(f"      {exc}; calibrating for the best accuracy instead")
-        cal = run_calibration(config_path, data_dir, max_llm_share=1.0)
+        cal = run_calibration(config_path, data_dir, max_llm_share=1.0,
+                              progress=per_name("measuring", enabled=progress))
     c = cal["chosen"]
     print(cal["table"])
     print(f"      chosen: val accuracy {c['accuracy']:.4f} with {c['llm_share']:.1%} at the large model "
           f"(alone: {cal['last_tier_accuracy']:.4f})")
 
     step("evaluate on test: the cascade against the large model alone")
-    from cascade.evaluate import format_report, run_eval
-    from cascade.report import markdown_report
+    from cascade.evaluate import format_report, run_eval, write_reports
 
-    report = run_eval(config_path, data_dir, "test", baseline=True)
+    report, items = run_eval(config_path, data_dir, "test", baseline=True, progress=progress)
     report_path = workdir / "eval.json"
-    report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    md = markdown_report(report, workdir / "eval.md")
+    files = write_reports(report, items, report_path)
     print(format_report(report))
 
     step("done")
-    print(f"report: {md}  (JSON: {report_path})\nplot:   {cal['plot']}\nconfig: {config_path}\n"
+    print(f"report: {files['markdown']}  (JSON: {report_path}; every item: {files['items']})\n"
+          f"plot:   {cal['plot']}\nconfig: {config_path}\n"
           f"serve:  cascade serve --config {config_path}\n"
           f"batch:  cascade batch INPUT.jsonl --config {config_path} --out OUT.jsonl\n"
           f"again:  cascade eval --config {config_path} --data {data_dir} --baseline --json {report_path}")

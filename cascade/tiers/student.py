@@ -2,8 +2,10 @@
 
 No torch here: this tier serves on a machine that has onnxruntime alone. It reads a student
 dir (`model.int8.onnx` by default, `options.model = "model.onnx"` for fp32), its
-`tokenizer.json`, its labels (`cascade.json`) and, when present, the temperature fitted on
-validation data (`calibration.json`), so confidences are calibrated probabilities.
+`tokenizer.json`, its labels (`cascade.json`, else config.json's `id2label`), the input length
+(config.json's `max_length`; `max_seq_len` in dirs written before it) and the temperature fitted
+on validation data (`calibration.json`, else config.json's `temperature`, else 1), so
+confidences are calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -92,6 +94,23 @@ def _read_json(path: Path, key: str | None = None):
     return data
 
 
+def student_fields(d: Path) -> tuple[list[str], float, int]:
+    """(labels, temperature, max_len) of a student dir, this layout or the old one."""
+    config = _read_json(d / "config.json")
+    ours = config.get("cascade") or {}
+    if (d / "cascade.json").exists() or "id2label" not in config:
+        labels = list(_read_json(d / "cascade.json", "labels")["labels"])
+    else:
+        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    calib = d / "calibration.json"
+    if calib.exists():
+        temperature = _read_json(calib, "temperature")["temperature"]
+    else:  # transformers 5 drops top-level `temperature` from configs it loads; ours keeps a copy
+        temperature = ours.get("temperature", config.get("temperature", 1.0))
+    max_len = ours.get("max_length", config.get("max_length", config.get("max_seq_len", 128)))
+    return labels, float(temperature), int(max_len)
+
+
 def load_student_tier(model_dir: Path, name: str = "student", model_file: str = "model.int8.onnx",
                       threads: int = 0, batch_size: int = 32, spin_wait: bool = False) -> StudentTier:
     """Every fault in the dir is a ConfigError naming the file (no onnxruntime traceback)."""
@@ -104,10 +123,7 @@ def load_student_tier(model_dir: Path, name: str = "student", model_file: str = 
     path = d / model_file
     if not path.exists():
         raise ConfigError(f"{path}: not found; run `cascade export --model {d} --int8`")
-    meta = _read_json(d / "cascade.json", "labels")
-    config = _read_json(d / "config.json")
-    calib = d / "calibration.json"
-    temperature = _read_json(calib, "temperature")["temperature"] if calib.exists() else 1.0
+    labels, temperature, max_len = student_fields(d)
     tok_file = d / "tokenizer.json"
     if not tok_file.exists():
         raise ConfigError(f"{tok_file}: not found; the student needs its fast tokenizer")
@@ -115,6 +131,10 @@ def load_student_tier(model_dir: Path, name: str = "student", model_file: str = 
         tokenizer = Tokenizer.from_file(str(tok_file))
     except Exception as exc:
         raise ConfigError(f"{tok_file}: not a tokenizers file ({exc})") from None
+    # The tier pads and truncates itself (by length, per batch); a file that turns either on
+    # would otherwise feed pad ids as real tokens.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -128,8 +148,7 @@ def load_student_tier(model_dir: Path, name: str = "student", model_file: str = 
         reason = str(exc).splitlines()[0][:300]
         raise ConfigError(f"{path}: onnxruntime cannot load it ({reason}); re-export it with `cascade export "
                           f"--model {d} --int8`") from None
-    return StudentTier(name, session, tokenizer, list(meta["labels"]),
-                       float(temperature), int(config.get("max_seq_len", 128)), batch_size)
+    return StudentTier(name, session, tokenizer, labels, temperature, max_len, batch_size)
 
 
 class StudentOptions(BaseModel):

@@ -1,11 +1,12 @@
 """Any OpenAI-compatible server (`vllm serve`, `cascade llm serve`, ...) over HTTP.
 
-One pooled `httpx.Client` (keep-alive connections, bounded pool) and retries with exponential
-backoff on connection errors, 429 (honouring Retry-After) and 5xx — all inside the caller's
-deadline (`cascade.deadline`): each attempt's timeout is what is left of it, no backoff sleeps
-past it, and the waits are an Event that `close()` ends at once. The official `openai`
-client was considered: its retries cannot be bounded by a total deadline (each attempt gets
-the full timeout, and it sleeps up to 60 s on Retry-After), which is what hung requests here.
+One pooled `httpx.Client` (keep-alive connections, bounded pool); retries by tenacity (the
+maintained retry library) with exponential backoff and jitter on connection errors, 429
+(honouring Retry-After) and 5xx — all inside the caller's deadline (`cascade.deadline`): each
+attempt's timeout is what is left of it, a retry whose wait would pass it is not made, and
+the waits are an Event that `close()` ends at once. The official `openai` client was
+considered: its retries cannot be bounded by a total deadline (each attempt gets the full
+timeout, and it sleeps up to 60 s on Retry-After), which is what hung requests here.
 Labels use `/v1/completions` with `guided_choice` (vLLM's and our extension) and the first
 position's `logprobs` for the distribution; a batch of prompts goes in one request.
 No torch here.
@@ -16,10 +17,19 @@ from __future__ import annotations
 import threading
 
 import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from cascade.deadline import remaining
 from cascade.types import DeadlineExceeded, TierUnavailable
 from serving.backends.base import ChoiceResult, distribution_from_logprobs
+from serving.backends.pool import EndpointPool
 
 
 class BackendError(RuntimeError):
@@ -31,18 +41,29 @@ class BackendUnavailable(BackendError, TierUnavailable):
     last said."""
 
 
+class _Transient(RuntimeError):
+    """An attempt failed in a way a retry may fix (a connection error, 429, 5xx)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.why_stopped = ""
+
+
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 30.0,
+    def __init__(self, url: str | list[str], model: str, api_key: str | None = None, timeout_s: float = 30.0,
                  retries: int = 3, backoff_s: float = 0.5, max_connections: int = 16, batch_size: int = 32,
-                 choice_field: str = "guided_choice", max_choice_tokens: int = 16):
-        self.url = url.rstrip("/")
-        if not self.url.endswith("/v1"):
-            self.url += "/v1"
+                 choice_field: str = "guided_choice", max_choice_tokens: int = 16, failures_to_open: int = 3,
+                 cooldown_s: float = 5.0, health_interval_s: float = 2.0):
+        urls = [url] if isinstance(url, str) else list(url)
+        urls = [u.rstrip("/") if u.rstrip("/").endswith("/v1") else u.rstrip("/") + "/v1" for u in urls]
+        self.url = urls[0] if len(urls) == 1 else "{" + ", ".join(urls) + "}"  # for messages
         self.model = model
         self.retries = retries
         self.backoff_s = backoff_s
+        self._backoff = wait_exponential(multiplier=backoff_s, max=timeout_s) + wait_random(0, backoff_s / 2)
         self.batch_size = batch_size
         self.choice_field = choice_field
         self.max_choice_tokens = max_choice_tokens
@@ -52,47 +73,79 @@ class OpenAIBackend:
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_connections,
                                                        max_keepalive_connections=max_connections))
+        self.pool = EndpointPool(urls, self.client, failures_to_open, cooldown_s, health_interval_s)
 
     def _post(self, path: str, body: dict) -> dict:
-        last, tries = "", 0
-        for attempt in range(self.retries + 1):
-            left = remaining(self.timeout_s)
-            if left is not None and left <= 0.001 and tries == 0:
-                raise DeadlineExceeded(f"{self.url}{path}: the deadline passed before the request was sent")
-            if left is not None and left <= 0.001 or self.closed.is_set():
-                break
-            tries += 1
-            try:
-                r = self.client.post(self.url + path, json=body, timeout=left)
-            except httpx.TransportError as exc:  # refused, reset, timed out
-                last = f"{type(exc).__name__}: {exc}"
-                wait = self.backoff_s * 2**attempt
-            else:
-                if r.status_code == 200:
-                    return r.json()
-                last = f"HTTP {r.status_code}: {r.text[:300]}"
-                if r.status_code in (401, 403, 404):  # a wrong key, URL or model: every request will fail
-                    raise BackendUnavailable(f"{self.url}{path}: {last}")
-                if r.status_code != 429 and r.status_code < 500:
-                    raise BackendError(f"{self.url}{path}: {last}")  # this request is wrong: retrying won't help
-                wait = self.backoff_s * 2**attempt
-                if r.status_code == 429:
-                    try:
-                        wait = float(r.headers.get("retry-after", wait))
-                    except ValueError:
-                        pass
-            if attempt == self.retries:
-                break
-            if not 0.0 <= wait:  # negative or NaN
-                wait = self.backoff_s
-            wait = min(wait, self.timeout_s)  # a server's Retry-After is advice, not a blank cheque
-            left = remaining(None)
-            if left is not None and wait >= left:  # the deadline comes first: say so now
-                last += f" (a retry in {wait:.2f}s would pass the deadline)"
-                break
-            if self.closed.wait(wait):
-                break
-        raise BackendUnavailable(f"{self.url}{path}: no answer after {tries} tries; last: {last}")
+        tried: set[str] = set()  # endpoints this request has tried: a retry fails over to another
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            wait=lambda state: self._wait(state, tried),
+            stop=stop_after_attempt(self.retries + 1) | self._past_deadline, sleep=self.closed.wait, reraise=True)
+        try:
+            return retrying(self._attempt, path, body, tried)
+        except _Transient as exc:
+            tries = retrying.statistics.get("attempt_number", 1)
+            raise BackendUnavailable(f"{self.url}{path}: no answer after {tries} tries; last: {exc}{exc.why_stopped}"
+                                     ) from None
+
+    def _attempt(self, path: str, body: dict, tried: set[str]) -> dict:
+        """One request to the pool's best endpoint within what is left of the deadline;
+        `_Transient` when a retry (on another endpoint, if there is one) may help."""
+        left = remaining(self.timeout_s)
+        if left is not None and left <= 0.001:
+            raise DeadlineExceeded(f"{self.url}{path}: the deadline passed before the request was sent")
+        if self.closed.is_set():
+            raise BackendUnavailable(f"{self.url}{path}: the backend is closed")
+        endpoint = self.pool.acquire(tried)
+        if endpoint is None:
+            raise _Transient(f"every endpoint's circuit is open ({self.pool.stats()[0]['last_error']}, ...)",
+                             self.pool.cooldown_s / 2)
+        tried.add(endpoint.url)
+        url = endpoint.url + path
+        try:
+            r = self.client.post(url, json=body, timeout=left)
+        except httpx.TransportError as exc:  # refused, reset, timed out
+            self.pool.release(endpoint, False, str(exc), refused=isinstance(exc, httpx.ConnectError))
+            raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+        if r.status_code == 429 or r.status_code >= 500:  # busy or broken there: try again (elsewhere)
+            self.pool.release(endpoint, r.status_code == 429, f"HTTP {r.status_code}")
+            retry_after = None
+            if r.status_code == 429:
+                try:
+                    retry_after = float(r.headers.get("retry-after", ""))
+                except ValueError:
+                    pass
+            raise _Transient(f"{url}: HTTP {r.status_code}: {r.text[:300]}", retry_after)
+        self.pool.release(endpoint, True)  # it answered: whatever it said, it is up
+        if r.status_code == 200:
+            return r.json()
+        last = f"HTTP {r.status_code}: {r.text[:300]}"
+        if r.status_code in (401, 403, 404):  # a wrong key, URL or model: every request will fail
+            raise BackendUnavailable(f"{url}: {last}")
+        raise BackendError(f"{url}: {last}")  # this request is wrong: retrying won't help
+
+    def _wait(self, state: RetryCallState, tried: set[str]) -> float:
+        """No wait when another endpoint can take the retry (failover); else exponential backoff
+        with jitter, or the server's Retry-After — advice, capped at `timeout_s`, not a blank
+        cheque."""
+        if self.pool.has_other(tried):
+            return 0.0
+        exc = state.outcome.exception() if state.outcome else None
+        given = getattr(exc, "retry_after", None)
+        wait = given if given is not None and 0.0 <= given else self._backoff(state)
+        return min(wait, self.timeout_s)
+
+    def _past_deadline(self, state: RetryCallState) -> bool:
+        """Stop now when the next wait would pass the deadline (say so), or `close()` was called."""
+        left = remaining(None)
+        if self.closed.is_set():
+            return True
+        if left is not None and state.upcoming_sleep >= left:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, _Transient):
+                exc.why_stopped = f" (a retry in {state.upcoming_sleep:.2f}s would pass the deadline)"
+            return True
+        return False
 
     def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
         results: list[ChoiceResult] = []
@@ -114,6 +167,10 @@ class OpenAIBackend:
                 results.append(distribution_from_logprobs(c["text"], top, list(choices), path))
         return results
 
+    def stats(self) -> dict:
+        return {"endpoints": self.pool.stats()}
+
     def close(self) -> None:
         self.closed.set()
+        self.pool.close()
         self.client.close()

@@ -20,7 +20,8 @@ class OpenAIOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, description="base URL, e.g. http://host:8000/v1")
+    url: str | list[str] = Field(min_length=1, description="base URL, e.g. http://host:8000/v1, or a list of "
+                                                         "replicas' URLs: a pool with failover")
     model: str = Field(min_length=1, description="the model name the server serves")
     api_key: str | None = None
     timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="per attempt, and never past the deadline")
@@ -30,6 +31,10 @@ class OpenAIOptions(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=4096, description="prompts per HTTP request")
     choice_field: str = Field(default="guided_choice", description="guided_choice, or structured_outputs (vLLM)")
     max_choice_tokens: int = Field(default=16, ge=1, le=4096)
+    failures_to_open: int = Field(default=3, ge=1, le=1000, description="a pool endpoint's breaker opens after "
+                                                                         "this many failures in a row")
+    cooldown_s: float = Field(default=5.0, gt=0.0, le=3600.0, description="an open breaker's wait before a probe")
+    health_interval_s: float = Field(default=2.0, ge=0.0, le=3600.0, description="pool health checks (0: none)")
 
 
 class VLLMOptions(BaseModel):

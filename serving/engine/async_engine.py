@@ -57,6 +57,10 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._cond.notify()
 
+    def alive(self) -> bool:
+        """The engine thread runs (it ends only at shutdown, or on a bug outside a step)."""
+        return self._thread.is_alive() and not self._stop
+
     def shutdown(self) -> None:
         with self._cond:
             self._stop = True

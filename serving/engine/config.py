@@ -6,6 +6,7 @@ the field's name, not three layers down in a tensor shape.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -66,6 +67,10 @@ class EngineConfig:
 
     Attributes:
         dtype: "auto" (bf16 where the CPU/GPU runs it fast, else fp32), "bf16" or "fp32".
+        device: where `from_model_dir` puts the model, and so the KV cache: "cpu" or "cuda"
+            ("cuda:N"). On a GPU the runner attends with the torch path (the C kernel is
+            CPU-only); logits come back to the CPU for sampling, where the per-request
+            generators live.
         threads: torch intra-op threads (0 keeps torch's default).
         max_model_len: longest prompt + output accepted; None takes the model's max_seq_len.
         attention: how the engine attends on the CPU. "kernel": the C kernel that reads K/V in
@@ -83,6 +88,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     dtype: str = "auto"
+    device: str = "cpu"
     threads: int = 0
     max_model_len: int | None = None
     attention: str = "auto"
@@ -92,6 +98,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "bf16", "fp32"), "dtype", f"{self.dtype!r} is not auto, bf16 or fp32")
+        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "device",
+               f"{self.device!r} is not cpu, cuda or cuda:N")
         _check(self.threads >= 0, "threads", f"{self.threads} < 0")
         _check(self.attention in ("auto", "kernel", "torch"), "attention",
                f"{self.attention!r} is not auto, kernel or torch")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +57,37 @@ class RequestOutput:
     choice_prob: float | None = None
     choice_scores: list[float] | None = None
     error: str | None = None  # finish_reason "error": why the engine could not run this request
+
+
+# Time-to-first-token buckets (seconds), as `EngineCounters.ttft_buckets` counts them.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class EngineCounters:
+    """What the engine did since it started, for /metrics (serving exports it; the engine only
+    counts). Written by the engine thread, read by a scrape: plain ints, no lock needed for a
+    monitoring view."""
+
+    prompt_tokens: int = 0  # tokens of admitted prompts (prefix-cache hits included)
+    generation_tokens: int = 0
+    requests_finished: int = 0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_count: int = 0
+    ttft_sum: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (monotonic, tokens) per step
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft_count += 1
+        self.ttft_sum += seconds
+        for i, le in enumerate(TTFT_BUCKETS):
+            if seconds <= le:
+                self.ttft_buckets[i] += 1
+
+    def tokens_per_s(self, window_s: float = 10.0) -> float:
+        """Generated tokens per second over the last `window_s` seconds."""
+        since = time.monotonic() - window_s
+        return sum(n for t, n in list(self.recent) if t >= since) / window_s
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -98,6 +131,7 @@ class LLMEngine:
         # has run a step or failed alone (see `step`).
         self.suspects: list[str] = []
         self.failed_steps = 0
+        self.counters = EngineCounters()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -108,7 +142,7 @@ class LLMEngine:
         d = Path(model_dir)
         if not (d / "tokenizer.json").exists():
             raise FileNotFoundError(f"{d / 'tokenizer.json'}: not found; the engine needs the model's fast tokenizer")
-        model = load_hf(d, dtype=resolve_dtype(config.dtype))
+        model = load_hf(d, dtype=resolve_dtype(config.dtype)).to(config.device)
         eos = None
         gen = d / "generation_config.json"
         if gen.exists():
@@ -147,6 +181,7 @@ class LLMEngine:
         self.requests[rid] = req
         self._sent[rid] = 0
         self.scheduler.add(req)
+        self.counters.prompt_tokens += len(ids)
         return rid
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -238,8 +273,18 @@ class LLMEngine:
                 outputs.append(self._fail(req, f"sampling failed for this request: {type(exc).__name__}: {exc}"))
             else:
                 outputs.append(self._output(req))
+                self._count(req)
             row += 1
+        if row:
+            self.counters.generation_tokens += row
+            self.counters.recent.append((time.monotonic(), row))
         return outputs
+
+    def _count(self, req: Request) -> None:
+        if len(req.output_token_ids) == 1:
+            self.counters.first_token(time.monotonic() - req.arrival)
+        if req.finished:
+            self.counters.requests_finished += 1
 
     def _next_suspect(self) -> Request | None:
         while self.suspects:

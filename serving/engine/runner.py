@@ -333,8 +333,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step. Returns fp32 logits (S, vocab) for the sequences whose `samples` is
-        True, in the order given."""
+        """Run one step. Returns fp32 logits (S, vocab), on the CPU, for the sequences whose
+        `samples` is True, in the order given."""
         cfg, bs, dev = self.cfg, self.block_size, self.device
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         tokens, positions, slots = [], [], []
@@ -392,4 +392,5 @@ class ModelRunner:
         if not last:
             return torch.empty(0, cfg.vocab_size)
         h = self.model.norm(x[torch.tensor(last, device=dev)])
-        return self._linear(self.model.lm_head, h).float()
+        # Sampling runs on the CPU (its per-request generators live there); a no-op on the CPU.
+        return self._linear(self.model.lm_head, h).float().cpu()

@@ -1,0 +1,252 @@
+"""Does `cascade calibrate --confidence` keep its promise? A resampling check on a finished run (issue 20).
+
+    python bench/calibration_check.py                              # runs/quickstart, 0.5 pt at 90%
+    python bench/calibration_check.py --run runs/e2e-clinc150 --resamples 300 --max-loss 0.01
+
+The run's tiers are measured once on its val + test texts (every tier, as calibration measures
+them) and its cheap tiers on up to 3,000 train texts (where the certified path is learnt);
+the measurements are cached beside the run (`calibration_check.measured.json`). Then, for
+many resamples of "which items are validation", both procedures choose thresholds for a loss
+of at most `--max-loss` against the large model with `--confidence`:
+
+- old: the cheapest grid point on val that reaches the large model's val accuracy minus the
+  tolerance and whose one-sided normal bound on the paired difference says so with that
+  confidence (`confidence_of`), the check applied after the search;
+- new: `cascade calibrate`'s decision (`calibrate_runs`: Learn then Test, the path learnt on
+  train, every val item testing it), and, for comparison, the path learnt on a 30% split of val.
+
+Two regimes:
+- bootstrap: val is drawn with replacement from the pool (val + test) and the loss is the
+  pool's own: the pool *is* the population, so "loss > tolerance" is exactly the event the
+  guarantee bounds (its rate must stay <= 1 - confidence, up to Monte-Carlo error);
+- split: val is drawn without replacement, the rest of the pool is test, as in the quickstart.
+  The test loss is then itself a sample (800 items: a standard error near 0.5 pt), so its
+  exceedance rate is not what the guarantee bounds; it is reported as what a user would see.
+The oracle share: the least large-model share among grid points of the evaluated items whose
+loss there is within the tolerance. And the run's own split (its val -> its test), once.
+
+Writes bench/results/calibration_check.json. runs/ is not in git: without the run this says
+so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cascade.calibrate import (  # noqa: E402
+    CalibrationError,
+    TierRun,
+    calibrate_runs,
+    certify,
+    choose,
+    confidence_of,
+    frontier,
+    path_from_other_items,
+    simulate,
+    subset,
+)
+
+
+def measure(run: Path, path_limit: int, seed: int) -> dict:
+    """Every tier on val + test, the cheap tiers on (a sample of) train; cached by the tier
+    specs and the data and model files' sizes and times."""
+    from cascade.config import build_cascade, load_config
+    from cascade.data import load_labels, load_split
+    from cascade.evaluate import LLM_KINDS
+
+    config_path, data = run / "cascade.toml", run / "data"
+    config = load_config(config_path)
+    key = hashlib.sha256(json.dumps({
+        "tiers": [[t.name, t.kind, str(t.path), repr(t.options)] for t in config.tiers],
+        "files": sorted((str(f.relative_to(run)), f.stat().st_size, int(f.stat().st_mtime))
+                        for f in run.rglob("*") if f.is_file() and f.suffix in (".jsonl", ".onnx", ".safetensors",
+                                                                                   ".toml") and "checkpoints" not in
+                        f.parts and f.name != "cascade.toml"),
+        "path_limit": path_limit, "seed": seed}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = run / "calibration_check.measured.json"
+    if cache.exists() and (got := json.loads(cache.read_text())).get("key") == key:
+        print(f"measurements from {cache}", file=sys.stderr)
+        return got
+    val, test, train = (load_split(data, s) for s in ("val", "test", "train"))
+    if len(train) > path_limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(train), path_limit, replace=False))
+        train = [train[i] for i in keep]
+    is_llm = [spec.kind in LLM_KINDS for spec in config.tiers]
+    cascade = build_cascade(config, config_path.parent)
+
+    def progress(name: str, done: int, total: int) -> None:
+        print(f"\r  measuring {name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    from cascade.calibrate import measure_tiers
+
+    try:
+        t0 = time.perf_counter()
+        pool = measure_tiers(cascade, is_llm, [ex.text for ex in val + test], progress=progress)
+        cheap = measure_tiers(cascade, is_llm, [ex.text for ex in train], progress=progress,
+                              tiers=len(config.tiers) - 1)
+        wall = time.perf_counter() - t0
+    finally:
+        cascade.close()
+    enc = lambda runs: [{"name": r.name, "labels": r.labels, "confidences": r.confidences.tolist(),  # noqa: E731
+                         "mean_ms": r.mean_ms, "is_llm": r.is_llm} for r in runs]
+    got = {"key": key, "n_val": len(val), "n_test": len(test), "pool": enc(pool),
+           "pool_gold": [ex.label for ex in val + test], "train": enc(cheap), "train_gold": [ex.label for ex in train],
+           "oos_label": load_labels(data).oos_label, "measure_wall_s": wall}
+    cache.write_text(json.dumps(got) + "\n")
+    return got
+
+
+def decode(rows: list[dict]) -> list[TierRun]:
+    return [TierRun(r["name"], r["labels"], np.array(r["confidences"]), r["mean_ms"], r["is_llm"]) for r in rows]
+
+
+def llm_accuracy(runs: list[TierRun], gold: list[str]) -> float:
+    return float(np.mean([a == g for a, g in zip(runs[-1].labels, gold)]))
+
+
+def old_choice(runs, gold, eps, conf, label):
+    """The procedure before issue 20: search, then a normal bound on the winner."""
+    points = frontier(runs, gold, label=label)
+    target = llm_accuracy(runs, gold) - eps
+    try:
+        return choose(points, target, confident=lambda p: confidence_of(runs, gold, p, target, True, label,
+                                                                        max_loss=eps) >= conf)
+    except CalibrationError:  # what the quickstart then did: the most accurate point
+        return choose(points, max_llm_share=1.0)
+
+
+def evaluate(runs, gold, point, label) -> tuple[float, float]:
+    """(loss against the large model, large-model share) of the point's thresholds on these items."""
+    is_label = None if label is None else [np.array([lab == label for lab in r.labels]) for r in runs]
+    q = simulate(runs, gold, point.thresholds, label_thresholds=point.label_thresholds, is_label=is_label)
+    return llm_accuracy(runs, gold) - q.accuracy, q.llm_share
+
+
+def oracle_share(runs, gold, eps, label) -> float:
+    llm = llm_accuracy(runs, gold)
+    return min(p.llm_share for p in frontier(runs, gold, 48, label) if p.accuracy >= llm - eps - 1e-12)
+
+
+def summary(rows: list[tuple[float, float]], eps: float, oracle: list[float]) -> dict:
+    a = np.array(rows)
+    viol = a[:, 0] > eps + 1e-12
+    share = a[:, 1]
+    return {"violation_rate": float(viol.mean()), "violation_se": float(np.sqrt(viol.mean() * (1 - viol.mean())
+                                                                                / len(a))),
+            "llm_share_mean": float(share.mean()), "llm_share_median": float(np.median(share)),
+            "loss_mean": float(a[:, 0].mean()), "loss_p90": float(np.quantile(a[:, 0], 0.9)),
+            "share_over_oracle": float(share.mean() / np.mean(oracle)), "resamples": len(a)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default=str(ROOT / "runs" / "quickstart"), help="a finished quickstart or e2e run")
+    ap.add_argument("--max-loss", type=float, default=0.005)
+    ap.add_argument("--confidence", type=float, default=0.9)
+    ap.add_argument("--resamples", type=int, default=300, help="per regime")
+    ap.add_argument("--val-n", type=int, help="validation items per resample (default: the run's val size)")
+    ap.add_argument("--path-limit", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_check.json"))
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    missing = [p for p in (run / "cascade.toml", run / "data" / "val.jsonl", run / "data" / "test.jsonl",
+                           run / "data" / "train.jsonl") if not p.exists()]
+    if missing:
+        print(f"calibration_check: {run} is not a finished run (missing {', '.join(map(str, missing))}).\n"
+              "runs/ is not in git: make one with `cascade quickstart` (it writes runs/quickstart) or "
+              "`python bench/e2e.py`, or point --run at one. Nothing was written.", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    m = measure(run, args.path_limit, args.seed)
+    pool, pool_gold = decode(m["pool"]), m["pool_gold"]
+    train, train_gold = decode(m["train"]), m["train_gold"]
+    label, eps, conf = m["oos_label"], args.max_loss, args.confidence
+    n_pool, n_val = len(pool_gold), args.val_n or m["n_val"]
+    path = path_from_other_items(train, train_gold, pool, label=label)  # fixed: train is not resampled
+
+    def new_choice(runs, gold):
+        return calibrate_runs(runs, gold, "llm", confidence=conf, max_loss=eps, label=label, path_runs=train,
+                              path_gold=train_gold)["chosen"]
+
+    def new_learn_split(runs, gold, seed):
+        return certify(runs, gold, conf, max_loss=eps, label=label, learn_share=0.3, seed=seed, bounds=False).point
+
+    def run_new(runs, gold):  # as calibrate_runs, with the path learnt once
+        return certify(runs, gold, conf, max_loss=eps, label=label, path=path, path_gold=train_gold,
+                       bounds=False).point
+
+    rng = np.random.default_rng(args.seed)
+    result = {"run": str(run), "max_loss": eps, "confidence": conf, "n_pool": n_pool, "n_val": n_val,
+              "n_train_path": len(train_gold), "tiers": [r.name for r in pool],
+              "pool_llm_accuracy": llm_accuracy(pool, pool_gold), "measure_wall_s": m["measure_wall_s"]}
+
+    # the run's own split, once (the same decision `cascade calibrate` makes)
+    val_idx, test_idx = np.arange(m["n_val"]), np.arange(m["n_val"], n_pool)
+    v, vg = subset(pool, val_idx), [pool_gold[i] for i in val_idx]
+    t, tg = subset(pool, test_idx), [pool_gold[i] for i in test_idx]
+    own = {"old": old_choice(v, vg, eps, conf, label), "new": new_choice(v, vg),
+           "new_learn_split": new_learn_split(v, vg, args.seed)}
+    result["own_split"] = {"oracle_llm_share_on_test": oracle_share(t, tg, eps, label)} | {
+        k: dict(zip(("test_loss", "test_llm_share"), evaluate(t, tg, p, label)),
+                val_llm_share=p.llm_share, thresholds=list(p.thresholds)) for k, p in own.items()}
+
+    pool_oracle = oracle_share(pool, pool_gold, eps, label)
+    regimes = {}
+    for regime in ("bootstrap", "split"):
+        rows = {"old": [], "new": [], "new_learn_split": []}
+        oracles = []
+        t0 = time.perf_counter()
+        for r in range(args.resamples):
+            if regime == "bootstrap":
+                idx = rng.integers(0, n_pool, n_val)
+                ev, eg, oracles = pool, pool_gold, oracles + [pool_oracle]
+            else:
+                perm = rng.permutation(n_pool)
+                idx, rest = perm[:n_val], np.sort(perm[n_val:])
+                ev, eg = subset(pool, rest), [pool_gold[i] for i in rest]
+                oracles.append(oracle_share(ev, eg, eps, label))
+            runs, gold = subset(pool, idx), [pool_gold[i] for i in idx]
+            rows["old"].append(evaluate(ev, eg, old_choice(runs, gold, eps, conf, label), label))
+            rows["new"].append(evaluate(ev, eg, run_new(runs, gold), label))
+            rows["new_learn_split"].append(evaluate(ev, eg, new_learn_split(runs, gold, r), label))
+        regimes[regime] = {"oracle_llm_share_mean": float(np.mean(oracles)), "wall_s": time.perf_counter() - t0} | {
+            k: summary(v, eps, oracles) for k, v in rows.items()}
+        print(f"{regime}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    result["regimes"] = regimes
+    result["wall_s"] = time.perf_counter() - t_start
+
+    print(f"{run}: pool {n_pool} items (val {m['n_val']} + test {m['n_test']}), val resamples of {n_val}, "
+          f"path from {len(train_gold)} train items; tolerance {eps:g} at {conf:.0%}")
+    o = result["own_split"]
+    print(f"own split (its val -> its test): oracle share on test {o['oracle_llm_share_on_test']:.3f}")
+    for k in own:
+        print(f"  {k:>16}: val share {o[k]['val_llm_share']:.3f}, test share {o[k]['test_llm_share']:.3f}, "
+              f"test loss {o[k]['test_loss']:+.4f}")
+    for regime, res in regimes.items():
+        print(f"{regime} ({args.resamples} resamples; loss on "
+              f"{'the pool' if regime == 'bootstrap' else 'the held-out rest'}): oracle share "
+              f"{res['oracle_llm_share_mean']:.3f}")
+        for k in rows:
+            s = res[k]
+            print(f"  {k:>16}: violation {s['violation_rate']:.3f} +- {s['violation_se']:.3f}, share "
+                  f"{s['llm_share_mean']:.3f} ({s['share_over_oracle']:.2f}x oracle), loss {s['loss_mean']:+.4f} "
+                  f"(p90 {s['loss_p90']:+.4f})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The traffic log: every answered item, off the request path, for the flywheel to learn from.
+
+    [traffic_log]
+    dir = "traffic"        # relative to cascade.toml
+    text = "keep"          # keep | hash (sha256 of the text) | drop
+
+One JSON object per line (JSONL), in segments `traffic-<unix ms>-<seq>.jsonl` that rotate at
+`segment_mb`; past `max_total_mb` the oldest segments are deleted. JSONL because it appends a
+line at a time (a kill tears at most the last line, which the reader skips), and jq, pandas
+(`read_json(lines=True)`), DuckDB and Spark open it as it is; Parquet cannot be appended to,
+and SQLite would put a lock and a transaction on the writer for what is an append-only stream.
+
+Logging never fails or slows a request: `put` hands the entry to a bounded queue and returns;
+a background thread writes, fsyncs every `fsync_s` and rotates. A full queue, a full disk or a
+broken writer drops entries — counted (`cascade_traffic_log_dropped_total{reason}`), never a
+request. Each entry: time, request id, item index, the text (or its hash), the answer (label,
+confidence, tier, degraded), every tier's prediction on the way (`trail`), and the large
+model's answer where it gave one (`llm`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from cascade.config import TrafficLogConfig
+
+
+def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str | None, text_mode: str) -> dict:
+    """The log line for one answered item (a Prediction whose trail was asked for)."""
+    out: dict = {"ts": round(time.time(), 3), "request_id": request_id, "index": index}
+    if text_mode == "keep":
+        out["text"] = text
+    elif text_mode == "hash":
+        out["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    out.update({"label": pred.label, "confidence": round(float(pred.confidence), 6), "tier": pred.tier,
+                "degraded": pred.degraded, "latency_ms": round(pred.latency_ms, 3)})
+    trail = pred.trail or []
+    out["trail"] = [{"tier": t.tier, "label": t.label, "confidence": round(float(t.confidence), 6)} for t in trail]
+    llm = next((t for t in trail if t.tier == llm_tier), None)
+    if llm is None and pred.tier == llm_tier and not pred.degraded:
+        llm = pred
+    if llm is not None:
+        out["llm"] = {"label": llm.label, "confidence": round(float(llm.confidence), 6)}
+    return out
+
+
+class TrafficLog:
+    """The background writer. `put` never blocks and never raises."""
+
+    def __init__(self, directory: str | Path, segment_mb: float = 64.0, max_total_mb: float = 4096.0,
+                 fsync_s: float = 1.0, queue_items: int = 100_000, text: str = "keep"):
+        self.dir = Path(directory)
+        self.segment_bytes = int(segment_mb * 2**20)
+        self.max_total_bytes = int(max_total_mb * 2**20)
+        self.fsync_s = fsync_s
+        self.text = text
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_items)
+        self.written = 0
+        self.dropped: Counter = Counter()  # reason -> entries
+        self.segments_deleted = 0
+        self._seq = 0
+        self._file = None
+        self._size = 0
+        self._last_sync = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cascade-traffic-log", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: TrafficLogConfig, base_dir: Path) -> TrafficLog:
+        d = Path(cfg.dir)
+        return cls(d if d.is_absolute() else base_dir / d, cfg.segment_mb, cfg.max_total_mb, cfg.fsync_s,
+                   cfg.queue_items, cfg.text)
+
+    def put(self, entry: dict) -> None:
+        try:
+            self.queue.put_nowait(entry)
+        except queue.Full:
+            self.dropped["queue_full"] += 1
+
+    # --- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self.queue.empty()):
+            try:
+                entry = self.queue.get(timeout=min(0.2, self.fsync_s or 0.2))
+            except queue.Empty:
+                self._sync_if_due()
+                continue
+            batch = [entry]
+            while len(batch) < 1024:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+            self._sync_if_due()
+        self._close_segment()
+
+    def _write(self, batch: list[dict]) -> None:
+        try:
+            data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in batch).encode("utf-8", "surrogatepass")
+            if self._file is None or self._size + len(data) > self.segment_bytes and self._size:
+                self._rotate()
+            self._file.write(data)
+            self._size += len(data)
+            self.written += len(batch)
+        except Exception:  # a full disk, a removed dir, a bad entry: these entries are lost, counted
+            self.dropped["write_error"] += len(batch)
+            self._close_segment()  # the next batch starts a fresh segment
+
+    def _rotate(self) -> None:
+        self._close_segment()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        path = self.dir / f"traffic-{int(time.time() * 1000):013d}-{self._seq:06d}.jsonl"
+        self._file = path.open("ab", buffering=1 << 16)
+        self._size = 0
+        self._enforce_cap()
+
+    def _enforce_cap(self) -> None:
+        segments = sorted(self.dir.glob("traffic-*.jsonl"))
+        total = sum(p.stat().st_size for p in segments)
+        for old in segments[:-1]:  # never the one being written
+            if total <= self.max_total_bytes:
+                break
+            total -= old.stat().st_size
+            old.unlink()
+            self.segments_deleted += 1
+
+    def _sync_if_due(self) -> None:
+        if self._file is not None and time.monotonic() - self._last_sync >= self.fsync_s:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except Exception:
+                self._close_segment()
+            self._last_sync = time.monotonic()
+
+    def _close_segment(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            except Exception:  # noqa: S110  already lost: nothing more to do with it
+                pass
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, fsync, stop."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def stats(self) -> dict:
+        return {"written": self.written, "dropped": dict(self.dropped), "queued": self.queue.qsize(),
+                "segments_deleted": self.segments_deleted}
+
+
+def read_log(directory: str | Path) -> Iterator[dict]:
+    """Every entry of every segment, oldest first; a torn line (a writer killed mid-line) is
+    skipped, not fatal."""
+    for path in sorted(Path(directory).glob("traffic-*.jsonl")):
+        with path.open("rb") as f:
+            for raw in f:
+                try:
+                    yield json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
