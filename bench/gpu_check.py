@@ -304,12 +304,9 @@ def run_engine(model_dir: Path, device: torch.device, dtype: str, prompts: list[
 
 
 def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    from training.task import left_pad as pad_left
+
+    ids, mask = pad_left(prompts, PAD)
     return ids.to(device), mask.to(device)
 
 

@@ -80,11 +80,16 @@ def per_name(desc: str, unit: str = "text", enabled: bool = True):
     """A `(name, done, total)` callback (calibration's measuring, one tier at a time) drawing one
     Progress per name."""
     bars: dict[str, Progress] = {}
+    began = [time.monotonic()]  # a name's work began when the previous one's ended
 
     def report(name: str, done: int, total: int) -> None:
-        bar = bars.setdefault(name, Progress(total, f"{desc} {name}", unit, enabled=enabled))
+        if name not in bars:  # first heard of after its first batch: its clock started before
+            bars[name] = Progress(total, f"{desc} {name}", unit, enabled=enabled)
+            bars[name].start = began[0]
+        bar = bars[name]
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
+            began[0] = time.monotonic()
 
     return report
