@@ -43,15 +43,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cascade.calibrate import (  # noqa: E402
+from cascade.calibrate import calibrate_runs  # noqa: E402
+from cascade.certify import certify, path_from_other_items  # noqa: E402
+from cascade.thresholds import (  # noqa: E402
     CalibrationError,
     TierRun,
-    calibrate_runs,
-    certify,
     choose,
     confidence_of,
     frontier,
-    path_from_other_items,
     simulate,
     subset,
 )

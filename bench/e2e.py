@@ -203,12 +203,12 @@ def router_threshold(val_confidences: list[float], share: float, weights=None) -
 
 def stage_measure(cfg: E2EConfig, done: dict) -> dict:
     """Every system on the whole test split, one after another in this process."""
-    from cascade.calibrate import traffic_weights
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
     from cascade.evaluate import as_predictions, predict_timed
     from cascade.metrics import classification_report
     from cascade.router import Cascade
+    from cascade.thresholds import traffic_weights
     from cascade.types import Prediction
 
     config_path = cfg.workdir / "cascade.toml"

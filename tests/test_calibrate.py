@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cascade.calibrate import NEVER, CalibrationError, TierRun, choose, frontier, pareto, simulate
+from cascade.thresholds import NEVER, CalibrationError, TierRun, choose, frontier, pareto, simulate
 
 
 def synthetic(n=2000, seed=0):
@@ -130,7 +130,7 @@ def test_a_tier_calibrated_off_stays_off_after_the_config_round_trip(tmp_path):
 
 
 def test_a_confidence_bound_buys_a_margin_over_the_bare_target():
-    from cascade.calibrate import confidence_of
+    from cascade.thresholds import confidence_of
 
     runs, gold = synthetic()
     points = frontier(runs, gold)
@@ -157,7 +157,7 @@ def oos_synthetic(n=3000, seed=1):
 
 
 def test_an_out_of_scope_threshold_is_searched_jointly_and_pays():
-    from cascade.calibrate import confidence_of
+    from cascade.thresholds import confidence_of
 
     runs, gold = oos_synthetic()
     plain = choose(frontier(runs, gold), target_accuracy=0.89)
@@ -203,7 +203,7 @@ def test_calibrate_writes_the_out_of_scope_threshold_into_the_config(tmp_path, m
 
 
 def test_traffic_weights_make_out_of_scope_the_asked_share():
-    from cascade.calibrate import confidence_of, traffic_weights
+    from cascade.thresholds import confidence_of, traffic_weights
 
     runs, gold = oos_synthetic()  # 20% out of scope as sampled
     w = traffic_weights(gold, "oos", 0.5)
@@ -239,7 +239,7 @@ def test_traffic_weights_make_out_of_scope_the_asked_share():
 def test_binomial_helpers_are_exact():
     from math import comb
 
-    from cascade.calibrate import binom_cdf, binom_lower, binom_upper
+    from cascade.bounds import binom_cdf, binom_lower, binom_upper
 
     for k, n, p in [(0, 5, 0.3), (3, 10, 0.2), (40, 1000, 0.05), (7, 7, 0.9)]:
         assert binom_cdf(k, n, p) == pytest.approx(sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1)),
@@ -255,7 +255,7 @@ def test_paired_tail_is_the_trinomial_probability():
     """Golden: the sum over the trinomial's outcomes, enumerated by hand for a small n."""
     from math import comb
 
-    from cascade.calibrate import paired_statistic, paired_tail
+    from cascade.bounds import paired_statistic, paired_tail
 
     n, pw, pb, eps, z = 15, 0.2, 0.1, 0.05, -0.5
     want = sum(comb(n, w) * comb(n - w, b) * pw ** w * pb ** b * (1 - pw - pb) ** (n - w - b)
@@ -268,7 +268,7 @@ def test_the_paired_test_holds_its_level_on_every_null_it_was_checked_on():
     distributions on H0 (loss >= the tolerance) from no discordance to a lot."""
     from math import comb
 
-    from cascade.calibrate import paired_loss_pvalue
+    from cascade.bounds import paired_loss_pvalue
 
     n, eps, alpha, nuisance = 40, 0.05, 0.1, 0.01
     rejects = [(w, b) for w in range(n + 1) for b in range(n + 1 - w)
@@ -306,13 +306,14 @@ def test_learn_then_test_keeps_its_confidence_after_the_search_and_the_old_check
     standard error of 0.027 at 0.1, so 0.05), well above it for the old procedure (cheapest grid
     point, then a normal bound on it). The population is 60k items; val 800 is drawn from it with
     replacement, so the population is exactly the distribution the guarantee is about."""
-    from cascade.calibrate import _masks, certify, confidence_of, path_from_other_items, subset
+    from cascade.certify import certify, path_from_other_items
+    from cascade.thresholds import confidence_of, correct_and_answered, subset
 
     rng = np.random.default_rng(0)
     pop, pop_gold = plateau(60_000, rng)
     pop_llm = float(np.mean([a == "a" for a in pop[-1].labels]))
     eps, conf = 0.005, 0.9
-    masks = _masks(pop, pop_gold)
+    masks = correct_and_answered(pop, pop_gold)
 
     def on_pop(p):  # (loss against the large model, large-model share) on the population
         q = simulate(pop, pop_gold, p.thresholds, *masks)
@@ -344,7 +345,7 @@ def test_learn_then_test_keeps_its_confidence_after_the_search_and_the_old_check
 
 
 def test_fixed_sequence_starts_at_the_large_model_and_stops_at_its_first_failure():
-    from cascade.calibrate import certify
+    from cascade.certify import certify
 
     runs, gold = plateau(1500, np.random.default_rng(3))
     cert = certify(runs, gold, 0.9, max_loss=0.005, learn_share=0.3, seed=0)
@@ -364,7 +365,8 @@ def test_fixed_sequence_starts_at_the_large_model_and_stops_at_its_first_failure
 
 
 def test_absolute_and_weighted_targets_are_certified_on_the_same_sequence():
-    from cascade.calibrate import certify, traffic_weights
+    from cascade.certify import certify
+    from cascade.thresholds import traffic_weights
 
     runs, gold = synthetic(3000)
     cert = certify(runs, gold, 0.9, min_accuracy=0.9, learn_share=0.3)
@@ -401,7 +403,8 @@ def distilled(n, rng, agree=0.995):
 def test_label_free_evidence_buys_share_where_val_is_small_and_keeps_the_level():
     """300 labelled items cannot show a 0.5 pt tolerance; 20k items the large model answered
     (no gold) bound the loss by the disagreement, which is about 0.3% on the student's sure items."""
-    from cascade.calibrate import _masks, certify
+    from cascade.certify import certify
+    from cascade.thresholds import correct_and_answered
 
     rng = np.random.default_rng(0)
     val, val_gold = distilled(300, rng)
@@ -415,7 +418,7 @@ def test_label_free_evidence_buys_share_where_val_is_small_and_keeps_the_level()
     # the level: on fresh draws the chosen point's true loss (population of 100k) stays within it
     pop, pop_gold = distilled(100_000, np.random.default_rng(1))
     pop_llm = float(np.mean([a == "a" for a in pop[-1].labels]))
-    masks = _masks(pop, pop_gold)
+    masks = correct_and_answered(pop, pop_gold)
     bad = 0
     for r in range(30):
         v, vg = distilled(300, np.random.default_rng(100 + r))

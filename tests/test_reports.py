@@ -140,7 +140,8 @@ def test_eval_reports_without_matplotlib(make_dataset, tmp_path):
 
 def test_calibration_frontier_is_skipped_without_matplotlib(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from cascade.calibrate import Point, plot_frontier\n"
+            "from cascade.calibrate import plot_frontier\n"
+            "from cascade.thresholds import Point\n"
             "p = Point(thresholds=(0.5, 0.0), accuracy=0.9, llm_share=0.2, cost_ms=1.0, shares=(0.8, 0.2))\n"
             f"plot_frontier([p], p, {str(tmp_path / 'f.png')!r})\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

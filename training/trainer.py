@@ -37,7 +37,12 @@ IGNORE = -100
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping knobs; every field is validated in __post_init__."""
+    """Optimisation and bookkeeping knobs; every field is validated in __post_init__.
+
+    Every caller in the project starts from a recipe (`TrainConfig(**LARGE)`, `**STUDENT`,
+    `**SMOKE_*` in training/recipes.py: the CLI flags, `train_large`, `train_student`, the
+    quickstart, the benchmarks); the field defaults below are the bare loop's, for tests that
+    build a Trainer directly, and are not a recipe."""
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
