@@ -210,6 +210,7 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
         if body.model is not None and body.model != model_name:
             raise APIError(404, "model_not_found", f"model: {body.model!r} is not served here (this is "
                                                    f"{model_name!r})", "model")
+        limits = request.app.state.version[0].serving  # the served version's own limits
         texts, names = checked_texts(body, limits)
         try:
             answers = await svc.classify(texts, body.explain, body.timeout_s, request.scope.get("state", {}).get(
@@ -242,6 +243,9 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
                                                            request.client.host not in LOOPBACK):
             raise APIError(403, "forbidden", "/admin/reload: with no API keys set, only loopback clients may "
                                              "reload", None)
+        if getattr(request.app.state, "service", None) is None:
+            raise APIError(503, "not_ready", f"/admin/reload: {startup.not_ready() or 'starting'}; retry later",
+                           None, {"Retry-After": str(limits.retry_after_s)})
         if reloading.locked():
             raise APIError(409, "reload_in_progress", "/admin/reload: a reload is already running", None)
         async with reloading:
@@ -254,8 +258,11 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
 
     @app.get("/readyz")
     async def readyz():
-        """Readiness: 200 once every tier is loaded and warm; 503 with each tier's state before."""
+        """Readiness: 200 once every tier is loaded and warm and the service takes requests; 503
+        with each tier's state before."""
         status, body = startup.report()
+        if status == 200 and getattr(app.state, "service", None) is None:  # tiers warm, service starting
+            status, body = 503, {**body, "status": "loading", "service": "starting"}
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
@@ -270,7 +277,12 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
         return svc.shed_now() if svc is not None and scope["path"].startswith("/v1/") else None
 
     def unavailable(scope) -> str | None:
-        return startup.not_ready() if scope["path"].startswith("/v1/") else None
+        if not scope["path"].startswith("/v1/"):
+            return None
+        why = startup.not_ready()
+        if why is None and getattr(app.state, "service", None) is None:
+            why = "the service is starting"
+        return why
 
     return _with_edge(app, limits, HTTPMetrics(registry, "cascade serve"), shed, unavailable)
 
@@ -301,7 +313,7 @@ async def _reload(app: FastAPI, path: Path | None, limits: ServingConfig) -> Rel
     old_config, old_path = app.state.version
     path = path or old_path
     old = app.state.service
-    reused = []
+    reused, built = [], []
 
     def make_tier(spec, base_dir):
         """An llm tier whose kind, options and model path are unchanged is handed on, so a new
@@ -315,20 +327,38 @@ async def _reload(app: FastAPI, path: Path | None, limits: ServingConfig) -> Rel
             if spec.kind == "llm" and same and old_spec.name == spec.name:
                 reused.append(tier)
                 return tier
-        return build_tier(spec, base_dir)
+        built.append(build_tier(spec, base_dir))
+        return built[-1]
 
     def load():
         config = load_config(path)
         return config, CascadeService.from_config(build_cascade(config, path.parent, make_tier=make_tier), config,
                                                   path.parent)
 
+    def close_built() -> None:
+        for tier in built:  # what a failed or refused reload loaded: engine threads, pools, models
+            close = getattr(tier, "close", None)
+            if callable(close):
+                close()
+
     try:
         config, new = await asyncio.to_thread(load)
     except Exception as exc:  # the old version keeps serving; the caller hears why
         from serving.startup import load_error_message
 
+        await asyncio.to_thread(close_built)
         raise APIError(422, "reload_failed", f"reload of {path}: {load_error_message(exc)}; still serving "
                                              f"{old_path}", "config") from None
+    served = [t for t in old.cascade.tiers if callable(getattr(t, "shared_engine", None)) and t.shared_engine()]
+    if any(not any(t is r for r in reused) for t in served):
+        # the OpenAI routes are bound to that engine: they cannot move to a new one in place
+        await asyncio.to_thread(close_built)
+        if new.traffic_log is not None:
+            new.traffic_log.close()
+        raise APIError(409, "engine_in_use", f"reload of {path}: it changes the in-process large-model tier whose "
+                                             "engine also serves the OpenAI routes; restart to change it (or keep "
+                                             "its kind, path and options), still serving "
+                                             f"{old_path}", "config")
     await new.start()
     app.state.service, app.state.version = new, (config, path)  # from here on, new requests go to `new`
     drained = await old.drain(limits.max_request_timeout_s)

@@ -147,10 +147,6 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
             def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
                 nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
                 answers = cascade.answer_batch([r.text for r in rows], explain=log is not None) if rows else []
-                if log is not None:
-                    for r, a in zip(rows, answers):
-                        if not isinstance(a, ItemFailure):
-                            log.put(entry_of(a, r.text, r.id, r.line, llm_name, log.text))
                 failed = [(r, a) for r, a in zip(rows, answers) if isinstance(a, ItemFailure)]
                 for r, p in zip(rows, answers):
                     if isinstance(p, ItemFailure):  # this row alone: to the errors file, the run goes on
@@ -175,6 +171,10 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                 tmp = progress_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"line": last_line}))
                 tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
+                if log is not None:  # after the checkpoint: a resumed run does not log these rows again
+                    for r, a in zip(rows, answers):
+                        if not isinstance(a, ItemFailure):
+                            log.put(entry_of(a, r.text, r.id, r.line, llm_name, log.text), block=True)
                 n_rows += len(rows) - len(failed)
                 n_bad += len(bad) + len(failed)
                 total = sum(shares.values()) or 1
@@ -211,6 +211,7 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
         "degraded": n_degraded, "items_per_s": n_rows / seconds if seconds else 0.0,
         "accuracy": n_right / n_gold if n_gold else None, "labelled": n_gold,
         "cost_ms": spent,
+        "traffic_log": log.stats() if log is not None else None,
         # what the same rows would have cost at the large model's measured ms per item
         "all_llm_cost_ms": llm_ms * n_rows if llm_ms is not None else None,
     }

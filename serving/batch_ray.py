@@ -158,8 +158,10 @@ def run_batch_ray(input_path: str | Path, config_path: str | Path, out_dir: str 
         raise FileNotFoundError(f"{input_path}: not found")
     config = load_config(config_path)
     manifest_path = out_dir / "manifest.json"
-    run = {"input": str(input_path.resolve()), "config": str(config_path), "shard_rows": shard_rows,
-           "text_field": text_field}
+    stat = input_path.stat()
+    run = {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns,
+           "config": str(config_path), "shard_rows": shard_rows, "text_field": text_field, "id_field": id_field,
+           "label_field": label_field}
     if manifest_path.exists():
         if not resume:
             raise DataError(f"{out_dir}: holds a run already; pass --resume to continue it, or remove it")
@@ -174,7 +176,7 @@ def run_batch_ray(input_path: str | Path, config_path: str | Path, out_dir: str 
     shards = [items[i:i + shard_rows] for i in range(0, len(items), shard_rows)]
     done = {k for k in range(len(shards)) if _part(out_dir, k).exists()}
     pending = [k for k in range(len(shards)) if k not in done]
-    want = {k: sum(isinstance(x, Row) for x in shards[k]) for k in pending}
+    want = {k: {x.line for x in shards[k] if isinstance(x, Row)} for k in pending}  # the lines each shard needs
 
     def manifest(done_now: set[int]) -> None:
         _write_atomic(manifest_path, [json.dumps({**run, "shards": len(shards), "done": sorted(done_now)}) + "\n"])
@@ -182,8 +184,9 @@ def run_batch_ray(input_path: str | Path, config_path: str | Path, out_dir: str 
     manifest(done)
     t0 = time.perf_counter()
     got: dict[int, list[dict]] = {k: [] for k in pending}
+    seen: dict[int, set[int]] = {k: set() for k in pending}
     rows_done = 0
-    bar = Progress(sum(want.values()), "cascade batch (ray)", "row", enabled=progress)
+    bar = Progress(sum(len(v) for v in want.values()), "cascade batch (ray)", "row", enabled=progress)
 
     def finish(k: int) -> None:
         bad = [{"line": b.line, "error": b.reason, "file": str(input_path)} for b in shards[k]
@@ -205,9 +208,9 @@ def run_batch_ray(input_path: str | Path, config_path: str | Path, out_dir: str 
         done.add(k)
         manifest(done)
 
-    for k in [k for k in pending if want[k] == 0]:  # nothing to route (all malformed, or empty)
+    for k in [k for k in pending if not want[k]]:  # nothing to route (all malformed, or empty)
         finish(k)
-    todo = [k for k in pending if want[k] > 0]
+    todo = [k for k in pending if want[k]]
     llm_actors = {}
     if todo:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
@@ -225,17 +228,24 @@ def run_batch_ray(input_path: str | Path, config_path: str | Path, out_dir: str 
                                 compute=ray.data.ActorPoolStrategy(size=workers))
         for batch in routed.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["line"])
+            touched = set()
             for i in range(n):
                 r = {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in batch.items()}
-                got[int(r["shard"])].append(r)
-            rows_done += n
-            bar.update(n)
-            for k in [k for k in list(got) if len(got[k]) == want.get(k, -1)]:
-                finish(k)
+                k = int(r["shard"])
+                if r["line"] in seen[k]:
+                    continue  # a row delivered twice (a retried task): kept once
+                seen[k].add(r["line"])
+                got[k].append(r)
+                touched.add(k)
+                rows_done += 1
+                bar.update(1)
+            for k in touched:
+                if seen[k] == want[k]:  # every line the shard needs, each once
+                    finish(k)
     bar.close()
     if got:
-        raise RuntimeError(f"shards {sorted(got)} came back incomplete: "
-                           f"{ {k: (len(v), want[k]) for k, v in got.items()} }")
+        raise RuntimeError(f"shards {sorted(got)} came back incomplete (rows got/needed): "
+                           f"{ {k: (len(v), len(want[k])) for k, v in got.items()} }")
     return {**_summary(out_dir, len(shards), rows_done, time.perf_counter() - t0), "own_actors": sorted(llm_actors)}
 
 

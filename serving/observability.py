@@ -103,9 +103,12 @@ class AccessLog:
             self.metrics.requests.labels(path, str(status)).inc()
             self.metrics.duration.labels(path).observe(elapsed)
             client = scope.get("client")
-            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, 1000 * elapsed,
+            # the path as sent (percent-encoded): a decoded "%0A" would forge a log line
+            raw = scope.get("raw_path") or scope["path"].encode()
+            shown = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+            access_log.info("%s %s %d %.1fms", scope["method"], shown, status, 1000 * elapsed,
                             extra={"request_id": rid, "client": f"{client[0]}:{client[1]}" if client else "-",
-                                   "method": scope["method"], "path": scope["path"], "status": status,
+                                   "method": scope["method"], "path": shown, "status": status,
                                    "duration_ms": round(1000 * elapsed, 2)})
 
 

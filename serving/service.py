@@ -64,7 +64,7 @@ class TrafficLogCounters:
         yield written
         dropped = CounterMetricFamily("cascade_traffic_log_dropped", "traffic-log entries dropped (queue full, "
                                       "write error); the requests were answered", labels=["reason"])
-        for reason in ("queue_full", "write_error"):
+        for reason in ("queue_full", "write_error", "closed", "not_written_at_close"):
             dropped.add_metric([reason], self.log.dropped.get(reason, 0))
         yield dropped
         deleted = CounterMetricFamily("cascade_traffic_log_segments_deleted", "oldest segments deleted past "
@@ -354,9 +354,10 @@ class CascadeService:
             await cancel_task(task)
         for w in self.workers:
             await w.stop()
-        self.cascade.close(keep)
+        # closing joins threads and flushes the log: off the loop, which may still be serving
+        await asyncio.to_thread(self.cascade.close, keep)
         if self.traffic_log is not None:
-            self.traffic_log.close()
+            await asyncio.to_thread(self.traffic_log.close)
 
     def _refuse(self, n: int, why: str, wait_s: float) -> Overloaded:
         self.metrics.rejected.inc(n)

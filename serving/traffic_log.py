@@ -80,9 +80,17 @@ class TrafficLog:
         return cls(d if d.is_absolute() else base_dir / d, cfg.segment_mb, cfg.max_total_mb, cfg.fsync_s,
                    cfg.queue_items, cfg.text)
 
-    def put(self, entry: dict) -> None:
+    def put(self, entry: dict, block: bool = False) -> None:
+        """Queue an entry; a full queue drops it (counted) — or, with `block` (`cascade batch`,
+        where no request waits), waits for room while the writer runs."""
+        if self._stop.is_set():
+            self.dropped["closed"] += 1
+            return
         try:
-            self.queue.put_nowait(entry)
+            if block and self._thread.is_alive():
+                self.queue.put(entry, timeout=60)
+            else:
+                self.queue.put_nowait(entry)
         except queue.Full:
             self.dropped["queue_full"] += 1
 
@@ -155,10 +163,13 @@ class TrafficLog:
             except Exception:  # noqa: S110  already lost: nothing more to do with it
                 pass
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, fsync, stop."""
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Write what is queued, fsync, stop; what the writer could not write by `timeout_s` is
+        counted dropped."""
         self._stop.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.dropped["not_written_at_close"] += self.queue.qsize()
 
     def stats(self) -> dict:
         return {"written": self.written, "dropped": dict(self.dropped), "queued": self.queue.qsize(),

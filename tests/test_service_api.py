@@ -224,3 +224,37 @@ def test_app_factory_reads_its_config_from_the_environment(tmp_path, clinc_dir):
 
     with pytest.raises(ConfigError, match="CASCADE_CONFIG"):
         create_app()
+
+
+def test_readyz_waits_for_the_service_itself_not_only_the_tiers(tmp_path, serve_app, clinc_dir, monkeypatch):
+    """Found in review: the tiers were all "ready" while the service was still starting, and a
+    classify in that gap got a 500."""
+    import asyncio
+
+    from serving.service import CascadeService
+
+    release = threading.Event()
+    real_start = CascadeService.start
+
+    async def slow_start(self):
+        await asyncio.to_thread(release.wait, 30)
+        await real_start(self)
+
+    monkeypatch.setattr(CascadeService, "start", slow_start)
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(REPO / "tests"), str(clinc_dir)))
+    with serve_app(create_app(cfg), ready=False) as url:
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/readyz").json()["parts"] != {"rules": "ready", "fallback": "ready"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.get(url + "/readyz")
+        assert r.status_code == 503 and r.json()["service"] == "starting"
+        c = httpx.post(url + "/v1/classify", json={"text": RULE_TEXT})
+        assert c.status_code == 503 and error_of(c)["code"] == "not_ready"
+        assert error_of(httpx.post(url + "/admin/reload", json={}))["code"] == "not_ready"
+        release.set()
+        while httpx.get(url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(url + "/v1/classify", json={"text": RULE_TEXT}).status_code == 200

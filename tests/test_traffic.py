@@ -181,3 +181,12 @@ def test_wilson_bound_and_budget():
     a = Auditor(share=1.0, max_per_s=5.0, max_llm_wait_s=0.0, timeout_s=1.0, confidence=0.95, expected={}, seed=0)
     picked = sum(a.pick() for _ in range(100))  # at once: the bucket holds 5
     assert picked == 5 and a.skipped["budget"] == 95
+
+
+def test_reload_needs_a_key_when_keys_are_set(tmp_path, serve_app, clinc_dir, monkeypatch):
+    monkeypatch.setenv("CASCADE_API_KEYS", "k1")
+    v1 = versioned_config(tmp_path / "v1", clinc_dir, "oos")
+    with serve_app(create_app(v1)) as url:
+        assert httpx.post(url + "/admin/reload", json={}).status_code == 401
+        r = httpx.post(url + "/admin/reload", json={}, headers={"Authorization": "Bearer k1"}, timeout=60)
+        assert r.status_code == 200 and r.json()["config"] == str(v1)

@@ -150,6 +150,41 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- flywheel ------------------------------------------------------------------------------
+
+
+def cmd_flywheel(args: argparse.Namespace) -> int:
+    from training.flywheel import FlywheelConfig, FlywheelError, run_flywheel
+    from training.recipes import STUDENT
+    from training.trainer import TrainConfig
+
+    try:
+        cfg = FlywheelConfig(budget=args.budget, strategy=args.strategy, measure=args.uncertainty, seed=args.seed,
+                             max_train=args.max_train, max_loss=args.max_loss, confidence=args.confidence,
+                             label_batch=args.label_batch)
+        train_cfg = TrainConfig(**{**STUDENT, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
+                                   "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+                                   "precision": args.precision, "seed": args.seed})
+        m = run_flywheel(args.config, args.log, args.data, args.out, cfg, train_cfg, promote=args.promote,
+                         dry_run=args.dry_run, resume=args.resume, progress=not args.no_progress,
+                         log=print if args.json != "-" else lambda *a, **k: print(*a, **k, file=sys.stderr))
+    except FlywheelError as exc:
+        raise DataError(str(exc)) from exc
+    if m.get("dry_run"):
+        _emit(m, args.json, f"dry run: would label {len(m['picks']['texts'])} texts")
+        return 0
+    g = m["gate"]
+    verdict = ("promoted: " + f"{args.out}/current -> {m['version']}" if m["promoted"] else
+               "gate passed; not promoted (no --promote): current unchanged" if g["passed"] else
+               "gate refused: current unchanged")
+    table = "\n".join([f"wrote {m['path']} ({verdict})", *g["reasons"]]
+                      + ([f"serving: POST /admin/reload (with no body, a server started on {args.out}/current/"
+                          "cascade.toml moves to it; rollback: point current back, then the same call)"]
+                         if m["promoted"] else []))
+    _emit(m, args.json, table)
+    return 0
+
+
 # --- plan --------------------------------------------------------------------------------
 
 
@@ -260,11 +295,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"fp8: {f['converted_layers']} feed-forward layers in e4m3 (first and last blocks kept); "
               f"val accuracy {f['accuracy_before']:.4f} -> {f['accuracy_fp8']:.4f} on {f['n']} texts")
     if args.int8:
-        q = quantize_int8(args.model, texts, static=args.static_int8, min_agreement=args.min_agreement or None)
+        mode = "static" if args.static_int8 else args.int8_mode  # --static-int8: the older spelling
+        train = Path(data) / "train.jsonl"  # static scales are calibrated on train texts, checked on val
+        calib = [ex.text for ex in load_split(data, "train")] if train.exists() else None
+        q = quantize_int8(args.model, texts, mode=mode, calibration=calib, min_agreement=args.min_agreement or None)
         report["int8"] = q
         kept = f"; {len(q['kept_fp32'])} sensitive MatMuls kept in fp32" if q["kept_fp32"] else ""
-        print(f"wrote {q['int8']}: top-1 agreement with fp32 {q['top1_agreement']:.4f} on {q['agreement_texts']} "
-              f"val texts (all-int8: {q['agreement_all_int8']:.4f}{kept})")
+        print(f"wrote {q['int8']} ({mode}): top-1 agreement with fp32 {q['top1_agreement']:.4f} on "
+              f"{q['agreement_texts']} val texts (all-int8: {q['agreement_all_int8']:.4f}{kept})")
         if not q["target_met"]:
             print(f"warning: int8 agreement {q['top1_agreement']:.4f} is below --min-agreement {args.min_agreement}",
                   file=sys.stderr)
@@ -363,6 +401,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
               "with every row at the large model")
     if s["degraded"]:
         print(f"{s['degraded']} answers degraded (the large model failed; an earlier tier's answer was used)")
+    if s["traffic_log"]:
+        t = s["traffic_log"]
+        lost = sum(t["dropped"].values())
+        print(f"traffic log: {t['written']} entries written" + (f", {lost} dropped ({t['dropped']})" if lost else ""))
     return 0
 
 
@@ -542,10 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="student to ONNX (parity-checked) and int8; FP8 for students and large models")
     p.add_argument("--model", required=True, help="student dir")
-    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic quantization)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx")
     p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
     p.add_argument("--parity-texts", type=int, default=256)
-    p.add_argument("--static-int8", action="store_true", help="int8 as a static QDQ graph calibrated on val texts")
+    p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
+                   help="static: activation scales fixed at export (calibrated on train texts), so a text's "
+                        "answer does not depend on its batch; dynamic: scales per batch at run time")
+    p.add_argument("--static-int8", action="store_true", help=argparse.SUPPRESS)  # = --int8-mode static
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="int8 top-1 agreement target on val; below it the most sensitive MatMuls stay fp32 (0: off)")
     p.add_argument("--fp8", action="store_true", help="FP8 feed-forward weights (Llama 3 recipe); large models too")
@@ -642,6 +687,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("flywheel", help="learn from the traffic log: label, distil again, recalibrate, gate a new "
+                                        "version (docs/flywheel.md)")
+    p.add_argument("--config", required=True, help="the current version's cascade.toml")
+    p.add_argument("--log", required=True, help="the traffic log's dir (cascade.toml's traffic_log.dir)")
+    p.add_argument("--data", required=True, help="dataset dir (train is kept in the distillation set; val gates)")
+    p.add_argument("--out", required=True, help="versions dir: vNNN/ are written there, `current` points at one")
+    p.add_argument("--budget", type=int, default=0, help="cheap-tier texts to have labelled by the large model")
+    p.add_argument("--strategy", default="uncertainty", choices=["random", "uncertainty", "diversity", "importance"],
+                   help="how the budget picks (training/selection.py)")
+    p.add_argument("--uncertainty", default="margin", choices=["margin", "entropy"], help="uncertainty's measure")
+    p.add_argument("--max-train", type=int, help="prune the distillation set to this many rows (default: all)")
+    p.add_argument("--max-loss", type=float, default=0.005, help="the gate's and calibration's tolerance below the "
+                                                                  "large model's val accuracy")
+    p.add_argument("--confidence", type=float, default=0.9, help="calibration certifies the tolerance with this")
+    p.add_argument("--promote", action="store_true", help="point OUT/current at the new version if the gate passes")
+    p.add_argument("--dry-run", action="store_true", help="read and pick only: no large-model call, nothing written")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted round (OUT/.vNNN.partial)")
+    p.add_argument("--label-batch", type=int, default=64, help="texts per call to the large-model tier")
+    p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
+    p.add_argument("--lr", type=float, default=STUDENT["lr"])
+    p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
+    p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
+                   choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
+    p.add_argument("--seed", type=int, default=0, help="random picks, diversity's first pick, training")
+    _json_flag(p, "the manifest")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_flywheel)
 
     p = sub.add_parser("eval", help="evaluate a cascade on a labelled split")
     p.add_argument("--config", required=True, help="cascade.toml")

@@ -96,27 +96,45 @@ class OpenAIBackend:
             raise DeadlineExceeded(f"{self.url}{path}: the deadline passed before the request was sent")
         if self.closed.is_set():
             raise BackendUnavailable(f"{self.url}{path}: the backend is closed")
-        endpoint = self.pool.acquire(tried)
-        if endpoint is None:
+        got = self.pool.acquire(tried)
+        if got is None:
             raise _Transient(f"every endpoint's circuit is open ({self.pool.stats()[0]['last_error']}, ...)",
                              self.pool.cooldown_s / 2)
+        endpoint, probe = got
         tried.add(endpoint.url)
         url = endpoint.url + path
+        released = False
+
+        def release(ok: bool, error: str = "", **kw) -> None:
+            nonlocal released
+            released = True
+            self.pool.release(endpoint, ok, error, probe=probe, **kw)
+
         try:
-            r = self.client.post(url, json=body, timeout=left)
-        except httpx.TransportError as exc:  # refused, reset, timed out
-            self.pool.release(endpoint, False, str(exc), refused=isinstance(exc, httpx.ConnectError))
-            raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
-        if r.status_code == 429 or r.status_code >= 500:  # busy or broken there: try again (elsewhere)
-            self.pool.release(endpoint, r.status_code == 429, f"HTTP {r.status_code}")
-            retry_after = None
-            if r.status_code == 429:
-                try:
-                    retry_after = float(r.headers.get("retry-after", ""))
-                except ValueError:
-                    pass
-            raise _Transient(f"{url}: HTTP {r.status_code}: {r.text[:300]}", retry_after)
-        self.pool.release(endpoint, True)  # it answered: whatever it said, it is up
+            try:
+                r = self.client.post(url, json=body, timeout=left)
+            except httpx.TimeoutException as exc:
+                if left is not None and left < self.timeout_s:  # the caller's deadline, not the endpoint
+                    release(False, counts=False)
+                    raise DeadlineExceeded(f"{url}: no answer within the request's deadline ({left:.2f}s)") from None
+                release(False, str(exc))
+                raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+            except httpx.TransportError as exc:  # refused, reset
+                release(False, str(exc), refused=isinstance(exc, httpx.ConnectError))
+                raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+            if r.status_code == 429 or r.status_code >= 500:  # busy or broken there: try again (elsewhere)
+                release(r.status_code == 429, f"HTTP {r.status_code}")
+                retry_after = None
+                if r.status_code == 429:
+                    try:
+                        retry_after = float(r.headers.get("retry-after", ""))
+                    except ValueError:
+                        pass
+                raise _Transient(f"{url}: HTTP {r.status_code}: {r.text[:300]}", retry_after)
+            release(True)  # it answered: whatever it said, it is up
+        finally:
+            if not released:  # any other error (a closed client, a decoding error): never leave it counted
+                self.pool.release(endpoint, False, "unexpected error", probe=probe)
         if r.status_code == 200:
             return r.json()
         last = f"HTTP {r.status_code}: {r.text[:300]}"

@@ -60,9 +60,10 @@ class EndpointPool:
 
     # --- choosing ------------------------------------------------------------------------
 
-    def acquire(self, avoid: set[str] | None = None) -> Endpoint | None:
-        """The endpoint to try next (counted as outstanding until `release`), preferring ones
-        not in `avoid` (already tried by this request); None when every breaker is open."""
+    def acquire(self, avoid: set[str] | None = None) -> tuple[Endpoint, bool] | None:
+        """The endpoint to try next (counted as outstanding until `release`) and whether this
+        attempt is its half-open probe, preferring endpoints not in `avoid` (already tried by
+        this request); None when every breaker is open."""
         with self._lock:
             now = time.monotonic()
             usable = [e for e in self.endpoints if e.open_until == 0.0 or (now >= e.open_until and not e.probing)]
@@ -73,24 +74,34 @@ class EndpointPool:
             fresh = [e for e in usable if not avoid or e.url not in avoid] or usable
             turn = next(self._turn)
             best = min(fresh, key=lambda e: (e.outstanding, (self.endpoints.index(e) - turn) % len(self.endpoints)))
-            if best.open_until:
+            probe = bool(best.open_until) and not best.probing
+            if probe:
                 best.probing = True  # half-open: this request is the probe
             best.outstanding += 1
-            return best
+            return best, probe
 
     def has_other(self, tried: set[str]) -> bool:
         """Whether an endpoint this request has not tried may be tried now (failover needs no
         backoff wait)."""
         now = time.monotonic()
-        return any(e.url not in tried and (e.open_until == 0.0 or now >= e.open_until) for e in self.endpoints)
+        return any(e.url not in tried and (e.open_until == 0.0 or (now >= e.open_until and not e.probing))
+                   for e in self.endpoints)
 
-    def release(self, endpoint: Endpoint, ok: bool, error: str = "", refused: bool = False) -> None:
+    def release(self, endpoint: Endpoint, ok: bool, error: str = "", refused: bool = False, probe: bool = False,
+                counts: bool = True) -> None:
+        """An attempt ended. Only the probe decides a half-open breaker (a request sent before it
+        opened is old evidence); `counts=False`: the attempt says nothing about the endpoint
+        (e.g. the caller's own deadline ran out)."""
         with self._lock:
             endpoint.outstanding -= 1
-            endpoint.probing = False
+            if probe:
+                endpoint.probing = False
+            if not counts:
+                return
             if ok:
                 endpoint.served += 1
-                endpoint.failures, endpoint.open_until = 0, 0.0
+                if probe or not endpoint.open_until:
+                    endpoint.failures, endpoint.open_until = 0, 0.0
                 return
             endpoint.failed += 1
             endpoint.failures += 1
