@@ -161,7 +161,8 @@ def cmd_flywheel(args: argparse.Namespace) -> int:
     try:
         cfg = FlywheelConfig(budget=args.budget, strategy=args.strategy, measure=args.uncertainty, seed=args.seed,
                              max_train=args.max_train, max_loss=args.max_loss, confidence=args.confidence,
-                             label_batch=args.label_batch)
+                             label_batch=args.label_batch, min_agreement=args.min_agreement or None,
+                             max_pool=args.max_pool)
         train_cfg = TrainConfig(**{**STUDENT, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
                                    "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
                                    "precision": args.precision, "seed": args.seed})
@@ -698,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="uncertainty", choices=["random", "uncertainty", "diversity", "importance"],
                    help="how the budget picks (training/selection.py)")
     p.add_argument("--uncertainty", default="margin", choices=["margin", "entropy"], help="uncertainty's measure")
+    p.add_argument("--max-pool", type=int, default=10_000,
+                   help="cheap-tier texts scored at most (a seeded sample of a larger pool)")
     p.add_argument("--max-train", type=int, help="prune the distillation set to this many rows (default: all)")
     p.add_argument("--max-loss", type=float, default=0.005, help="the gate's and calibration's tolerance below the "
                                                                   "large model's val accuracy")
@@ -706,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="read and pick only: no large-model call, nothing written")
     p.add_argument("--resume", action="store_true", help="continue an interrupted round (OUT/.vNNN.partial)")
     p.add_argument("--label-batch", type=int, default=64, help="texts per call to the large-model tier")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="int8 top-1 agreement target on val, as `cascade export` (0: off)")
     p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])

@@ -9,16 +9,16 @@ import os
 
 # onnxruntime.quantization logs this through the root logger once per quantized graph (21
 # times in one quickstart): its pre-processing is for vision graphs' shape inference.
-_ORT_HINT = "Please consider to run pre-processing before quantization"
+_ORT_HINT = "pre-processing before quantization"  # "Please consider (to run) pre-processing before ..."
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+    def __init__(self, prefixes: tuple[str, ...]):  # substrings
         super().__init__()
         self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        return not any(p in str(record.msg) for p in self.prefixes)
 
 
 def quiet_third_party() -> None:
