@@ -159,7 +159,8 @@ def stage_export(cfg: E2EConfig) -> dict:
 
     texts = [ex.text for ex in load_split(cfg.data, "val")]
     exp = export_onnx(cfg.workdir / "student", texts[:256])
-    q = quantize_int8(cfg.workdir / "student", texts, min_agreement=0.99, sensitivity_texts=512)
+    q = quantize_int8(cfg.workdir / "student", texts, min_agreement=0.99, sensitivity_texts=512,
+                      calibration=[ex.text for ex in load_split(cfg.data, "train")])
     return {"parity_max_abs_diff": exp["parity_max_abs_diff"], "int8_top1_agreement_val": q["top1_agreement"],
             "int8_kept_fp32": q["kept_fp32"], "int8_target_met": q.get("target_met", True)}
 

@@ -68,7 +68,8 @@ def main() -> None:
                                             batch_size=64, warmup_steps=50, ckpt_every=200))
     train_s = run.summary.get("wall_s") if args.reuse else time.perf_counter() - t0
     export = export_onnx(args.out, [ex.text for ex in load_split(data, "val")][:256])
-    int8 = quantize_int8(args.out, [ex.text for ex in load_split(data, "val")])
+    int8 = quantize_int8(args.out, [ex.text for ex in load_split(data, "val")],
+                         calibration=[ex.text for ex in load_split(data, "train")])
 
     # accuracy and ECE on test: teacher (cached label distributions), student fp32 / int8
     teacher_probs, _ = teacher_distributions(teacher, texts)

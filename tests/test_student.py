@@ -107,30 +107,47 @@ def exported_copy(d, texts, tmp_path):
     return copy
 
 
-def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_student, tmp_path):
+def int8_matmuls(graph) -> tuple[set[str], set[str]]:
+    """(MatMul/Gemm names left in fp32, op types or names computed in int8) of a quantized graph:
+    dynamic mode replaces a node by MatMulInteger/DynamicQuantizeMatMul; static QDQ keeps the
+    node and feeds it from DequantizeLinear."""
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_mm, int8 = set(), set()
+    for n in graph.node:
+        if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"):
+            int8.add(n.op_type)
+        elif n.op_type in ("MatMul", "Gemm"):
+            (int8 if any(i in dequantized for i in n.input) else float_mm).add(n.name)
+    return float_mm, int8
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_int8_keeps_the_most_sensitive_matmuls_in_fp32_until_the_target(trained_student, tmp_path, mode):
     import onnx
 
     d, texts, _ = trained_student
     copy = exported_copy(d, texts, tmp_path)
     # an unreachable target: the fallback excludes up to max_excluded nodes and says it missed
-    q = quantize_int8(copy, texts, min_agreement=1.01, sensitivity_texts=64, max_excluded=3)
-    assert len(q["kept_fp32"]) == 3 and q["target_met"] is False
-    nodes = {n.name: n.op_type for n in onnx.load(str(copy / "model.int8.onnx")).graph.node}
-    assert all(nodes.get(name) == "MatMul" for name in q["kept_fp32"])  # still float
-    assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in nodes.values())  # the rest int8
-    reached = quantize_int8(copy, texts, min_agreement=q["agreement_all_int8"])
+    q = quantize_int8(copy, texts, mode=mode, min_agreement=1.01, sensitivity_texts=64, max_excluded=3)
+    assert len(q["kept_fp32"]) == 3 and q["target_met"] is False and q["mode"] == mode
+    float_mm, int8 = int8_matmuls(onnx.load(str(copy / "model.int8.onnx")).graph)
+    assert set(q["kept_fp32"]) <= float_mm  # still float
+    assert int8  # the rest int8
+    reached = quantize_int8(copy, texts, mode=mode, min_agreement=q["agreement_all_int8"])
     assert reached["target_met"] and reached["kept_fp32"] == []
 
 
 def test_static_qdq_int8_option(trained_student, tmp_path):
     d, texts, _ = trained_student
     copy = exported_copy(d, texts, tmp_path)
-    q = quantize_int8(copy, texts, static=True, calibration_texts=32)
-    assert q["mode"] == "static-qdq" and q["top1_agreement"] >= 0.9
+    q = quantize_int8(copy, texts, mode="static", calibration=texts[::-1], calibration_texts=32)
+    assert q["mode"] == "static" and q["calibration_texts"] == 32 and q["top1_agreement"] >= 0.9
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(copy / "model.int8.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    with pytest.raises(ValueError, match="int8 mode"):
+        quantize_int8(copy, texts, mode="per-row")
 
 
 def test_broken_graph_fails_loudly(trained_student, monkeypatch, tmp_path):

@@ -2,9 +2,16 @@
 
 Every export is followed by a parity check (optimum's habit): the ONNX graph, run by
 onnxruntime with full graph optimisation, must give the PyTorch probabilities within 1e-4 on
-real texts, or the export fails loudly and removes the file. `--int8` quantizes the weights
-(onnxruntime dynamic quantization: int8 weights, activations quantized per batch at run time,
-which AVX512-VNNI/AVX2 kernels execute) and reports top-1 agreement with fp32.
+real texts, or the export fails loudly and removes the file. `--int8` quantizes the weight
+MatMuls to int8 and reports top-1 agreement with fp32, in one of two modes:
+
+- `static` (the default): a QDQ graph with per-channel int8 weights and uint8 activations whose
+  scales were fixed at export, calibrated (min/max) on a sample of train texts. onnxruntime
+  fuses each Q/DQ pair and MatMul into an integer GEMM, so a text's answer is a function of its
+  own tokens: the same, bit for bit, whatever shares its batch and however far it is padded.
+- `dynamic`: int8 weights, activations quantized at run time with one scale for the whole
+  batch tensor, so a text's probabilities move with its batch-mates (docs/students.md,
+  "Answers that don't depend on the batch", has the numbers for both).
 
 Both graphs carry what a reader needs besides the tokenizer in `metadata_props`: the labels
 (`labels`, `id2label`), `temperature` (probabilities = softmax(logits / temperature)),
@@ -101,7 +108,45 @@ def stamp_metadata(onnx_path: Path, model_dir: Path) -> None:
     tmp.replace(onnx_path)
 
 
-def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dict:
+class FixedOrderPool(torch.nn.Module):
+    """What `model.onnx` holds: the student's forward with its mean pool summed in one order
+    whatever the batch: hidden states zero-padded to `max_seq_len` tokens, then one batched
+    MatMul per text, (B, 1, max_len) @ (B, max_len, C), in place of a sum over the token axis.
+
+    Why: every op before the pool gives a text's tokens the same values bit for bit whatever
+    shares its batch (static int8), but a reduction over the token axis does not. onnxruntime's
+    ReduceSum over axis 1 sums in another order for a batch of 1 than for several, and a MatMul
+    over the batch's own length T sums its tail in another order when T changes (1e-7 relative
+    in the pooled vector, measured), which the QuantizeLinear before the int8 head now and then
+    turns into a whole quantization step (5e-3 in a logit). With the length fixed and one
+    MatMul per text, the order is fixed and padded tokens add exact zeros. Costs B x max_len x C
+    multiply-adds; inputs are at most `max_len` tokens (the tier and the tokenizer truncate).
+    The parity check holds this forward to the student's own (training/student.py
+    `StudentClassifier.forward`); `export_onnx(fixed_order_pool=False)` exports that one."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from training.model import rope_tables
+
+        m = self.student
+        x = m.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = rope_tables(m.cfg.dim // m.cfg.n_heads, torch.arange(tokens.shape[1], device=tokens.device),
+                               m.cfg.rope_theta)
+        keep = attention_mask.bool()
+        for layer in m.layers:
+            x = layer(x, cos, sin, keep[:, None, None, :])
+        x = m.norm(x)
+        fill = m.cfg.max_seq_len - tokens.shape[1]
+        x = torch.nn.functional.pad(x, (0, 0, 0, fill))  # (B, max_len, C)
+        weights = torch.nn.functional.pad(keep.to(x.dtype), (0, fill)).unsqueeze(1)  # (B, 1, max_len)
+        pooled = torch.matmul(weights, x).squeeze(1) / weights.sum(-1).clamp(min=1.0)  # (B, C)
+        return m.head(pooled)
+
+
+def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18, fixed_order_pool: bool = True) -> dict:
     from tokenizers import Tokenizer
 
     d = Path(model_dir)
@@ -112,7 +157,8 @@ def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dic
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=model.cfg.max_seq_len)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(out),
+        graph = FixedOrderPool(model).eval() if fixed_order_pool else model
+        torch.onnx.export(graph, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(out),
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes=(dims, dims), opset_version=opset, dynamo=True, verbose=False)
     try:
@@ -125,37 +171,98 @@ def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18) -> dic
     return {"onnx": str(out), "opset": opset, "parity_max_abs_diff": diff, "parity_texts": len(texts)}
 
 
+INT8_MODES = ("static", "dynamic")
+
+
 def quantizable_nodes(path: Path) -> list[str]:
-    """Names of the MatMul/Gemm nodes dynamic quantization would turn into int8."""
+    """Names of the MatMul/Gemm nodes whose second input is a weight: the ones int8 quantizes.
+    (Attention's activation x activation MatMuls stay fp32 in both modes.)"""
     import onnx
 
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
 
 
-def _quantize(src: Path, dst: Path, static: bool, exclude: list[str], calib) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+def _quantize(src: Path, dst: Path, mode: str, exclude: list[str], calib, cache: Path | None = None) -> None:
+    """Write `dst`, `src` with every weight MatMul/Gemm but `exclude` (and the embedding) in int8."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    if static:
-        quantize_static(str(src), str(dst), calib(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude)
-    else:
+    if mode == "dynamic":
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+        return
+    keep = set(quantizable_nodes(src)) - set(exclude)
+    others = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
+              if n.op_type in ("MatMul", "Gemm") and n.name not in keep]
+    # uint8 activations: onnxruntime's x86 kernels fuse u8 x s8 Q/DQ/MatMul into one integer GEMM
+    # (MatMulIntegerToFloat); int8 activations were left as DQ + fp32 MatMul, 10x slower at batch 1.
+    # Outputs stay fp32 (no second rounding, no Q/DQ after every MatMul); ranges are min/max over
+    # the calibration texts, cached in `cache` so the sensitivity probes calibrate once.
+    quantize_static(str(src), str(dst), calib(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                    nodes_to_exclude=others, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+                    calibration_cache_path=cache)
+    feed_float_inputs(dst, set(others))
 
 
-def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False, calibration_texts: int = 256,
+def feed_float_inputs(path: Path, nodes: set[str]) -> None:
+    """Give `nodes` back the fp32 tensors that a QDQ pair was put in front of, and drop the pairs
+    nothing reads any more. quantize_static puts one Quantize/Dequantize pair on a tensor for all
+    its readers, so a MatMul kept in fp32 beside quantized ones (q/k/v and gate/up share their
+    input) would still read a rounded activation."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name not in nodes:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in read]:  # the dropped pairs' scales
+        graph.initializer.remove(t)
+    onnx.save(model, str(path))
+
+
+def quantize_int8(model_dir: str | Path, texts: list[str], mode: str = "static",
+                  calibration: list[str] | None = None, calibration_texts: int = 256,
                   min_agreement: float | None = 0.99, sensitivity_texts: int = 512, max_excluded: int = 8) -> dict:
-    """int8 weights. Dynamic (default): activations quantized per batch at run time. Static
-    (`static=True`): QDQ graph with activation ranges calibrated on the first
-    `calibration_texts` texts, for runtimes that want fixed scales.
+    """Write `model.int8.onnx`: int8 weight MatMuls and embedding, checked against fp32 on `texts`.
 
-    Accuracy-aware fallback: when top-1 agreement with fp32 on `texts` is below
-    `min_agreement`, each MatMul's sensitivity is measured (quantize it alone; mean |logit
-    change| on `sensitivity_texts`) and the most sensitive are kept in fp32, one at a time, until
-    the agreement target is met or `max_excluded` are excluded (the report says which and
-    whether the target was met; it is never silently missed).
+    Args:
+        mode: "static" (activation scales fixed at export: a text's answer does not depend on
+            its batch) or "dynamic" (scales computed per batch at run time).
+        calibration: texts whose activation ranges set the static scales (a seeded sample of
+            `calibration_texts` of them, each run alone); default: `texts`. Use train texts.
+        min_agreement: accuracy-aware fallback. When top-1 agreement with fp32 on `texts` is
+            below it, each weight MatMul's sensitivity is measured (quantize it alone; mean
+            |logit change| on `sensitivity_texts`) and the most sensitive are kept in fp32, one
+            at a time, until the target is met or `max_excluded` are excluded (the report says
+            which and whether the target was met; it is never silently missed). None: off.
+    Returns:
+        the report saved under `int8` in export.json.
     """
+    import tempfile
+
     from tokenizers import Tokenizer
 
+    if mode not in INT8_MODES:
+        raise ValueError(f"int8 mode {mode!r}: expected one of {', '.join(INT8_MODES)}")
     d = Path(model_dir)
     src, dst = d / "model.onnx", d / "model.int8.onnx"
     if not src.exists():
@@ -163,11 +270,13 @@ def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False,
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     max_len = student_config(json.loads((d / "config.json").read_text())).max_seq_len
     ids, mask = encode(tokenizer, texts, max_len)
-    calib_rows = [{"input_ids": ids[i:i + 1, : int(mask[i].sum())],
-                   "attention_mask": mask[i:i + 1, : int(mask[i].sum())]}
-                  for i in range(min(calibration_texts, len(texts)))]
+    pool = list(calibration) if calibration else list(texts)
+    # a seeded sample, not the head: split files are often grouped by label
+    picked = [pool[i] for i in sorted(np.random.default_rng(0).permutation(len(pool))[:calibration_texts])]
+    calib_rows = [dict(zip(("input_ids", "attention_mask"), encode(tokenizer, [t], max_len)))
+                  for t in (picked if mode == "static" else [])]
 
-    class Reader:  # onnxruntime's CalibrationDataReader protocol
+    class Reader:  # onnxruntime's CalibrationDataReader protocol; each text alone, unpadded
         def __init__(self):
             self.it = iter(calib_rows)
 
@@ -183,34 +292,38 @@ def quantize_int8(model_dir: str | Path, texts: list[str], static: bool = False,
     fp32_logits = logits(src)
     fp32_top = fp32_logits.argmax(-1)
     excluded: list[str] = []
-    _quantize(src, dst, static, excluded, Reader)
-    agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
-    first_agreement = agreement
-    if min_agreement is not None and agreement < min_agreement:
-        # sensitivity of each node quantized alone, on a seeded sample
-        sample = np.random.default_rng(0).permutation(len(texts))[:sensitivity_texts]
-        sample.sort()
-        ref = fp32_logits[sample]
-        nodes = quantizable_nodes(src)
-        probe = d / "model.int8.probe.onnx"
-        sensitivity = {}
-        try:
+    with tempfile.TemporaryDirectory(prefix="cascade-int8-") as tmp:
+        cache = Path(tmp) / "ranges.json" if mode == "static" else None
+
+        def quantize(out: Path, exclude: list[str]) -> None:
+            _quantize(src, out, mode, exclude, Reader, cache)
+
+        quantize(dst, excluded)
+        agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
+        first_agreement = agreement
+        if min_agreement is not None and agreement < min_agreement:
+            # sensitivity of each node quantized alone, on a seeded sample
+            sample = np.random.default_rng(0).permutation(len(texts))[:sensitivity_texts]
+            sample.sort()
+            ref = fp32_logits[sample]
+            nodes = quantizable_nodes(src)
+            probe = Path(tmp) / "probe.onnx"
+            sensitivity = {}
             for node in nodes:
-                _quantize(src, probe, static, [n for n in nodes if n != node], Reader)
+                quantize(probe, [n for n in nodes if n != node])
                 sensitivity[node] = float(np.abs(logits(probe, sample) - ref).mean())
-        finally:
-            probe.unlink(missing_ok=True)
-        for node in sorted(nodes, key=sensitivity.get, reverse=True)[:max_excluded]:
-            excluded.append(node)
-            _quantize(src, dst, static, excluded, Reader)
-            agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
-            if agreement >= min_agreement:
-                break
+            for node in sorted(nodes, key=sensitivity.get, reverse=True)[:max_excluded]:
+                excluded.append(node)
+                quantize(dst, excluded)
+                agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
+                if agreement >= min_agreement:
+                    break
     probs8 = softmax(logits(dst))
     stamp_metadata(dst, d)
     make_world_readable(d)
-    return {"int8": str(dst), "mode": "static-qdq" if static else "dynamic", "top1_agreement": agreement,
+    return {"int8": str(dst), "mode": mode, "top1_agreement": agreement,
             "agreement_texts": len(texts), "agreement_all_int8": first_agreement,
+            "calibration_texts": len(calib_rows),
             "kept_fp32": excluded, "target": min_agreement,
             "target_met": min_agreement is None or agreement >= min_agreement,
             "max_abs_prob_diff": float(np.abs(softmax(fp32_logits) - probs8).max())}

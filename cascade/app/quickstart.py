@@ -127,7 +127,9 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
 
     texts = [ex.text for ex in val]
     exp = export_onnx(workdir / "student", texts[:128])
-    q = quantize_int8(workdir / "student", texts, min_agreement=0.99, sensitivity_texts=256)
+    # static scales calibrated on train texts, agreement checked on val (as `cascade export --int8`)
+    q = quantize_int8(workdir / "student", texts, min_agreement=0.99, sensitivity_texts=256,
+                      calibration=[ex.text for ex in load_split(data_dir, "train")])
     print(f"      parity {exp['parity_max_abs_diff']:.1e}; int8 agreement {q['top1_agreement']:.4f}"
           + (f" ({len(q['kept_fp32'])} MatMuls kept fp32)" if q["kept_fp32"] else ""))
 
