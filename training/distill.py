@@ -117,6 +117,35 @@ def teacher_distributions(teacher_dir: str | Path, texts: list[str], cache_dir: 
     return probs, False
 
 
+def kd_batch_loss(data: list, targets: torch.Tensor, temperature: float, alpha: float):
+    """The Trainer's `batch_loss` for distillation: a batch of `data`'s Sequences (right-padded
+    here) against their rows of `targets` (the teacher's distributions) and their gold labels."""
+    index = {id(s): i for i, s in enumerate(data)}
+
+    def batch_loss(model, seqs):
+        rows = [index[id(s)] for s in seqs]
+        width = max(len(s.ids) for s in seqs)
+        tok = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tok[i, : len(s.ids)] = torch.tensor(s.ids)
+            mask[i, : len(s.ids)] = 1
+        y = torch.tensor([s.targets[0] for s in seqs])
+        return kd_loss(model(tok, mask), targets[rows], y, temperature, alpha), int(mask.sum())
+
+    return batch_loss
+
+
+def batched_logits(model, ids, mask, batch: int = 256) -> torch.Tensor:
+    """The student's logits over encoded texts (numpy ids/mask), in eval mode and back."""
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(torch.from_numpy(ids[i:i + batch]), torch.from_numpy(mask[i:i + batch]))
+                         for i in range(0, len(ids), batch)])
+    model.train()
+    return out
+
+
 @dataclass
 class StudentRun:
     out: Path
@@ -172,31 +201,14 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
         layers = init_from_teacher(student, teacher)
         del teacher
     data = [Sequence(r, [g]) for r, g in zip(id_rows, gold)]
-    index = {id(s): i for i, s in enumerate(data)}
-
-    def batch_loss(model, seqs):
-        rows = [index[id(s)] for s in seqs]
-        width = max(len(s.ids) for s in seqs)
-        tok = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tok[i, : len(s.ids)] = torch.tensor(s.ids)
-            mask[i, : len(s.ids)] = 1
-        logits = model(tok, mask)
-        y = torch.tensor([s.targets[0] for s in seqs])
-        return kd_loss(logits, teacher_probs[rows], y, temperature, alpha), int(mask.sum())
+    batch_loss = kd_batch_loss(data, teacher_probs, temperature, alpha)
 
     val = load_split(data_dir, "val")
     val_ids, val_mask = encode(tokenizer, [ex.text for ex in val], max_len)
     val_gold = torch.tensor([labels.index(ex.label) for ex in val])
 
     def val_logits(model) -> torch.Tensor:
-        model.eval()
-        with torch.no_grad():
-            out_ = torch.cat([model(torch.from_numpy(val_ids[i:i + 256]), torch.from_numpy(val_mask[i:i + 256]))
-                              for i in range(0, len(val_ids), 256)])
-        model.train()
-        return out_
+        return batched_logits(model, val_ids, val_mask)
 
     def evaluate() -> dict:
         return {"val_accuracy": (val_logits(student).argmax(-1) == val_gold).float().mean().item()}

@@ -406,14 +406,14 @@ def distil_warm(init_dir: Path, rows: list[Row], data_dir: Path, out_dir: Path, 
                 temperature: float = 2.0, alpha: float = 0.5, resume: bool = False, progress: bool = True,
                 extra_meta: dict | None = None) -> dict:
     """Distil again from the student in `init_dir` (its weights, size, tokenizer and labels) on
-    `rows`: distill.py's `kd_loss` with each row's target as the teacher distribution (gold rows
+    `rows`: distill.py's `kd_batch_loss` with each row's target as the teacher distribution (gold rows
     also take the CE term), the same Trainer, a temperature refitted on val. Checkpoints go to
     `OUT.checkpoints` (`resume` continues from them) and are removed once the student is saved."""
     import torch
     from tokenizers import Tokenizer
 
     from cascade.data import load_labels, load_split
-    from training.distill import kd_loss
+    from training.distill import batched_logits, kd_batch_loss
     from training.export import encode
     from training.student import load_student, save_student
     from training.temperature import calibration_report
@@ -427,30 +427,14 @@ def distil_warm(init_dir: Path, rows: list[Row], data_dir: Path, out_dir: Path, 
     ids, mask = encode(tokenizer, [r.text for r in rows], max_len)
     data = [Sequence([int(x) for x, m in zip(row, mrow) if m], [r.gold]) for row, mrow, r in zip(ids, mask, rows)]
     targets = torch.tensor(np.stack([r.target for r in rows]), dtype=torch.float32)
-    index = {id(s): i for i, s in enumerate(data)}
-
-    def batch_loss(m, seqs):
-        at = [index[id(s)] for s in seqs]
-        width = max(len(s.ids) for s in seqs)
-        tok = torch.zeros(len(seqs), width, dtype=torch.long)
-        msk = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tok[i, : len(s.ids)] = torch.tensor(s.ids)
-            msk[i, : len(s.ids)] = 1
-        y = torch.tensor([s.targets[0] for s in seqs])
-        return kd_loss(m(tok, msk), targets[at], y, temperature, alpha), int(msk.sum())
+    batch_loss = kd_batch_loss(data, targets, temperature, alpha)
 
     val = load_split(data_dir, "val")
     val_ids, val_mask = encode(tokenizer, [ex.text for ex in val], max_len)
     val_gold = torch.tensor([labels.index(ex.label) for ex in val])
 
     def val_logits() -> torch.Tensor:
-        model.eval()
-        with torch.no_grad():
-            out = torch.cat([model(torch.from_numpy(val_ids[i:i + 256]), torch.from_numpy(val_mask[i:i + 256]))
-                             for i in range(0, len(val_ids), 256)])
-        model.train()
-        return out
+        return batched_logits(model, val_ids, val_mask)
 
     def evaluate() -> dict:
         return {"val_accuracy": (val_logits().argmax(-1) == val_gold).float().mean().item()}

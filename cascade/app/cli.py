@@ -455,6 +455,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 
+def _student_training_flags(p: argparse.ArgumentParser) -> None:
+    """The student recipe's knobs, shared by `train student` and `flywheel`."""
+    from training.recipes import STUDENT
+
+    p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
+    p.add_argument("--lr", type=float, default=STUDENT["lr"])
+    p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
+    p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
+                   choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
+
+
 def _log_flags(p: argparse.ArgumentParser) -> None:
     from serving.observability import LOG_FORMATS, LOG_LEVELS
 
@@ -609,13 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="extra texts without labels (JSONL with text, or one per line)")
     p.add_argument("--augment", type=int, default=0,
                    help="perturbed copies per train text, labelled by the teacher alone (training/augment.py)")
-    p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
-    p.add_argument("--lr", type=float, default=STUDENT["lr"])
-    p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
-    p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
-                   choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
+    _student_training_flags(p)
     p.add_argument("--ckpt-every", type=int, default=STUDENT["ckpt_every"])
     p.add_argument("--seed", type=int, default=STUDENT["seed"])
     p.add_argument("--resume", action="store_true")
@@ -711,13 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-batch", type=int, default=64, help="texts per call to the large-model tier")
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="int8 top-1 agreement target on val, as `cascade export` (0: off)")
-    p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
-    p.add_argument("--lr", type=float, default=STUDENT["lr"])
-    p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
-    p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
-                   choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
+    _student_training_flags(p)
     p.add_argument("--seed", type=int, default=0, help="random picks, diversity's first pick, training")
     _json_flag(p, "the manifest")
     p.add_argument("--no-progress", action="store_true")
