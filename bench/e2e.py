@@ -3,6 +3,7 @@
     python bench/e2e.py --dataset clinc150        # or banking77; reads ../shared/data/<dataset>
     python bench/e2e.py --dataset clinc150 --redo calibrate   # re-run a stage and all after it
     python bench/e2e.py --dataset clinc150 --tiny --limit 200 --workdir /tmp/e2e   # toy scale (CI)
+    python bench/e2e.py --dataset snips --large-train 3000   # joint: intents and slots (fields)
 
 Stages, each leaving `WORKDIR/stages/<stage>.json` when it is done, so a second run skips what
 is finished (an interrupted training stage resumes from its last checkpoint):
@@ -41,9 +42,10 @@ sys.path.insert(0, str(ROOT))  # `python bench/e2e.py` from a checkout without a
 
 # Banking77 after 1 epoch: the large model at 0.898 val accuracy, below its own student (0.909);
 # after 3, 0.928 (measured). CLINC150 after 1: 0.960.
-LARGE_EPOCHS = {"clinc150": 1.0, "banking77": 3.0}
+LARGE_EPOCHS = {"clinc150": 1.0, "banking77": 3.0, "snips": 1.0}
 STAGES = ("prepare", "rules", "large", "student", "export", "calibrate", "measure", "report")
 SYSTEMS = ("cascade", "large_only", "student_only", "tfidf", "threshold_router")
+EXTRACT_SYSTEMS = ("cascade", "large_only", "student_only", "rules_only", "threshold_router")
 TARGET_GAP_PT, TARGET_LLM_SHARE, TARGET_SPEEDUP = 0.5, 0.20, 5.0
 
 
@@ -61,6 +63,8 @@ class E2EConfig:
     limit: int | None = None  # rows per split (seeded sample)
     large_epochs: float = 1.0  # main() takes LARGE_EPOCHS[dataset] unless --large-epochs is given
     large_lr: float = 1e-4
+    large_train: int | None = None  # train rows the large model sees (the first N; None: all)
+    calibrate_limit: int | None = None  # val items calibration measures (the first N; None: all)
     student_epochs: float = 6.0
     student_lr: float = 5e-4
     student_augment: int = 0  # perturbed copies per train text, labelled by the teacher (training/augment.py)
@@ -79,6 +83,12 @@ class E2EConfig:
     def data(self) -> Path:
         return self.workdir / "data"
 
+    @property
+    def task(self) -> str:
+        from cascade.data import load_labels
+
+        return load_labels(self.data).task
+
 
 # --- stages -------------------------------------------------------------------------------
 
@@ -91,7 +101,7 @@ def stage_prepare(cfg: E2EConfig) -> dict:
         rng = random.Random(cfg.seed)
         splits = {s: load_split(cfg.data, s) for s in SPLITS}
         splits = {s: rng.sample(rows, min(cfg.limit, len(rows))) for s, rows in splits.items()}
-        write_dataset(cfg.data, splits, load_labels(cfg.data).oos_label)
+        write_dataset(cfg.data, splits, load_labels(cfg.data).oos_label, load_labels(cfg.data).task)
     counts = {s: len(load_split(cfg.data, s)) for s in SPLITS}
     return {"counts": counts, "labels": len(load_labels(cfg.data).labels), "source": str(cfg.source),
             "full_counts": report.counts}
@@ -105,6 +115,16 @@ def stage_rules(cfg: E2EConfig) -> dict:
 
     labels = load_labels(cfg.data)
     train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    if labels.task != "classify":
+        from cascade.rules.mine import mine_template_pack
+
+        pack, _ = mine_template_pack(train, val, cfg.dataset, MineConfig(min_train_support=2 if cfg.tiny else 3,
+                                                                         min_val_support=1),
+                                     task=labels.task)
+        write_pack(pack, cfg.workdir / "rules.toml")
+        check = check_pack(load_pack(cfg.workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
+        return {"rules": len(pack["rule"]), "val_coverage": check["coverage"], "val_precision": check["precision"],
+                "val_task_precision": check["task_precision"], "metric": check["metric"]}
     mine_cfg = MineConfig(min_train_support=2 if cfg.tiny else 8, min_val_support=1 if cfg.tiny else 3,
                           oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
     pack, _ = mine_pack(train, val, cfg.dataset, mine_cfg)
@@ -123,6 +143,7 @@ def stage_large(cfg: E2EConfig) -> dict:
                           cfg=TrainConfig(lr=3e-3, max_steps=12, batch_size=16, warmup_steps=2, ckpt_every=6))
     else:
         run = train_large(cfg.data, out, init="smollm2-135m", resume=True, eval_limit=10_000,
+                          limit_train=cfg.large_train,
                           cfg=TrainConfig(lr=cfg.large_lr, epochs=cfg.large_epochs, batch_size=32, warmup_steps=30,
                                           eval_every=0, ckpt_every=100, log_every=10))
     return _training_summary(run.summary, out)
@@ -170,14 +191,16 @@ def stage_calibrate(cfg: E2EConfig) -> dict:
     from cascade.calibrate import CalibrationError, run_calibration
 
     config_path = cfg.workdir / "cascade.toml"
-    config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset, writer="bench/e2e.py"), encoding="utf-8")
+    config_path.write_text(CONFIG_TEMPLATE.format(task=cfg.dataset, kind=cfg.task, writer="bench/e2e.py"),
+                           encoding="utf-8")
     try:
         cal = run_calibration(config_path, cfg.data, "llm", max_loss=cfg.max_loss, confidence=cfg.confidence,
-                              oos_share=cfg.oos_share)
+                              oos_share=cfg.oos_share, limit=cfg.calibrate_limit)
         met = True
     except CalibrationError as exc:  # toy models may not reach it: the best accuracy instead, said so
         print(f"calibrate: {exc}; taking the most accurate point instead", file=sys.stderr)
-        cal = run_calibration(config_path, cfg.data, max_llm_share=1.0, oos_share=cfg.oos_share)
+        cal = run_calibration(config_path, cfg.data, max_llm_share=1.0, oos_share=cfg.oos_share,
+                              limit=cfg.calibrate_limit)
         met = False
     print(cal["table"])
     keep = ("n", "tiers", "tier_accuracy_alone", "tier_mean_ms", "target_accuracy", "max_loss", "confidence",
@@ -263,6 +286,74 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
             "test_oos_share": sum(g == oos for g in gold) / len(gold) if oos else None}
 
 
+def stage_measure_extract(cfg: E2EConfig, done: dict) -> dict:
+    """The extraction variant of `stage_measure` (a joint or extract task): every system on the
+    whole test split scored by label accuracy, span P/R/F1, exact match and joint accuracy (label
+    and every field right: SNIPS's "sentence accuracy"), and the large model's JSON validity.
+    The rules alone answer what they match; the rest count as wrong."""
+    from cascade.config import build_cascade, load_config
+    from cascade.data import load_labels, load_split
+    from cascade.evaluate import as_predictions, extraction_report, predict_timed
+    from cascade.metrics import classification_report
+    from cascade.router import Cascade
+    from cascade.types import Prediction
+
+    config_path = cfg.workdir / "cascade.toml"
+    config = load_config(config_path)
+    labels = load_labels(cfg.data)
+    metric = config.task.target_metric
+    test, val = load_split(cfg.data, "test"), load_split(cfg.data, "val")
+    texts, gold = [ex.text for ex in test], [ex.label or "" for ex in test]
+    gold_fields = [ex.fields or {} for ex in test]
+    full = build_cascade(config, config_path.parent)
+    rules, student, llm = full.tiers
+    try:
+        warm = [ex.text for ex in val[:32]]
+        for tier in full.tiers:
+            tier.predict_batch(warm)
+        val_conf = [p.confidence for p in student.predict_batch([ex.text for ex in val])]
+        share = cfg.router_share if cfg.router_share is not None else done["calibrate"]["chosen"]["llm_share"]
+        router_thr = router_threshold(val_conf, share)
+
+        class Abstain:  # the rules alone: what they do not match gets no answer (scored wrong)
+            name, cost = "none", 0.0
+
+            def predict_batch(self, batch):
+                return [Prediction("", 0.0, "none", fields={}) for _ in batch]
+
+        systems = {
+            "cascade": (full, ["llm"]),
+            "large_only": (Cascade([llm], [0.0]), ["llm"]),
+            "student_only": (Cascade([student], [0.0]), []),
+            "rules_only": (Cascade([rules, Abstain()], [0.0, 0.0]), []),
+            "threshold_router": (Cascade([student, llm], [router_thr, 0.0]), ["llm"]),
+        }
+        results, walls = {}, {name: [] for name in systems}
+        json_before = dict(llm.json_counts)
+        for r in range(cfg.repeats):
+            for name, (cascade, llm_tiers) in systems.items():
+                answers, seconds = predict_timed(cascade, texts)
+                preds, _ = as_predictions(answers)
+                walls[name].append(seconds)
+                names = [t.name for t in cascade.tiers]
+                rep = classification_report(gold, preds, names, min(walls[name]), None, llm_tiers)
+                rep["extraction"] = extraction_report(gold, gold_fields, preds, names, metric, labels.fields)
+                if name in results and rep["extraction"]["score"] != results[name]["extraction"]["score"]:
+                    raise RuntimeError(f"measure: {name} answered differently in repeat {r + 1}")
+                rep["all_wall_s"] = list(walls[name])
+                results[name] = rep
+                ext = rep["extraction"]
+                print(f"measure: {name:<17} accuracy {rep['accuracy']:.4f}  span F1 {ext['span_f1']:.4f}  "
+                      f"joint {ext['joint_accuracy']:.4f}  llm share {rep['llm_share']:.3f}  "
+                      f"{len(texts) / seconds:.0f} items/s (repeat {r + 1})", flush=True)
+        results["threshold_router"].update({"student_threshold": router_thr, "target_llm_share": share})
+        json_counts = {k: llm.json_counts[k] - json_before[k] for k in json_before}
+    finally:
+        full.close()
+    return {"systems": results, "threads": _threads(), "n": len(texts), "llm_json": json_counts,
+            "metric": metric}
+
+
 def tfidf_predict(cfg: E2EConfig, texts: list[str]) -> tuple[list[str], float]:
     """TF-IDF (word 1-2 grams) + logistic regression fitted on train; timed on `texts` in the
     same batches of 256 the other systems get."""
@@ -333,6 +424,88 @@ def build_result(cfg: E2EConfig, done: dict) -> dict:
     result["stages"] = {k: done[k] for k in ("prepare", "rules", "large", "student", "export")}
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     return result
+
+
+EXTRACT_ROW_NAMES = {**ROW_NAMES, "student_only": "student alone (int8 ONNX tagger)",
+                     "rules_only": "rules alone (the rest unanswered)"}
+TARGET_SLOT_F1 = 0.95
+
+
+def build_result_extract(cfg: E2EConfig, done: dict) -> dict:
+    m = done["measure"]
+    systems = m["systems"]
+    large_rate = systems["large_only"]["items_per_s"]
+    result: dict = {"dataset": cfg.dataset, "task": cfg.task, "tiny": cfg.tiny, "n_test": m["n"],
+                    "threads": m["threads"], "metric": m["metric"], "llm_json": m["llm_json"]}
+    for name in EXTRACT_SYSTEMS:
+        rep = systems[name]
+        ext = rep["extraction"]
+        row = {k: rep[k] for k in ("accuracy", "llm_share", "items_per_s", "n")}
+        row.update({k: ext[k] for k in ("span_precision", "span_recall", "span_f1", "exact_match", "joint_accuracy",
+                                        "score")})
+        row["per_field"] = ext["per_field"]
+        row["cost_per_1k_rel"] = large_rate / rep["items_per_s"]
+        row["tier_shares"] = {t["name"]: t["share"] for t in rep["tiers"]}
+        row["tier_scores"] = {t: v["score"] for t, v in ext["tiers"].items()}
+        row["all_wall_s"] = rep.get("all_wall_s")
+        result[name] = row
+    result["threshold_router"]["student_threshold"] = systems["threshold_router"]["student_threshold"]
+    c, big = result["cascade"], result["large_only"]
+    gap_pt = 100 * (c["score"] - big["score"])
+    speedup = c["items_per_s"] / big["items_per_s"]
+    js = m["llm_json"]
+    result["targets"] = {
+        "large_slot_f1": big["span_f1"], "large_slot_f1_at_least_0.95": big["span_f1"] >= TARGET_SLOT_F1,
+        "score_gap_pt": gap_pt, "score_within_0.5pt": gap_pt >= -TARGET_GAP_PT,
+        "llm_share": c["llm_share"], "llm_share_at_most_20pct": c["llm_share"] <= TARGET_LLM_SHARE,
+        "speedup": speedup, "speedup_at_least_5x": speedup >= TARGET_SPEEDUP,
+        "llm_json_all_valid": js["answers"] > 0 and js["invalid"] == 0 and js["cut"] == 0,
+        "speedup_per_pass": [b / a for a, b in zip(c.get("all_wall_s") or [], big.get("all_wall_s") or [])],
+    }
+    cal = done["calibrate"]
+    result["calibration"] = {"thresholds": dict(zip(cal["tiers"], cal["chosen"]["thresholds"])),
+                             "val_score": cal["chosen"]["accuracy"], "val_llm_share": cal["chosen"]["llm_share"],
+                             "target": cal["target_accuracy"], "confidence": cal["confidence"],
+                             "target_met": cal["target_met"], "n_val": cal["n"]}
+    result["stages"] = {k: done[k] for k in ("prepare", "rules", "large", "student", "export")}
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return result
+
+
+def markdown_report_extract(result: dict, plot_name: str | None) -> str:
+    t, cal = result["targets"], result["calibration"]
+    mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    head = ["system", "intent acc.", "slot P", "slot R", "slot F1", "exact match (slots)", "joint (intent + slots)",
+            "large-model share", "items/s", "cost per 1k (rel.)"]
+    lines = [f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""), "",
+             f"{result['n_test']} test items, {result['threads']} CPU threads; task {result['task']}, calibrated on "
+             f"`{result['metric']}`. Command: `python bench/e2e.py --dataset {result['dataset']}"
+             + (f" --large-train {result['config']['large_train']}" if result["config"].get("large_train") else "")
+             + "`.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name in EXTRACT_SYSTEMS:
+        r = result[name]
+        sp = "-" if r["span_precision"] is None else f"{r['span_precision']:.4f}"
+        lines.append(f"| {EXTRACT_ROW_NAMES[name]} | {r['accuracy']:.4f} | {sp} | {r['span_recall']:.4f} | "
+                     f"{r['span_f1']:.4f} | {r['exact_match']:.4f} | {r['joint_accuracy']:.4f} | "
+                     f"{r['llm_share']:.1%} | {r['items_per_s']:.1f} | {r['cost_per_1k_rel']:.3f} |")
+    js = result["llm_json"]
+    lines += ["",
+              f"- Large model alone: slot F1 {t['large_slot_f1']:.4f} (target ≥ 0.95: "
+              f"{mark(t['large_slot_f1_at_least_0.95'])}).",
+              f"- Cascade against the large model alone on `{result['metric']}`: {t['score_gap_pt']:+.2f} pt "
+              f"(target ≥ -0.5: {mark(t['score_within_0.5pt'])}); large-model share {t['llm_share']:.1%} (target "
+              f"≤ 20%: {mark(t['llm_share_at_most_20pct'])}); {t['speedup']:.2f}× its items/s (target ≥ 5×: "
+              f"{mark(t['speedup_at_least_5x'])}).",
+              f"- Large-model JSON answers: {js['answers']}, {js['invalid']} outside their schema, {js['cut']} cut "
+              f"at max_field_tokens (target: all valid: {mark(t['llm_json_all_valid'])}).",
+              f"- Calibrated on {cal['n_val']} val items: val {result['metric']} {cal['val_score']:.4f} with "
+              f"{cal['val_llm_share']:.1%} at the large model (target {cal['target']:.4f}"
+              + (f", {cal['confidence']:.0%} confidence" if cal["confidence"] else "") + ").",
+              "- Published anchor on SNIPS (JointBERT): intent 98.6, slot F1 97.0, sentence accuracy 92.8."]
+    if plot_name:
+        lines += ["", f"![calibration frontier, {result['dataset']}]({plot_name})"]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(result: dict) -> str:
@@ -417,19 +590,21 @@ large model, at most 20% of requests at the large model, at least 5× its items/
 
 def write_docs(results_dir: Path, docs: Path) -> None:
     parts = [DOC_HEAD]
-    for name in ("clinc150", "banking77"):
+    for name in ("clinc150", "banking77", "snips"):
         file = results_dir / f"{name}.json"
         if file.exists():
             result = json.loads(file.read_text())
             plot = results_dir / f"{name}.frontier.png"
             rel = os.path.relpath(plot, docs.parent) if plot.exists() else None
-            parts.append(markdown_report(result, rel))
+            report = markdown_report_extract if result.get("task", "classify") != "classify" else markdown_report
+            parts.append(report(result, rel))
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(parts), encoding="utf-8")
 
 
 def stage_report(cfg: E2EConfig, done: dict) -> dict:
-    result = build_result(cfg, done)
+    extract = cfg.task != "classify"
+    result = (build_result_extract if extract else build_result)(cfg, done)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     plot = Path(done["calibrate"]["plot"])
     plot_name = None
@@ -437,7 +612,7 @@ def stage_report(cfg: E2EConfig, done: dict) -> dict:
         plot_name = f"{cfg.dataset}.frontier.png"
         shutil.copyfile(plot, cfg.results_dir / plot_name)
     (cfg.results_dir / f"{cfg.dataset}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown_report(result, plot_name)
+    md = (markdown_report_extract if extract else markdown_report)(result, plot_name)
     (cfg.results_dir / f"{cfg.dataset}.md").write_text(md, encoding="utf-8")
     if cfg.docs:
         write_docs(cfg.results_dir, cfg.docs)
@@ -478,7 +653,7 @@ def run_stages(cfg: E2EConfig, redo: str | None = None, until: str | None = None
             if stage in RUNNERS:
                 record = RUNNERS[stage](cfg)
             elif stage == "measure":
-                record = stage_measure(cfg, done)
+                record = (stage_measure if cfg.task == "classify" else stage_measure_extract)(cfg, done)
             else:
                 record = stage_report(cfg, done)
             record["stage_s"] = time.perf_counter() - t0
@@ -493,7 +668,7 @@ def run_stages(cfg: E2EConfig, redo: str | None = None, until: str | None = None
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", required=True, choices=("clinc150", "banking77"))
+    ap.add_argument("--dataset", required=True, choices=("clinc150", "banking77", "snips"))
     ap.add_argument("--source", help="raw dataset dir (default ../shared/data/<dataset>)")
     ap.add_argument("--workdir", help="where models and stage records go (default runs/e2e-<dataset>)")
     ap.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
@@ -502,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--until", choices=STAGES, help="stop after this stage")
     ap.add_argument("--tiny", action="store_true", help="toy models, a few steps (tests the harness)")
     ap.add_argument("--limit", type=int, help="at most this many rows per split (seeded sample)")
-    ap.add_argument("--large-epochs", type=float, help="default: 1 for clinc150, 3 for banking77")
+    ap.add_argument("--large-epochs", type=float, help="default: 1 for clinc150 and snips, 3 for banking77")
+    ap.add_argument("--large-train", type=int, help="train rows the large model sees (default: all)")
+    ap.add_argument("--calibrate-limit", type=int, help="val items calibration measures (default: all)")
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
     ap.add_argument("--confidence", type=float, default=0.9,
@@ -522,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         source=Path(args.source or ROOT.parent / "shared" / "data" / args.dataset),
         results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
         tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs or LARGE_EPOCHS[args.dataset],
+        large_train=args.large_train, calibrate_limit=args.calibrate_limit,
         student_epochs=args.student_epochs,
         student_augment=args.student_augment,
         confidence=args.confidence or None, max_loss=args.max_loss, router_share=args.router_share,

@@ -40,9 +40,13 @@ from cascade.thresholds import (
 
 
 def measure_tiers(cascade, is_llm: list[bool], texts: list[str], batch_size: int = 256,
-                  progress=None, tiers: int | None = None) -> list[TierRun]:
-    """Run every tier (or the first `tiers`) on every text (batched) and time it."""
+                  progress=None, tiers: int | None = None, metric: str = "accuracy") -> list[TierRun]:
+    """Run every tier (or the first `tiers`) on every text (batched) and time it. A tier's
+    answers are kept as `answer_key(metric, ...)`: the label for accuracy, the fields (or label
+    and fields) for extraction, so the replay compares answers under the task's metric."""
     import time
+
+    from cascade.metrics import answer_key
 
     runs = []
     for tier, llm in list(zip(cascade.tiers, is_llm))[:tiers]:
@@ -51,7 +55,7 @@ def measure_tiers(cascade, is_llm: list[bool], texts: list[str], batch_size: int
         t0 = time.perf_counter()
         for start in range(0, len(texts), batch_size):
             for pred in tier.predict_batch(texts[start:start + batch_size]):
-                labels.append(None if pred is None else pred.label)
+                labels.append(None if pred is None else answer_key(metric, pred.label, pred.fields))
                 conf.append(0.0 if pred is None else float(pred.confidence))
             if progress:
                 progress(tier.name, min(len(texts), start + batch_size), len(texts))
@@ -224,29 +228,32 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     from cascade.config import build_cascade, dump_config, load_config
     from cascade.data import load_labels, load_split
     from cascade.evaluate import LLM_KINDS
+    from cascade.metrics import answer_key
 
     config_path = Path(config_path)
     config = load_config(config_path)
+    metric = config.task.target_metric
     examples = load_split(data_dir, split)[:limit]
-    texts, gold = [ex.text for ex in examples], [ex.label for ex in examples]
+    texts, gold = [ex.text for ex in examples], [answer_key(metric, ex.label, ex.fields) for ex in examples]
     use_path = (confidence is not None and max_llm_share is None and path_split not in (None, split)
                 and (Path(data_dir) / f"{path_split}.jsonl").exists() and len(config.tiers) > 1)
     path_runs = path_gold = None
     cascade = build_cascade(config, config_path.parent)
     try:
         is_llm = [spec.kind in LLM_KINDS for spec in config.tiers]
-        runs = measure_tiers(cascade, is_llm, texts, progress=progress)
+        runs = measure_tiers(cascade, is_llm, texts, progress=progress, metric=metric)
         if use_path:
             path_examples = load_split(data_dir, path_split)
             if len(path_examples) > path_limit:
                 keep = np.sort(np.random.default_rng(seed).choice(len(path_examples), path_limit, replace=False))
                 path_examples = [path_examples[i] for i in keep]
-            path_gold = [ex.label for ex in path_examples]
+            path_gold = [answer_key(metric, ex.label, ex.fields) for ex in path_examples]
             path_runs = measure_tiers(cascade, is_llm, [ex.text for ex in path_examples], progress=progress,
-                                      tiers=len(config.tiers) - 1)
+                                      tiers=len(config.tiers) - 1, metric=metric)
     finally:
         cascade.close()
-    oos_label = load_labels(data_dir).oos_label
+    # out-of-scope label thresholds are a classification feature: keys are labels only there
+    oos_label = load_labels(data_dir).oos_label if metric == "accuracy" else None
     weights = traffic_weights(gold, oos_label, oos_share)
     label = oos_label if oos_threshold else None
     decision = calibrate_runs(runs, gold, target_accuracy, max_llm_share, confidence=confidence, max_loss=max_loss,
@@ -256,7 +263,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     target_accuracy, last_accuracy = decision["target_accuracy"], decision["last_accuracy"]
     names = [r.name for r in runs]
     report = {
-        "split": split, "n": len(gold), "tiers": names,
+        "split": split, "n": len(gold), "tiers": names, "metric": metric,
         "tier_accuracy_alone": {r.name: weighted_mean(np.array([p == g for p, g in zip(r.labels, gold)]), weights)
                                 for r in runs},
         "oos_share": oos_share if weights is not None else None,

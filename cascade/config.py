@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascade.tomlfile import read_toml
 
@@ -84,6 +84,26 @@ class TaskConfig(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
+    kind: Literal["classify", "extract", "joint"] = Field(
+        default="classify", description="a label, fields (name -> spans of the text), or both")
+    metric: Literal["accuracy", "exact_match", "joint"] | None = Field(
+        default=None, description="what calibration holds to its target: label accuracy, fields exact "
+                                  "match, or both right; default: accuracy / exact_match / joint by kind")
+
+    @model_validator(mode="after")
+    def _metric_fits_kind(self) -> TaskConfig:
+        from cascade.metrics import METRICS
+
+        if self.metric is not None and self.metric not in METRICS[self.kind]:
+            raise ValueError(f"metric: {self.metric!r} does not apply to a {self.kind} task "
+                             f"(one of {', '.join(METRICS[self.kind])})")
+        return self
+
+    @property
+    def target_metric(self) -> str:
+        from cascade.metrics import default_metric
+
+        return self.metric or default_metric(self.kind)
 
 
 class ServingConfig(BaseModel):

@@ -1,7 +1,9 @@
 """Dataset readers and the dataset dir of DESIGN.md (train/val/test JSONL + labels.json).
 
 Sources: CLINC150 (`data_full.json`, with its out-of-scope `oos` rows), Banking77
-(`train.csv`/`test.csv`), and any CSV/JSONL with text and label columns. Every reader reports
+(`train.csv`/`test.csv`), SNIPS (intents with slot spans: a `joint` task), and any CSV/JSONL
+with text and label columns and, for extraction, a `fields` column (a JSON object of
+name -> [values]; every value must occur in its text). Every reader reports
 bad rows (empty text, missing label, malformed line) with the place they came from, so the
 caller can refuse the input or skip them knowingly: no row is dropped silently.
 """
@@ -15,6 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cascade.fields import Fields, as_fields, check_fields, order_by_text
+
 SPLITS = ("train", "val", "test")
 CLINC_OOS_LABEL = "oos"
 
@@ -23,11 +27,21 @@ class DataError(ValueError):
     """Input data that cannot be used; the message says which file and line."""
 
 
+TASK_KINDS = ("classify", "extract", "joint")
+
+
 @dataclass
 class Example:
     id: str
     text: str
     label: str | None
+    fields: Fields | None = None  # extraction tasks: name -> [values], each a span of `text`
+
+    def to_json(self) -> dict:
+        row = {"id": self.id, "text": self.text, "label": self.label}
+        if self.fields is not None:
+            row["fields"] = self.fields
+        return row
 
 
 @dataclass
@@ -51,11 +65,18 @@ class RawDataset:
 
 @dataclass
 class LabelSet:
+    """labels.json: the label names, and for `extract`/`joint` tasks the field names."""
+
     labels: list[str]
     oos_label: str | None = None
+    task: str = "classify"
+    fields: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"labels": self.labels, "oos_label": self.oos_label}
+        out = {"labels": self.labels, "oos_label": self.oos_label, "task": self.task}
+        if self.task != "classify":
+            out["fields"] = self.fields
+        return out
 
 
 def _check_row(text, label, where: str, bad: list[BadRow]) -> bool:
@@ -100,12 +121,32 @@ def read_clinc150(path: str | Path) -> RawDataset:
     return RawDataset(splits, bad, oos_label=CLINC_OOS_LABEL, source=str(file))
 
 
+def _read_fields(text: str, raw, where: str, bad: list[BadRow]) -> tuple[bool, Fields | None]:
+    """(ok, fields) of one row's `fields` cell: absent is None; a CSV cell holds JSON."""
+    if raw is None or raw == "":
+        return True, None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            bad.append(BadRow(where, f"fields: not a JSON object ({exc.msg})"))
+            return False, None
+    problem = check_fields(text, raw)
+    if problem:
+        bad.append(BadRow(where, problem))
+        return False, None
+    return True, order_by_text(text, as_fields(raw))
+
+
 def read_table(file: str | Path, text_field: str = "text", label_field: str = "label",
-               id_field: str = "id", id_prefix: str = "") -> tuple[list[Example], list[BadRow]]:
+               id_field: str = "id", id_prefix: str = "", fields_field: str = "fields",
+               require_label: bool = True) -> tuple[list[Example], list[BadRow]]:
     """Read a CSV (header row) or JSONL file of labelled texts.
 
     A missing `id` column gets ids `{id_prefix}{row:05d}`. Line numbers in bad-row reports are
-    the file's physical lines (1 = CSV header or first JSONL line).
+    the file's physical lines (1 = CSV header or first JSONL line). A `fields` column (JSON
+    object; in CSV a JSON string) is read and checked: every value must occur in its text.
+    `require_label=False` reads an extraction-only table (no label column needed).
     """
     file = Path(file)
     if not file.exists():
@@ -118,7 +159,7 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise DataError(f"{file}:1: empty file, expected a header row")
-            for col in (text_field, label_field):
+            for col in (text_field, label_field) if require_label else (text_field,):
                 if col not in reader.fieldnames:
                     raise DataError(
                         f"{file}:1: no column {col!r} in header {reader.fieldnames}; "
@@ -131,9 +172,11 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
                                              f"header has {len(reader.fieldnames)}"))
                     continue
                 text, label = row.get(text_field), row.get(label_field)
-                if _check_row(text, label, where, bad):
-                    rid = row.get(id_field) or f"{id_prefix}{len(examples):05d}"
-                    examples.append(Example(str(rid), text.strip(), label.strip()))
+                if _check_row(text, label if require_label else "-", where, bad):
+                    ok, fields = _read_fields(text.strip(), row.get(fields_field), where, bad)
+                    if ok:
+                        rid = row.get(id_field) or f"{id_prefix}{len(examples):05d}"
+                        examples.append(Example(str(rid), text.strip(), label.strip() if label else None, fields))
     elif suffix in (".jsonl", ".ndjson"):
         with file.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -151,10 +194,12 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
                 text, label = row.get(text_field), row.get(label_field)
                 if label is not None and not isinstance(label, str):
                     label = str(label)
-                if _check_row(text, label, where, bad):
-                    rid = row.get(id_field)
-                    rid = f"{id_prefix}{len(examples):05d}" if rid is None else str(rid)
-                    examples.append(Example(rid, text.strip(), label.strip()))
+                if _check_row(text, label if require_label else "-", where, bad):
+                    ok, fields = _read_fields(text.strip(), row.get(fields_field), where, bad)
+                    if ok:
+                        rid = row.get(id_field)
+                        rid = f"{id_prefix}{len(examples):05d}" if rid is None else str(rid)
+                        examples.append(Example(rid, text.strip(), label.strip() if label else None, fields))
     else:
         raise DataError(f"{file}: unknown file type {suffix!r}; expected .csv or .jsonl")
     return examples, bad
@@ -172,7 +217,57 @@ def read_banking77(path: str | Path) -> RawDataset:
     return RawDataset(splits, bad, source=str(path))
 
 
-def read_files(path: str | Path, kind: str, text_field: str, label_field: str) -> RawDataset:
+SNIPS_INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook",
+                 "SearchCreativeWork", "SearchScreeningEvent")
+
+
+def read_snips(path: str | Path) -> RawDataset:
+    """SNIPS 2017 (sonos/nlu-benchmark): per intent `train_<I>_full.json` and `validate_<I>.json`
+    (the test split here). An utterance is its segments joined; a segment with an `entity` is a
+    value of that field. One train file is Latin-1, not UTF-8 (the data README): read as such.
+    Train comes in a seeded shuffled order (the files are one per intent), so its first N rows
+    are a fair sample."""
+    path = Path(path)
+    splits: dict[str, list[Example]] = {"train": [], "test": []}
+    bad: list[BadRow] = []
+    for split, pattern in (("train", "train_{}_full.json"), ("test", "validate_{}.json")):
+        for intent in SNIPS_INTENTS:
+            file = path / intent / pattern.format(intent)
+            if not file.exists():
+                layout = f"<Intent>/{pattern.format('<Intent>')}"
+                raise DataError(f"{file}: not found (expected the SNIPS 2017 layout {layout})")
+            blob = file.read_bytes()
+            try:
+                raw = json.loads(blob.decode("utf-8"))
+            except UnicodeDecodeError:
+                raw = json.loads(blob.decode("latin-1"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+            for i, utt in enumerate(raw.get(intent, [])):
+                where = f"{file}:{intent}[{i}]"
+                segments = utt.get("data") if isinstance(utt, dict) else None
+                if not isinstance(segments, list):
+                    bad.append(BadRow(where, "expected {\"data\": [segments]}"))
+                    continue
+                text, fields = "", {}
+                for seg in segments:
+                    piece = seg.get("text", "")
+                    if "entity" in seg and piece.strip():
+                        lead = len(text) + len(piece) - len(piece.lstrip())
+                        fields.setdefault(seg["entity"], []).append((lead, piece.strip()))
+                    text += piece
+                stripped = text.strip()
+                if not _check_row(stripped, intent, where, bad):
+                    continue
+                fields = {k: [v for _, v in sorted(vs)] for k, vs in fields.items()}  # in text order
+                splits[split].append(Example(f"{split}-{len(splits[split]):05d}", stripped, intent, fields))
+    random.Random(0).shuffle(splits["train"])
+    splits["train"] = _renumber(splits["train"], "train")
+    return RawDataset(splits, bad, source=str(path))
+
+
+def read_files(path: str | Path, kind: str, text_field: str, label_field: str,
+               require_label: bool = True) -> RawDataset:
     """Generic CSV/JSONL: a single file, or a dir with `train`, optional `val`, `test` files."""
     path = Path(path)
     ext = ".csv" if kind == "csv" else ".jsonl"
@@ -182,12 +277,13 @@ def read_files(path: str | Path, kind: str, text_field: str, label_field: str) -
         for split in SPLITS:
             file = path / f"{split}{ext}"
             if file.exists():
-                rows, bad_rows = read_table(file, text_field, label_field, id_prefix=f"{split}-")
+                rows, bad_rows = read_table(file, text_field, label_field, id_prefix=f"{split}-",
+                                            require_label=require_label)
                 splits[split], bad = rows, bad + bad_rows
         if "train" not in splits:
             raise DataError(f"{path}: no train{ext} in this directory")
     else:
-        rows, bad = read_table(path, text_field, label_field, id_prefix="row-")
+        rows, bad = read_table(path, text_field, label_field, id_prefix="row-", require_label=require_label)
         splits["train"] = rows
     return RawDataset(splits, bad, source=str(path))
 
@@ -219,7 +315,7 @@ def stratified_split(examples: list[Example], fraction: float, seed: int) -> tup
 
 
 def _renumber(examples: list[Example], split: str) -> list[Example]:
-    return [Example(f"{split}-{i:05d}", ex.text, ex.label) for i, ex in enumerate(examples)]
+    return [Example(f"{split}-{i:05d}", ex.text, ex.label, ex.fields) for i, ex in enumerate(examples)]
 
 
 def complete_splits(raw: RawDataset, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -235,17 +331,35 @@ def complete_splits(raw: RawDataset, val_fraction: float = 0.1, test_fraction: f
     return splits
 
 
-def write_dataset(out: str | Path, splits: dict[str, list[Example]], oos_label: str | None = None) -> LabelSet:
-    """Write the dataset dir: {train,val,test}.jsonl and labels.json (sorted label names)."""
+def infer_task(splits: dict[str, list[Example]]) -> str:
+    """classify without fields; joint with fields and labels; extract with fields alone."""
+    rows = [ex for part in splits.values() for ex in part]
+    if not any(ex.fields is not None for ex in rows):
+        return "classify"
+    return "joint" if any(ex.label for ex in rows) else "extract"
+
+
+def write_dataset(out: str | Path, splits: dict[str, list[Example]], oos_label: str | None = None,
+                  task: str | None = None) -> LabelSet:
+    """Write the dataset dir: {train,val,test}.jsonl and labels.json (sorted label names, the
+    task kind, and for extraction the sorted field names)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    task = task or infer_task(splits)
+    if task not in TASK_KINDS:
+        raise DataError(f"task: {task!r} is not one of {', '.join(TASK_KINDS)}")
     labels = sorted({ex.label for rows in splits.values() for ex in rows if ex.label is not None})
-    label_set = LabelSet(labels, oos_label if oos_label in labels else None)
+    names = sorted({n for rows in splits.values() for ex in rows for n in (ex.fields or {})})
+    label_set = LabelSet(labels, oos_label if oos_label in labels else None, task,
+                         names if task != "classify" else [])
     for split in SPLITS:
         tmp = out / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as f:
             for ex in splits[split]:
-                f.write(json.dumps({"id": ex.id, "text": ex.text, "label": ex.label}, ensure_ascii=False) + "\n")
+                row = ex.to_json()
+                if task != "classify":
+                    row.setdefault("fields", {})
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(out / f"{split}.jsonl")
     (out / "labels.json").write_text(json.dumps(label_set.to_json(), indent=1) + "\n", encoding="utf-8")
     return label_set
@@ -257,20 +371,25 @@ class PrepareReport:
     counts: dict[str, int]
     labels: int
     skipped: list[BadRow]
+    task: str = "classify"
+    fields: int = 0
 
 
 def prepare(dataset: str, path: str | Path, out: str | Path, *, skip_bad: bool = False,
             text_field: str = "text", label_field: str = "label", val_fraction: float = 0.1,
-            test_fraction: float = 0.1, seed: int = 0) -> PrepareReport:
-    """Turn a source into a dataset dir; raises DataError listing bad rows unless `skip_bad`."""
+            test_fraction: float = 0.1, seed: int = 0, task: str | None = None) -> PrepareReport:
+    """Turn a source into a dataset dir; raises DataError listing bad rows unless `skip_bad`.
+    `task` (classify | extract | joint) defaults to what the rows carry (`infer_task`)."""
     if dataset == "clinc150":
         raw = read_clinc150(path)
     elif dataset == "banking77":
         raw = read_banking77(path)
+    elif dataset == "snips":
+        raw = read_snips(path)
     elif dataset in ("csv", "jsonl"):
-        raw = read_files(path, dataset, text_field, label_field)
+        raw = read_files(path, dataset, text_field, label_field, require_label=task != "extract")
     else:
-        raise DataError(f"unknown dataset {dataset!r}; expected clinc150, banking77, csv or jsonl")
+        raise DataError(f"unknown dataset {dataset!r}; expected clinc150, banking77, snips, csv or jsonl")
     if raw.bad_rows and not skip_bad:
         shown = "\n  ".join(str(b) for b in raw.bad_rows[:20])
         more = f"\n  ... and {len(raw.bad_rows) - 20} more" if len(raw.bad_rows) > 20 else ""
@@ -281,8 +400,9 @@ def prepare(dataset: str, path: str | Path, out: str | Path, *, skip_bad: bool =
     for split in SPLITS:
         if not splits[split]:
             raise DataError(f"{raw.source}: split {split!r} is empty after reading")
-    label_set = write_dataset(out, splits, raw.oos_label)
-    return PrepareReport(Path(out), {s: len(splits[s]) for s in SPLITS}, len(label_set.labels), raw.bad_rows)
+    label_set = write_dataset(out, splits, raw.oos_label, task)
+    return PrepareReport(Path(out), {s: len(splits[s]) for s in SPLITS}, len(label_set.labels), raw.bad_rows,
+                         label_set.task, len(label_set.fields))
 
 
 # --- reading a prepared dataset dir ---------------------------------------------------------
@@ -295,7 +415,13 @@ def load_labels(dataset_dir: str | Path) -> LabelSet:
     raw = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(raw, dict) or not isinstance(raw.get("labels"), list):
         raise DataError(f"{file}: expected {{\"labels\": [...], \"oos_label\": ...}}")
-    return LabelSet([str(x) for x in raw["labels"]], raw.get("oos_label"))
+    task = raw.get("task", "classify")
+    if task not in TASK_KINDS:
+        raise DataError(f"{file}: task: {task!r} is not one of {', '.join(TASK_KINDS)}")
+    fields = raw.get("fields", [])
+    if task != "classify" and (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)):
+        raise DataError(f"{file}: fields: expected a list of field names for a {task} task")
+    return LabelSet([str(x) for x in raw["labels"]], raw.get("oos_label"), task, list(fields))
 
 
 def load_split(dataset_dir: str | Path, split: str) -> list[Example]:
@@ -303,7 +429,9 @@ def load_split(dataset_dir: str | Path, split: str) -> list[Example]:
     file = Path(dataset_dir) / f"{split}.jsonl"
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-    examples, bad = read_table(file, id_prefix=f"{split}-")
+    labels_file = Path(dataset_dir) / "labels.json"
+    task = load_labels(dataset_dir).task if labels_file.exists() else "classify"
+    examples, bad = read_table(file, id_prefix=f"{split}-", require_label=task != "extract")
     if bad:
         raise DataError(f"{len(bad)} bad rows in {file}, first: {bad[0]}")
     return examples

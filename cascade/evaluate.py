@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cascade.config import CascadeConfig, build_cascade, load_config
 from cascade.data import load_labels, load_split
-from cascade.metrics import classification_report
+from cascade.metrics import classification_report, item_correct, span_scores
 from cascade.progress import Progress
 from cascade.router import Cascade
 from cascade.textcheck import TextError, clean_text
@@ -55,26 +55,57 @@ def as_predictions(answers: list[Prediction | ItemFailure]) -> tuple[list[Predic
 
 
 def item_rows(texts: list[str], gold: list[str], answers: list[Prediction | ItemFailure],
-              ids: list[str] | None = None) -> list[dict]:
+              ids: list[str] | None = None, gold_fields: list[dict] | None = None,
+              metric: str = "accuracy") -> list[dict]:
     """One row per item, in order, for the `.items.jsonl` report: what it was, what it got, from
-    which tier, how sure and how fast; an item without an answer carries its error instead."""
+    which tier, how sure and how fast; an item without an answer carries its error instead.
+    `correct` is under the task's `metric`; extraction rows carry their fields and the gold's."""
     rows = []
     for i, (text, g, a) in enumerate(zip(texts, gold, answers)):
         row = {"index": i, "id": ids[i] if ids else str(i), "text": text, "gold": g}
+        gf = gold_fields[i] if gold_fields is not None else None
+        if gold_fields is not None:
+            row["gold_fields"] = gf
         if isinstance(a, ItemFailure):
             row.update({"label": None, "tier": None, "confidence": None, "correct": False, "degraded": False,
                         "latency_ms": None, "error": {"code": a.code, "message": a.message, "tier": a.tier}})
         else:
-            row.update({"label": a.label, "tier": a.tier, "confidence": a.confidence, "correct": a.label == g,
-                        "degraded": a.degraded, "latency_ms": a.latency_ms})
+            row.update({"label": a.label, "tier": a.tier, "confidence": a.confidence,
+                        "correct": item_correct(metric, g, gf, a), "degraded": a.degraded,
+                        "latency_ms": a.latency_ms})
+            if gold_fields is not None:
+                row["fields"] = a.fields or {}
         rows.append(row)
     return rows
 
 
+def extraction_report(gold: list[str], gold_fields: list[dict], preds: list[Prediction], tier_names: list[str],
+                      metric: str, field_names: list[str] = ()) -> dict:
+    """Span P/R/F1 (micro and per field) and exact match over all items and per tier, and the
+    share of items right under the task's metric (what calibration holds to its target)."""
+    out = span_scores(gold_fields, [p.fields for p in preds], field_names)
+    right = [item_correct(metric, g, gf, p) for g, gf, p in zip(gold, gold_fields, preds)]
+    out["metric"] = metric
+    out["score"] = sum(right) / len(right) if right else 0.0
+    out["joint_accuracy"] = (sum(item_correct("joint", g, gf, p) for g, gf, p in zip(gold, gold_fields, preds))
+                             / len(preds) if preds else 0.0)
+    per_tier = {}
+    for name in tier_names:
+        idx = [i for i, p in enumerate(preds) if p.tier == name]
+        if idx:
+            s = span_scores([gold_fields[i] for i in idx], [preds[i].fields for i in idx])
+            per_tier[name] = {"span_f1": s["span_f1"], "exact_match": s["exact_match"],
+                              "score": sum(right[i] for i in idx) / len(idx)}
+    out["tiers"] = per_tier
+    return out
+
+
 def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: list[str],
              oos_label: str | None = None, batch_size: int = 256, ids: list[str] | None = None,
-             progress: bool = False, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Route `texts` in batches of `batch_size` and score the answers against `gold`.
+             progress: bool = False, desc: str = "eval", gold_fields: list[dict] | None = None,
+             field_names: list[str] = ()) -> tuple[dict, list[dict]]:
+    """Route `texts` in batches of `batch_size` and score the answers against `gold` (and, for
+    an extraction task, `gold_fields`: the report gains "extraction", `extraction_report`).
 
     Returns:
         The report (the keys of `cascade.metrics.classification_report`, per-tier counters,
@@ -95,7 +126,12 @@ def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: li
         row["item_errors"] = cascade.counters[tier.name].item_errors
     report["failed"] = len(failed)
     report["failures"] = failed[:50]  # the first ones, with their index: enough to find the rest
-    return report, item_rows(texts, gold, answers, ids)
+    metric = config.task.target_metric
+    if gold_fields is not None:
+        report["extraction"] = extraction_report(gold, gold_fields, preds, names, metric, list(field_names))
+        for row in report["tiers"]:
+            row.update({k: v for k, v in report["extraction"]["tiers"].get(row["name"], {}).items()})
+    return report, item_rows(texts, gold, answers, ids, gold_fields, metric)
 
 
 def run_eval(config_path: str | Path, data_dir: str | Path, split: str = "test",
@@ -110,16 +146,22 @@ def run_eval(config_path: str | Path, data_dir: str | Path, split: str = "test",
         examples = examples[:limit]
     label_set = load_labels(data_dir)
     texts = [ex.text for ex in examples]
-    gold = [ex.label for ex in examples]
+    gold = [ex.label or "" for ex in examples]
+    extract = config.task.kind != "classify"
+    if extract and label_set.task == "classify":
+        raise ValueError(f"{config_path}: task.kind is {config.task.kind!r} but {data_dir} is a classify "
+                         "dataset (no fields in labels.json)")
+    gold_fields = [ex.fields or {} for ex in examples] if extract else None
+    ext = {"gold_fields": gold_fields, "field_names": label_set.fields}
     cascade = build_cascade(config, config_path.parent)
     report, items = evaluate(cascade, config, texts, gold, label_set.oos_label, batch_size,
-                             [ex.id for ex in examples], progress=progress, desc=f"eval {split}")
+                             [ex.id for ex in examples], progress=progress, desc=f"eval {split}", **ext)
     report.update({"task": config.task.name, "split": split, "data": str(data_dir), "config": str(config_path)})
     if baseline:
         last = cascade.tiers[-1]
         alone = Cascade([last], [0.0])
         report["baseline"], _ = evaluate(alone, config, texts, gold, label_set.oos_label, batch_size,
-                                         progress=progress, desc=f"eval {split}, {last.name} alone")
+                                         progress=progress, desc=f"eval {split}, {last.name} alone", **ext)
         report["baseline"]["tier"] = last.name
     return report, items
 
@@ -224,6 +266,8 @@ def format_report(report: dict) -> str:
     ]
     if "oos_recall" in report:
         lines.append(f"out-of-scope precision {report['oos_precision']:.4f}  recall {report['oos_recall']:.4f}")
+    if "extraction" in report:
+        lines.append(extraction_line(report["extraction"]))
     lines.append(f"{'tier':<16}{'share':>8}{'accuracy':>10}{'mean ms':>10}")
     for row in report["tiers"]:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
@@ -232,4 +276,11 @@ def format_report(report: dict) -> str:
         b = report["baseline"]
         lines.append(f"baseline ({b['tier']} alone): accuracy {b['accuracy']:.4f}  macro-F1 {b['macro_f1']:.4f}  "
                      f"{b['items_per_s']:.0f} items/s")
+        if "extraction" in b:
+            lines.append(f"baseline {extraction_line(b['extraction'])}")
     return "\n".join(lines)
+
+
+def extraction_line(ext: dict) -> str:
+    return (f"fields: span P {ext['span_precision']:.4f}  R {ext['span_recall']:.4f}  F1 {ext['span_f1']:.4f}  "
+            f"exact match {ext['exact_match']:.4f}  {ext['metric']} {ext['score']:.4f}")

@@ -185,3 +185,64 @@ def tier_latency_and_calibration(gold: Sequence[str], preds: Sequence[Prediction
     bins = reliability_bins([preds[i].confidence for i in idx], [preds[i].label == gold[i] for i in idx])
     return {"latency_ms": latency_summary([preds[i].latency_ms for i in idx]),
             "ece": expected_calibration_error(bins), "reliability": bins}
+
+
+# --- extraction ------------------------------------------------------------------------------
+# Span metrics compare (field, normalised value) multisets per item (cascade.fields): a
+# predicted value counts once per gold occurrence it matches; the type must match exactly.
+
+
+def span_scores(gold: Sequence[dict | None], pred: Sequence[dict | None], names: Sequence[str] = ()) -> dict:
+    """Micro precision/recall/F1 over every (field, value) and per field, and whole-item
+    exact match. `names` adds fields that never occur (they report zero support)."""
+    from cascade.fields import value_multiset
+
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold items but {len(pred)} predictions")
+    tp: dict[str, int] = {}
+    n_pred: dict[str, int] = {}
+    n_gold: dict[str, int] = {}
+    exact = 0
+    for g, p in zip(gold, pred):
+        gm, pm = value_multiset(g), value_multiset(p)
+        exact += gm == pm
+        for (name, _), c in gm.items():
+            n_gold[name] = n_gold.get(name, 0) + c
+        for (name, v), c in pm.items():
+            n_pred[name] = n_pred.get(name, 0) + c
+            tp[name] = tp.get(name, 0) + min(c, gm.get((name, v), 0))
+
+    def prf(t: int, np_: int, ng: int) -> dict:
+        precision = t / np_ if np_ else 0.0
+        recall = t / ng if ng else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1, "support": ng, "predicted": np_}
+
+    fields = sorted(set(names) | set(n_gold) | set(n_pred))
+    per_field = {name: prf(tp.get(name, 0), n_pred.get(name, 0), n_gold.get(name, 0)) for name in fields}
+    micro = prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values()))
+    return {"span_precision": micro["precision"], "span_recall": micro["recall"], "span_f1": micro["f1"],
+            "exact_match": exact / len(gold) if gold else 0.0, "per_field": per_field}
+
+
+METRICS = {"classify": ("accuracy",), "extract": ("exact_match",), "joint": ("joint", "exact_match", "accuracy")}
+
+
+def default_metric(task: str) -> str:
+    """What calibration's target is by default: label accuracy, fields exact match, or both right."""
+    return METRICS[task][0]
+
+
+def answer_key(metric: str, label: str | None, fields: dict | None):
+    """A hashable form of an answer such that two answers are equal under `metric` exactly when
+    their keys are: the calibration and routing code compares keys as it compared labels."""
+    from cascade.fields import value_multiset
+
+    if metric == "accuracy":
+        return label
+    key = tuple(sorted(value_multiset(fields).items()))
+    return key if metric == "exact_match" else (label, key)
+
+
+def item_correct(metric: str, gold_label: str | None, gold_fields: dict | None, pred: Prediction) -> bool:
+    return answer_key(metric, pred.label, pred.fields) == answer_key(metric, gold_label, gold_fields)

@@ -18,7 +18,7 @@ class Prediction:
     label: str
     confidence: float
     tier: str
-    fields: dict[str, str] | None = None
+    fields: dict[str, list[str]] | None = None  # extraction: name -> values (spans of the text)
     scores: dict[str, float] | None = None
     latency_ms: float = 0.0
     degraded: bool = False

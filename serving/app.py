@@ -70,7 +70,8 @@ class ClassifyResult(BaseModel):
     confidence: float = Field(description="calibrated probability that `label` is right (6 decimals)")
     tier: str = Field(description="the tier that answered")
     degraded: bool = Field(description="an earlier tier's answer, given because a later one failed or was busy")
-    fields: dict[str, str | list[str]] = Field(default_factory=dict, description="extracted fields, if any")
+    fields: dict[str, list[str]] = Field(default_factory=dict, description="extracted fields (extract/joint "
+                                         "tasks): name -> values, each a span of the text, in text order")
     latency_ms: float = Field(description="time in the tiers, queueing included (3 decimals)")
     scores: list[LabelScore] | None = Field(default=None, description="with `top_k`: most likely first")
     trail: list[TierPrediction] | None = Field(default=None, description="with `explain`: every tier on the way")

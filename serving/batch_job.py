@@ -153,6 +153,8 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                         continue
                     rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
                            "degraded": p.degraded, "latency_ms": p.latency_ms}
+                    if p.fields is not None:  # an extraction task's answer (name -> spans of the text)
+                        rec["fields"] = p.fields
                     if r.label is not None:
                         rec["gold"] = r.label
                         n_gold += 1

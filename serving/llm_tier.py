@@ -10,11 +10,18 @@ vLLM, or any OpenAI-compatible server). This module imports no torch: the backen
 Choices are the model's label tokens (`<|label|>`) when it was fine-tuned by `cascade train
 large`; for any other model set `options.labels` (and `options.template`), and the label names
 themselves are the choices (`options.choice_prefix`, default " ", goes before each).
+
+Extraction (a model dir whose cascade.json has `task_kind` extract or joint): after the label
+(joint), the backend writes the fields as JSON under `cascade.fields.fields_json_schema` — keys
+from the schema (for joint, the fields the label was seen with in training), each value a span of
+the text — so every answer is valid JSON and no value is invented. The answer's confidence is
+its probability: the label's times the JSON's (the product of the constrained conditionals).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +29,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cascade.config import ConfigError, TierConfig
+from cascade.fields import fields_from_json, fields_json_schema, schema_violation
 from cascade.types import CostMeter, Prediction
+
+FIELDS_CUE = "\nFields:"  # training.task.FIELDS_CUE (this module imports no torch)
 
 
 class LLMTierOptions(BaseModel):
@@ -36,6 +46,8 @@ class LLMTierOptions(BaseModel):
     template: str | None = Field(default=None, description="prompt with {text}")
     choice_prefix: str = " "
     max_text_chars: int = Field(default=2000, ge=1, le=1_000_000)
+    max_field_tokens: int = Field(default=128, ge=8, le=4096, description="longest fields JSON answer")
+    max_span_words: int = Field(default=12, ge=1, le=64, description="longest value, in words")
 
 
 def parse_options(options: dict) -> tuple[LLMTierOptions, BaseModel]:
@@ -60,15 +72,47 @@ class LLMTier:
     template: str
     max_text_chars: int = 2000
     meter: CostMeter = field(default_factory=CostMeter)
+    task_kind: str = "classify"
+    fields: list[str] = field(default_factory=list)
+    label_fields: dict[str, list[str]] = field(default_factory=dict)
+    max_field_tokens: int = 128
+    max_span_words: int = 12
+    # JSON answers: how many, how many cut at max_field_tokens, how many outside their schema
+    # (a backend that does not constrain); in eval reports and /metrics through `stats`.
+    json_counts: dict[str, int] = field(default_factory=lambda: {"answers": 0, "cut": 0, "invalid": 0})
 
     def predict_batch(self, texts: list[str]) -> list[Prediction | None]:
         t0 = time.perf_counter()
         prompts = [self.template.format(text=t[: self.max_text_chars]) for t in texts]
-        results = self.backend.choose(prompts, self.choices)
-        preds = [Prediction(self.labels[r.index], float(r.prob), self.name,
-                            scores={lab: float(p) for lab, p in zip(self.labels, r.scores)}) for r in results]
+        if self.task_kind == "extract":
+            preds = [Prediction("", 1.0, self.name) for _ in texts]
+            heads = prompts
+        else:
+            results = self.backend.choose(prompts, self.choices)
+            preds = [Prediction(self.labels[r.index], float(r.prob), self.name,
+                                scores={lab: float(p) for lab, p in zip(self.labels, r.scores)}) for r in results]
+            heads = [p + self.choices[r.index] for p, r in zip(prompts, results)]
+        if self.task_kind != "classify":
+            self._extract(texts, heads, preds)
         self.meter.add(len(texts), time.perf_counter() - t0)
         return preds
+
+    def _extract(self, texts: list[str], heads: list[str], preds: list[Prediction]) -> None:
+        """Fill in each prediction's fields from the backend's constrained JSON."""
+        names = [self.label_fields.get(p.label, self.fields) if self.label_fields else self.fields for p in preds]
+        schemas = [fields_json_schema(t, n, self.max_span_words) for t, n in zip(texts, names)]
+        answers = self.backend.generate_json([h + FIELDS_CUE for h in heads], schemas, self.max_field_tokens)
+        for pred, text, n, schema, answer in zip(preds, texts, names, schemas, answers):
+            self.json_counts["answers"] += 1
+            if not answer.complete:
+                self.json_counts["cut"] += 1
+            elif schema_violation(answer.value, schema) is not None:
+                self.json_counts["invalid"] += 1
+            pred.fields = fields_from_json(text, answer.value, n)
+            pred.confidence = float(pred.confidence * math.exp(min(0.0, answer.logprob)))
+
+    def stats(self) -> dict:
+        return {"json": dict(self.json_counts)} if self.task_kind != "classify" else {}
 
     @property
     def cost(self) -> float:
@@ -109,7 +153,7 @@ def build_llm_tier(spec: TierConfig, base_dir: Path) -> LLMTier:
             raise ConfigError(f"{where}: {meta_file} not found; give options.labels for a model not "
                               "fine-tuned by `cascade train large`")
     labels = list(tier_opts.labels or meta.get("labels") or [])
-    if not labels:
+    if not labels and meta.get("task_kind") != "extract":
         raise ConfigError(f"{where}: no labels (options.labels, or a model dir with cascade.json)")
     template = tier_opts.template or meta.get("prompt_template") or "Request: {text}\nIntent:"
     if "labels" in meta and labels == meta["labels"]:
@@ -130,4 +174,8 @@ def build_llm_tier(spec: TierConfig, base_dir: Path) -> LLMTier:
         backend = build_backend(tier_opts.backend, **kwargs)
     except ValueError as exc:  # the engine config's own bounds
         raise ConfigError(f"{where}: options.{exc}") from None
-    return LLMTier(spec.name, backend, labels, choices, template, tier_opts.max_text_chars)
+    task_kind = meta.get("task_kind", "classify")
+    return LLMTier(spec.name, backend, labels, choices, template, tier_opts.max_text_chars,
+                   task_kind=task_kind, fields=list(meta.get("fields") or []),
+                   label_fields=dict(meta.get("label_fields") or {}),
+                   max_field_tokens=tier_opts.max_field_tokens, max_span_words=tier_opts.max_span_words)

@@ -61,10 +61,10 @@ def test_priority_conflicts_fields_and_flags():
     preds = tier.predict_batch(["REFUND please", "where is order 123", "refund order 7",
                                 "angry about refund", "the the order 5", "nothing"])
     assert (preds[0].label, preds[0].confidence) == ("refund", 1.0)
-    assert (preds[1].label, preds[1].fields, preds[1].confidence) == ("order", {"order_id": "123"}, 0.8)
+    assert (preds[1].label, preds[1].fields, preds[1].confidence) == ("order", {"order_id": ["123"]}, 0.8)
     assert preds[2] is None  # refund vs order at equal priority: abstain
     assert preds[3].label == "complaint"  # priority 5 wins
-    assert preds[4].label == "order" and preds[4].fields == {"order_id": "5"}
+    assert preds[4].label == "order" and preds[4].fields == {"order_id": ["5"]}
     assert preds[5] is None
     assert tier.outcomes["conflict"] == 1
     assert decide(match_text(pack, "the the", 0.1)).match.rule.index == 4

@@ -14,6 +14,12 @@ texts, `training/augment.py`) learn from the teacher's term alone. Afterwards a
 temperature is fitted on the validation split (`calibration.json`) so the student tier reports
 calibrated confidence. Same trainer as the large model (AdamW, warmup+cosine, clipping,
 checkpoints, resume, spike guard).
+
+Extraction tasks (`extract`/`joint`) train a tagging student: the loss adds, per text, the mean
+token cross-entropy of its BIO tags (gold fields, or the large model's extractions from
+`--teacher-fields` for texts without gold), and training ends by fitting a tag temperature and
+choosing the item confidence estimate by val AUROC (docs/extraction.md, "Student tagger").
+`--teacher none` trains from gold alone, with a BPE tokenizer of the train texts.
 """
 
 from __future__ import annotations
@@ -25,14 +31,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from cascade.data import load_labels, load_split
+from cascade.fields import same_fields
+from cascade.metrics import span_scores
 from cascade.progress import Progress
+from cascade.tagging import tag_set
 from training.export import encode
 from training.recipes import STUDENT
 from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
+from training.tagging import confidence_report, fit_tag_temperature, tag_rows, tagger_answers
 from training.task import label_distribution
 from training.temperature import calibration_report
 from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, default_precision
@@ -117,9 +128,18 @@ def teacher_distributions(teacher_dir: str | Path, texts: list[str], cache_dir: 
     return probs, False
 
 
-def kd_batch_loss(data: list, targets: torch.Tensor, temperature: float, alpha: float):
+def kd_batch_loss(data: list, targets: torch.Tensor | None, temperature: float, alpha: float,
+                  tag_targets: list[list[int] | None] | None = None, tag_weights: list[float] | None = None,
+                  tag_weight: float = 1.0):
     """The Trainer's `batch_loss` for distillation: a batch of `data`'s Sequences (right-padded
-    here) against their rows of `targets` (the teacher's distributions) and their gold labels."""
+    here) against their rows of `targets` (the teacher's distributions) and their gold labels.
+
+    `targets` None: no teacher for the labels, plain cross-entropy on the labelled rows. A
+    tagging student (`tag_targets`: per row its tokens' tag ids, or None for no tag target) adds
+    `tag_weight` x the row's mean token cross-entropy x `tag_weights[row]`
+    (`training.tagging.tag_loss`)."""
+    from training.tagging import tag_loss
+
     index = {id(s): i for i, s in enumerate(data)}
 
     def batch_loss(model, seqs):
@@ -131,7 +151,22 @@ def kd_batch_loss(data: list, targets: torch.Tensor, temperature: float, alpha: 
             tok[i, : len(s.ids)] = torch.tensor(s.ids)
             mask[i, : len(s.ids)] = 1
         y = torch.tensor([s.targets[0] for s in seqs])
-        return kd_loss(model(tok, mask), targets[rows], y, temperature, alpha), int(mask.sum())
+        out = model(tok, mask)
+        logits, tag_logits = out if tag_targets is not None else (out, None)
+        if targets is not None:
+            loss = kd_loss(logits, targets[rows], y, temperature, alpha)
+        else:
+            labelled = y != IGNORE
+            loss = (torch.nn.functional.cross_entropy(logits.float()[labelled], y[labelled], reduction="sum")
+                     if labelled.any() else logits.sum() * 0.0)
+        if tag_logits is not None:
+            tgt = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+            for i, r in enumerate(rows):
+                if tag_targets[r] is not None:
+                    tgt[i, : len(tag_targets[r])] = torch.tensor(tag_targets[r])
+            w = torch.tensor([tag_weights[r] for r in rows], dtype=torch.float32)
+            loss = loss + tag_weight * tag_loss(tag_logits, tgt, w)
+        return loss, int(mask.sum())
 
     return batch_loss
 
@@ -152,28 +187,57 @@ class StudentRun:
     summary: dict
 
 
-def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, *, size: str = "small",
+def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str | Path, *, size: str = "small",
                   from_teacher: bool = False, temperature: float = 2.0, alpha: float = 0.5,
                   unlabeled: str | Path | None = None, augment: int = 0, cfg: TrainConfig | None = None,
                   resume: bool = False, limit_train: int | None = None, max_len: int = 64,
-                  inference_tokens: float = 1e9, progress: bool = True) -> StudentRun:
+                  inference_tokens: float = 1e9, progress: bool = True,
+                  teacher_fields: str | Path | None = None, teacher_fields_weight: float = 1.0,
+                  tag_weight: float = 1.0, vocab_size: int = 4096) -> StudentRun:
+    """Distil (or, with `teacher_dir` None, train from gold alone) a student for `data_dir`.
+
+    A classify task trains the classifier. An `extract`/`joint` task trains a tagging student
+    (`training.student.StudentTagger`, docs/extraction.md "Student tagger"): BIO tags per token
+    from the gold fields, plus `teacher_fields` (JSONL rows {"text", "fields"}: the large
+    model's extractions) for texts without gold, with weight `teacher_fields_weight` per row
+    (gold rows 1); `tag_weight` scales the whole tag term against the label term. The label term
+    is the KD loss when there is a teacher and the task has labels, else gold cross-entropy
+    (joint) or nothing (extract: the one label ""). Without a teacher the tokenizer is a
+    byte-level BPE of `vocab_size` trained on the train texts, and `unlabeled`/`augment` texts
+    need the teacher's labels, so they are refused.
+    """
     from tokenizers import Tokenizer
 
-    from training.large import load_large
+    from training.large import load_large, train_bpe
 
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
+    if teacher_fields_weight < 0 or tag_weight < 0:
+        raise ValueError(f"need teacher_fields_weight >= 0 and tag_weight >= 0, got {teacher_fields_weight}, "
+                         f"{tag_weight}")
     cfg = cfg or TrainConfig(**STUDENT)
     torch.manual_seed(cfg.seed)
-    teacher_dir, out = Path(teacher_dir), Path(out_dir)
-    teacher_meta = json.loads((teacher_dir / "cascade.json").read_text())
-    labels = teacher_meta["labels"]
+    out = Path(out_dir)
+    teacher_dir = Path(teacher_dir) if teacher_dir is not None else None
     label_set = load_labels(data_dir)
-    if labels != label_set.labels:
-        raise ValueError(f"teacher {teacher_dir} was trained on other labels than {data_dir}")
+    task = label_set.task
+    tagger = task != "classify"
+    if teacher_fields is not None and not tagger:
+        raise ValueError(f"--teacher-fields: {data_dir} is a classify task (labels.json has no fields)")
+    labels = label_set.labels if task != "extract" else [""]  # extract: one label the head never learns
+    use_kd = teacher_dir is not None and task != "extract"
+    if teacher_dir is not None and task != "extract":
+        teacher_meta = json.loads((teacher_dir / "cascade.json").read_text())
+        if teacher_meta["labels"] != label_set.labels:
+            raise ValueError(f"teacher {teacher_dir} was trained on other labels than {data_dir}")
+    if from_teacher and teacher_dir is None:
+        raise ValueError("--from-teacher needs a teacher")
+    if not use_kd and (unlabeled or augment):
+        raise ValueError("--unlabeled/--augment texts learn from the teacher's labels: give a teacher "
+                         "(use --teacher-fields for the large model's extractions)")
     train = load_split(data_dir, "train")[:limit_train]
     texts = [ex.text for ex in train]
-    gold = [labels.index(ex.label) for ex in train]
+    gold = [labels.index(ex.label) if task != "extract" else IGNORE for ex in train]
     extra = _read_unlabeled(Path(unlabeled)) if unlabeled else []
     if augment:
         from training.augment import augment_texts
@@ -181,59 +245,180 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | 
         extra += augment_texts(texts, augment, seed=cfg.seed)
     texts += extra
     gold += [IGNORE] * len(extra)
+    # Tag targets: gold for train rows (a row without fields has none: all O), the teacher's
+    # extractions for every other text; a teacher row for a text with gold is not used.
+    row_fields: list[dict | None] = [ex.fields or {} for ex in train] + [None] * len(extra)
+    row_weight = [1.0] * len(train) + [teacher_fields_weight] * len(extra)
+    fields_info = None
+    if teacher_fields is not None:
+        teacher_rows = read_teacher_fields(Path(teacher_fields), label_set.fields)
+        gold_texts = {ex.text for ex in train}
+        where = {t: i for i, t in enumerate(texts) if i >= len(train)}
+        used = overridden = 0
+        for text, f in teacher_rows.items():
+            if text in gold_texts:
+                overridden += 1
+                continue
+            used += 1
+            if text in where:
+                row_fields[where[text]] = f
+            else:
+                texts.append(text)
+                gold.append(IGNORE)
+                row_fields.append(f)
+                row_weight.append(teacher_fields_weight)
+        fields_info = {"file": str(teacher_fields), "rows": len(teacher_rows), "used": used,
+                       "gold_won": overridden, "weight": teacher_fields_weight}
     # Keyed by the teacher's weights: any student of this teacher on these texts reuses it.
-    teacher_probs, cached = teacher_distributions(teacher_dir, texts, progress=progress)
-    tokenizer = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+    teacher_probs, cached = teacher_distributions(teacher_dir, texts, progress=progress) if use_kd else (None, False)
+    if teacher_dir is not None:
+        tokenizer_file = teacher_dir / "tokenizer.json"
+    else:  # from gold alone: a byte-level BPE of the train texts, kept in the student dir
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer_file = out / "tokenizer.json"
+        if not (resume and tokenizer_file.exists()):
+            train_bpe(texts, vocab_size).save(str(tokenizer_file))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     # The student reads the teacher's tokenizer: ids line up for initialising from the teacher.
     vocab = tokenizer.get_vocab_size()
     ids, mask = encode(tokenizer, texts, max_len)
     id_rows = [[int(x) for x, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
+    tags = tag_set(label_set.fields) if tagger else None
+    tag_targets = None
+    missing_values = 0
+    if tagger:
+        have = [i for i, f in enumerate(row_fields) if f is not None]
+        found, missing_values = tag_rows(tokenizer, [texts[i] for i in have], [row_fields[i] for i in have], tags,
+                                         max_len)
+        tag_targets = [None] * len(texts)
+        for i, r in zip(have, found):
+            tag_targets[i] = r
     plan_info = None
     if size == "auto":
         size, plan_info = pick_student_size(sum(len(r) for r in id_rows), inference_tokens, vocab, len(labels))
         print(f"--size auto: student {size} ({plan_info['chosen_params']:,} non-embedding params)", file=sys.stderr)
     if size not in STUDENT_SIZES:
         raise ValueError(f"--size {size!r}: known student sizes are {', '.join(STUDENT_SIZES)}")
-    student = build_student(size, vocab, len(labels), max_seq_len=max_len)
+    student = build_student(size, vocab, len(labels), max_seq_len=max_len, **({"n_tags": len(tags)} if tagger else {}))
     layers = None
     if from_teacher:
         teacher, _, _ = load_large(teacher_dir)
         layers = init_from_teacher(student, teacher)
         del teacher
     data = [Sequence(r, [g]) for r, g in zip(id_rows, gold)]
-    batch_loss = kd_batch_loss(data, teacher_probs, temperature, alpha)
+    batch_loss = kd_batch_loss(data, teacher_probs, temperature, alpha, tag_targets, row_weight, tag_weight)
 
     val = load_split(data_dir, "val")
-    val_ids, val_mask = encode(tokenizer, [ex.text for ex in val], max_len)
-    val_gold = torch.tensor([labels.index(ex.label) for ex in val])
+    val_texts = [ex.text for ex in val]
+    val_ids, val_mask = encode(tokenizer, val_texts, max_len)
+    val_gold = torch.tensor([labels.index(ex.label) if task != "extract" else 0 for ex in val])
 
     def val_logits(model) -> torch.Tensor:
         return batched_logits(model, val_ids, val_mask)
 
     def evaluate() -> dict:
-        return {"val_accuracy": (val_logits(student).argmax(-1) == val_gold).float().mean().item()}
+        if not tagger:
+            return {"val_accuracy": (val_logits(student).argmax(-1) == val_gold).float().mean().item()}
+        answers = tagger_answers(student, tokenizer, val_texts, max_len)
+        scores = span_scores([ex.fields for ex in val], answers.fields(val_texts, tags), label_set.fields)
+        out_ = {"val_span_f1": scores["span_f1"], "val_exact_match": scores["exact_match"]}
+        if task == "joint":
+            out_["val_accuracy"] = float((answers.label_probs.argmax(-1) == val_gold.numpy()).mean())
+        return out_
 
     trainer = Trainer(student, data, cfg, out, Hooks(evaluate=evaluate), pad_id=0,
                       n_params=student.num_params(), batch_loss=batch_loss, count_targets=lambda s: 1)
     result = trainer.fit(resume=resume, progress=progress)
     student.eval()
-    final_logits = val_logits(student)
-    calib = calibration_report(final_logits, val_gold)
     summary = {
         "size": size, "from_teacher_layers": layers, "temperature_kd": temperature, "alpha": alpha,
         "non_embedding_params": student.num_params(), "params": student.num_params(non_embedding=False),
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-        "val_accuracy": (final_logits.argmax(-1) == val_gold).float().mean().item(),
         "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(texts) - len(train),
-        "augment": augment,
-        "calibration": calib, "plan": plan_info,
+        "augment": augment, "task": task, "teacher": str(teacher_dir) if teacher_dir is not None else None,
+        "plan": plan_info,
     }
-    save_student(student, out, teacher_dir / "tokenizer.json", labels,
-                 {"data": str(Path(data_dir).resolve()), "teacher": str(teacher_dir.resolve()),
-                  "oos_label": label_set.oos_label}, temperature=calib["temperature"])
+    tagging = None
+    if not tagger:
+        final_logits = val_logits(student)
+        calib = calibration_report(final_logits, val_gold)
+        summary["val_accuracy"] = (final_logits.argmax(-1) == val_gold).float().mean().item()
+    else:
+        calib, report = _tagger_report(student, tokenizer, data_dir, label_set, labels, tags, max_len)
+        summary.update(report)
+        summary.update({"teacher_fields": fields_info, "values_not_found": missing_values,
+                        "tag_weight": tag_weight})
+        tagging = {"task": task, "fields": label_set.fields, "tags": tags}
+    summary["calibration"] = calib
+    save_student(student, out, tokenizer_file, labels,
+                 {"data": str(Path(data_dir).resolve()),
+                  "teacher": str(teacher_dir.resolve()) if teacher_dir is not None else None,
+                  "oos_label": label_set.oos_label}, temperature=calib["temperature"], tagging=tagging)
     (out / "calibration.json").write_text(json.dumps(calib, indent=1) + "\n")
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return StudentRun(out, summary)
+
+
+def _tagger_report(student, tokenizer, data_dir, label_set, labels: list[str], tags: list[str],
+                   max_len: int) -> tuple[dict, dict]:
+    """(calibration.json, summary figures) of a trained tagger: the label temperature (joint),
+    the tag temperature (token NLL on val), the item confidence chosen by val AUROC, and val
+    (and test, when there is one) span F1, exact match, label and joint accuracy."""
+    joint = label_set.task == "joint"
+    val = load_split(data_dir, "val")
+    texts = [ex.text for ex in val]
+    answers = tagger_answers(student, tokenizer, texts, max_len)
+    if joint:
+        gold = torch.tensor([labels.index(ex.label) for ex in val])
+        calib = calibration_report(torch.log(torch.from_numpy(answers.label_probs).clamp_min(1e-30)), gold)
+    else:
+        calib = {"temperature": 1.0, "note": "extract task: one label, no label calibration"}
+    gold_rows, _ = tag_rows(tokenizer, texts, [ex.fields or {} for ex in val], tags, max_len)
+    calib["tag_temperature"] = fit_tag_temperature(answers.tag_logits, gold_rows)
+    calib["confidence"] = confidence_report(answers, texts, tags, labels, [ex.label for ex in val],
+                                            [ex.fields for ex in val], joint, calib["temperature"],
+                                            calib["tag_temperature"])
+    report = {"confidence_auroc": {m: e["auroc"] for m, e in calib["confidence"]["estimates"].items()},
+              "confidence_method": calib["confidence"]["method"]}
+    splits = ["val"] + (["test"] if (Path(data_dir) / "test.jsonl").exists() else [])
+    for split in splits:
+        rows = val if split == "val" else load_split(data_dir, split)
+        if split != "val":
+            answers = tagger_answers(student, tokenizer, [ex.text for ex in rows], max_len)
+        pred = answers.fields([ex.text for ex in rows], tags)
+        scores = span_scores([ex.fields for ex in rows], pred, label_set.fields)
+        report[f"{split}_span_f1"] = scores["span_f1"]
+        report[f"{split}_exact_match"] = scores["exact_match"]
+        if joint:
+            pl = [labels[i] for i in answers.label_probs.argmax(-1)]
+            report[f"{split}_accuracy"] = float(np.mean([p == ex.label for p, ex in zip(pl, rows)]))
+            report[f"{split}_joint_accuracy"] = float(np.mean([p == ex.label and same_fields(f, ex.fields)
+                                                               for p, f, ex in zip(pl, pred, rows)]))
+    return calib, report
+
+
+def read_teacher_fields(path: Path, schema: list[str]) -> dict[str, dict]:
+    """The large model's extractions: JSONL rows {"text": ..., "fields": {name: [values]}}.
+
+    Returns text -> fields (a later row for the same text replaces an earlier one). A row whose
+    fields are not a valid answer for its text (cascade.fields.check_fields: a value not in the
+    text, a name outside the schema) is an error naming its line."""
+    from cascade.fields import as_fields, check_fields
+
+    out: dict[str, dict] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{lineno}: expected an object with a non-empty \"text\"")
+        text = text.strip()
+        problem = check_fields(text, row.get("fields", {}), schema)
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        out[text] = as_fields(row.get("fields", {}))
+    return out
 
 
 def pick_student_size(train_tokens: int, inference_tokens: float, vocab: int, n_labels: int) -> tuple[str, dict]:

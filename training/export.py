@@ -17,6 +17,12 @@ Both graphs carry what a reader needs besides the tokenizer in `metadata_props`:
 (`labels`, `id2label`), `temperature` (probabilities = softmax(logits / temperature)),
 `max_length` and `pad_token_id`, so `onnxruntime` + `tokenizers` alone reproduce the student
 tier (docs/students.md).
+
+A tagging student's graphs have a second output, `tag_logits` (batch, tokens, tags), and
+`tags`/`fields`/`task`/`tag_temperature`/`confidence` in `metadata_props`; its parity check
+holds both outputs to PyTorch and requires the fields decoded from each to be identical, and
+its int8 agreement counts a text as agreeing when its label and its decoded fields both do
+(docs/extraction.md, "Student tagger").
 """
 
 from __future__ import annotations
@@ -67,14 +73,61 @@ def onnx_probs(path: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 64) -
     return softmax(np.concatenate(out))
 
 
-def check_parity(model, onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
+def onnx_tagger_logits(path: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 64,
+                       session=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A tagging graph's label logits (N, L) and, per text, its real tokens' tag logits (n_i, K)."""
+    session = session or ort_session(path)
+    labels, tags = [], []
+    for i in range(0, len(ids), batch):
+        m = mask[i:i + batch]
+        lg, tg = session.run(["logits", "tag_logits"], {"input_ids": ids[i:i + batch], "attention_mask": m})
+        labels.append(lg)
+        tags += [row[: int(n)] for row, n in zip(tg, m.sum(1))]
+    return np.concatenate(labels), tags
+
+
+def student_tagging(model_dir: Path) -> dict | None:
+    """{"task", "fields", "tags"} of a tagging student dir (config.json), None for a classifier."""
+    ours = json.loads((Path(model_dir) / "config.json").read_text()).get("cascade") or {}
+    return {k: ours[k] for k in ("task", "fields", "tags")} if ours.get("tags") else None
+
+
+def decoded_fields(texts: list[str], offsets, tag_logits: list[np.ndarray], tags: list[str]) -> list[dict]:
+    from cascade.tagging import decode_tags
+
+    return [decode_tags(t, o, z.argmax(-1), tags) for t, o, z in zip(texts, offsets, tag_logits)]
+
+
+def check_parity(model, onnx_path: Path, ids: np.ndarray, mask: np.ndarray, texts: list[str] | None = None,
+                 offsets=None, tags: list[str] | None = None) -> dict:
+    """Max |p_onnx - p_torch| of the label probabilities (and, for a tagger given `texts`,
+    `offsets` and `tags`, of every real token's tag probabilities, and the decoded fields
+    compared text by text); raises ExportError past PARITY_TOL or on any field difference."""
     with torch.no_grad():
-        ref = torch.softmax(model(torch.from_numpy(ids), torch.from_numpy(mask)), -1).numpy()
-    diff = float(np.abs(onnx_probs(onnx_path, ids, mask) - ref).max())
+        out = model(torch.from_numpy(ids), torch.from_numpy(mask))
+    if tags is None:
+        ref = torch.softmax(out, -1).numpy()
+        diff = float(np.abs(onnx_probs(onnx_path, ids, mask) - ref).max())
+        report = {"parity_max_abs_diff": diff}
+    else:
+        ref_labels, ref_tags = torch.softmax(out[0], -1).numpy(), out[1].numpy()
+        n = mask.sum(1)
+        ref_tags = [row[: int(k)] for row, k in zip(ref_tags, n)]
+        got_labels, got_tags = onnx_tagger_logits(onnx_path, ids, mask)
+        tag_diff = max(float(np.abs(softmax(a) - softmax(b)).max()) for a, b in zip(got_tags, ref_tags))
+        diff = float(np.abs(softmax(got_labels) - ref_labels).max())
+        same = sum(a == b for a, b in zip(decoded_fields(texts, offsets, got_tags, tags),
+                                          decoded_fields(texts, offsets, ref_tags, tags)))
+        report = {"parity_max_abs_diff": diff, "parity_tag_max_abs_diff": tag_diff,
+                  "parity_fields_identical": same / len(texts)}
+        if same != len(texts):
+            raise ExportError(f"{onnx_path}: ONNX and PyTorch decode different fields for {len(texts) - same} of "
+                              f"{len(texts)} texts; the export is not trustworthy")
+        diff = max(diff, tag_diff)
     if not diff <= PARITY_TOL:  # also catches NaN
         raise ExportError(f"{onnx_path}: ONNX probabilities differ from PyTorch by {diff:.2e} "
                           f"(> {PARITY_TOL:g}); the export is not trustworthy")
-    return diff
+    return report
 
 
 def student_temperature(model_dir: Path) -> float:
@@ -89,9 +142,20 @@ def student_temperature(model_dir: Path) -> float:
 def onnx_metadata(model_dir: Path) -> dict[str, str]:
     labels = json.loads((model_dir / "cascade.json").read_text())["labels"]
     max_len = student_config(json.loads((model_dir / "config.json").read_text())).max_seq_len
-    return {"labels": json.dumps(labels), "id2label": json.dumps({str(i): lab for i, lab in enumerate(labels)}),
+    meta = {"labels": json.dumps(labels), "id2label": json.dumps({str(i): lab for i, lab in enumerate(labels)}),
             "temperature": repr(student_temperature(model_dir)), "max_length": str(max_len), "pad_token_id": "0",
             "logits": "(batch, labels); probabilities = softmax(logits / temperature)"}
+    tagging = student_tagging(model_dir)
+    if tagging:
+        calib_file = model_dir / "calibration.json"
+        calib = json.loads(calib_file.read_text()) if calib_file.exists() else {}
+        meta.update({"task": tagging["task"], "fields": json.dumps(tagging["fields"]),
+                     "tags": json.dumps(tagging["tags"]),
+                     "tag_temperature": repr(float(calib.get("tag_temperature", 1.0))),
+                     "confidence": (calib.get("confidence") or {}).get("method", "product"),
+                     "tag_logits": "(batch, tokens, tags); BIO tags per token, softmax(tag_logits / "
+                                   "tag_temperature); decoding: docs/extraction.md"})
+    return meta
 
 
 def stamp_metadata(onnx_path: Path, model_dir: Path) -> None:
@@ -122,7 +186,9 @@ class FixedOrderPool(torch.nn.Module):
     MatMul per text, the order is fixed and padded tokens add exact zeros. Costs B x max_len x C
     multiply-adds; inputs are at most `max_len` tokens (the tier and the tokenizer truncate).
     The parity check holds this forward to the student's own (training/student.py
-    `StudentClassifier.forward`); `export_onnx(fixed_order_pool=False)` exports that one."""
+    `StudentClassifier.forward`); `export_onnx(fixed_order_pool=False)` exports that one. A
+    tagger's second output, the tag head on every token's hidden state, needs no reduction: it
+    is row-exact as it stands."""
 
     def __init__(self, student):
         super().__init__()
@@ -140,9 +206,11 @@ class FixedOrderPool(torch.nn.Module):
             x = layer(x, cos, sin, keep[:, None, None, :])
         x = m.norm(x)
         fill = m.cfg.max_seq_len - tokens.shape[1]
-        x = torch.nn.functional.pad(x, (0, 0, 0, fill))  # (B, max_len, C)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, fill))  # (B, max_len, C)
         weights = torch.nn.functional.pad(keep.to(x.dtype), (0, fill)).unsqueeze(1)  # (B, 1, max_len)
-        pooled = torch.matmul(weights, x).squeeze(1) / weights.sum(-1).clamp(min=1.0)  # (B, C)
+        pooled = torch.matmul(weights, padded).squeeze(1) / weights.sum(-1).clamp(min=1.0)  # (B, C)
+        if getattr(m.cfg, "n_tags", 0):  # a tagger: per-token tags need no reduction, (B, T, K)
+            return m.head(pooled), m.tag_head(x)
         return m.head(pooled)
 
 
@@ -153,22 +221,30 @@ def export_onnx(model_dir: str | Path, texts: list[str], opset: int = 18, fixed_
     model = load_student(d)
     tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
     ids, mask = encode(tokenizer, texts, model.cfg.max_seq_len)
+    tagging = student_tagging(d)
     out = d / "model.onnx"
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=model.cfg.max_seq_len)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = FixedOrderPool(model).eval() if fixed_order_pool else model
         torch.onnx.export(graph, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), str(out),
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          input_names=["input_ids", "attention_mask"],
+                          output_names=["logits", "tag_logits"] if tagging else ["logits"],
                           dynamic_shapes=(dims, dims), opset_version=opset, dynamo=True, verbose=False)
     try:
-        diff = check_parity(model, out, ids, mask)
+        if tagging:
+            from training.tagging import token_offsets
+
+            parity = check_parity(model, out, ids, mask, texts, token_offsets(tokenizer, texts, model.cfg.max_seq_len),
+                                  tagging["tags"])
+        else:
+            parity = check_parity(model, out, ids, mask)
     except ExportError:
         out.unlink(missing_ok=True)
         raise
     stamp_metadata(out, d)
     make_world_readable(d)
-    return {"onnx": str(out), "opset": opset, "parity_max_abs_diff": diff, "parity_texts": len(texts)}
+    return {"onnx": str(out), "opset": opset, **parity, "parity_texts": len(texts)}
 
 
 INT8_MODES = ("static", "dynamic")
@@ -254,6 +330,9 @@ def quantize_int8(model_dir: str | Path, texts: list[str], mode: str = "static",
             |logit change| on `sensitivity_texts`) and the most sensitive are kept in fp32, one
             at a time, until the target is met or `max_excluded` are excluded (the report says
             which and whether the target was met; it is never silently missed). None: off.
+            For a tagging student a text agrees when its label and its decoded fields both
+            equal fp32's (`fields_agreement`: the fields alone), and the logit change counts
+            the tag logits too.
     Returns:
         the report saved under `int8` in export.json.
     """
@@ -283,14 +362,49 @@ def quantize_int8(model_dir: str | Path, texts: list[str], mode: str = "static",
         def get_next(self):
             return next(self.it, None)
 
-    def logits(path: Path, rows: slice = slice(None)) -> np.ndarray:
-        session = ort_session(path)
-        i, m = ids[rows], mask[rows]
-        return np.concatenate([session.run(["logits"], {"input_ids": i[b:b + 64], "attention_mask": m[b:b + 64]})[0]
-                               for b in range(0, len(i), 64)])
+    tagging = student_tagging(d)
+    if tagging:
+        from training.tagging import token_offsets
 
-    fp32_logits = logits(src)
+        offsets = token_offsets(tokenizer, texts, max_len)
+
+    def answers(path: Path, rows=slice(None)) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(label logits, per-text tag logits or None) of `texts[rows]` through the graph at `path`."""
+        i, m = ids[rows], mask[rows]
+        if tagging:
+            return onnx_tagger_logits(path, i, m)
+        session = ort_session(path)
+        return np.concatenate([session.run(["logits"], {"input_ids": i[b:b + 64], "attention_mask": m[b:b + 64]})[0]
+                               for b in range(0, len(i), 64)]), None
+
+    def logits(path: Path, rows=slice(None)) -> np.ndarray:
+        return answers(path, rows)[0]
+
+    fp32_logits, fp32_tags = answers(src)
     fp32_top = fp32_logits.argmax(-1)
+    fp32_fields = decoded_fields(texts, offsets, fp32_tags, tagging["tags"]) if tagging else None
+    fields_agreement = None
+
+    def agreement_of(path: Path) -> float:
+        """Top-1 label agreement with fp32; a tagger's text agrees when its fields do too."""
+        nonlocal fields_agreement
+        lg, tg = answers(path)
+        same = lg.argmax(-1) == fp32_top
+        if tagging:
+            f_same = np.array([a == b for a, b in zip(decoded_fields(texts, offsets, tg, tagging["tags"]),
+                                                      fp32_fields)])
+            fields_agreement = float(f_same.mean())
+            same &= f_same
+        return float(same.mean())
+
+    def change(path: Path, sample) -> float:
+        """Mean |logit change| against fp32 on `sample` (a tagger's tag logits counted too)."""
+        lg, tg = answers(path, sample)
+        out = float(np.abs(lg - fp32_logits[sample]).mean())
+        if tagging:
+            out += float(np.mean([np.abs(a - fp32_tags[k]).mean() for a, k in zip(tg, sample)]))
+        return out
+
     excluded: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cascade-int8-") as tmp:
         cache = Path(tmp) / "ranges.json" if mode == "static" else None
@@ -299,29 +413,29 @@ def quantize_int8(model_dir: str | Path, texts: list[str], mode: str = "static",
             _quantize(src, out, mode, exclude, Reader, cache)
 
         quantize(dst, excluded)
-        agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
+        agreement = agreement_of(dst)
         first_agreement = agreement
         if min_agreement is not None and agreement < min_agreement:
             # sensitivity of each node quantized alone, on a seeded sample
             sample = np.random.default_rng(0).permutation(len(texts))[:sensitivity_texts]
             sample.sort()
-            ref = fp32_logits[sample]
             nodes = quantizable_nodes(src)
             probe = Path(tmp) / "probe.onnx"
             sensitivity = {}
             for node in nodes:
                 quantize(probe, [n for n in nodes if n != node])
-                sensitivity[node] = float(np.abs(logits(probe, sample) - ref).mean())
+                sensitivity[node] = change(probe, sample)
             for node in sorted(nodes, key=sensitivity.get, reverse=True)[:max_excluded]:
                 excluded.append(node)
                 quantize(dst, excluded)
-                agreement = float((logits(dst).argmax(-1) == fp32_top).mean())
+                agreement = agreement_of(dst)
                 if agreement >= min_agreement:
                     break
     probs8 = softmax(logits(dst))
     stamp_metadata(dst, d)
     make_world_readable(d)
-    return {"int8": str(dst), "mode": mode, "top1_agreement": agreement,
+    tag_report = {"fields_agreement": fields_agreement} if tagging else {}
+    return {"int8": str(dst), "mode": mode, "top1_agreement": agreement, **tag_report,
             "agreement_texts": len(texts), "agreement_all_int8": first_agreement,
             "calibration_texts": len(calib_rows),
             "kept_fp32": excluded, "target": min_agreement,
@@ -346,7 +460,8 @@ def export_fp8(model_dir: str | Path, texts: list[str], gold: list[str]) -> dict
 
         def predict() -> list[int]:
             with torch.no_grad():
-                return model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(-1).tolist()
+                out = model(torch.from_numpy(ids), torch.from_numpy(mask))
+            return (out[0] if isinstance(out, tuple) else out).argmax(-1).tolist()  # a tagger: its labels
     else:
         from training.large import load_large
         from training.task import label_distribution

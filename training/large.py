@@ -27,7 +27,15 @@ from cascade.data import load_labels, load_split
 from training.hf_io import SAVE_DTYPES, load_hf, make_world_readable, save_hf, write_tokenizer_config
 from training.model import SIZES, Transformer, build_model
 from training.recipes import LARGE
-from training.task import TaskFormat, add_label_tokens, encode_prompts, label_distribution, resize_for_labels
+from training.task import (
+    FIELDS_CUE,
+    TaskFormat,
+    add_label_tokens,
+    encode_prompts,
+    fields_json,
+    label_distribution,
+    resize_for_labels,
+)
 from training.trainer import IGNORE, Hooks, Sequence, TrainConfig, Trainer, list_checkpoints, resolve_precision
 
 
@@ -105,10 +113,21 @@ def _estimate(cfg) -> int:
 
 
 def build_sequences(tokenizer: Tokenizer, fmt: TaskFormat, texts: list[str], labels: list[str],
-                    label_only: bool, eos_id: int) -> list[Sequence]:
+                    label_only: bool, eos_id: int, fields: list[dict] | None = None) -> list[Sequence]:
+    """One training sequence per text: the prompt, the label token (the loss), and for an
+    extraction task the fields cue and the fields' JSON line and the end token (loss on those
+    too: the model learns to write them; the prompt itself is never a target)."""
     label_index = {lab: i for i, lab in enumerate(fmt.labels)}
+    cue = tokenizer.encode(FIELDS_CUE).ids
     out = []
-    for prompt, label in zip(encode_prompts(tokenizer, fmt, texts), labels):
+    for k, (prompt, label) in enumerate(zip(encode_prompts(tokenizer, fmt, texts), labels)):
+        if fields is not None:
+            answer = cue + tokenizer.encode(fields_json(fields[k], fmt.fields)).ids + [eos_id]
+            head = [fmt.label_token_ids[label_index[label]]] if fmt.task_kind == "joint" else []
+            ids = prompt + head + answer
+            targets = [IGNORE] * (len(prompt) - 1) + head + answer + [IGNORE]
+            out.append(Sequence(ids, targets))
+            continue
         lid = fmt.label_token_ids[label_index[label]]
         if label_only:
             ids = prompt + [lid]
@@ -179,11 +198,19 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
         label_only = False
     label_ids = add_label_tokens(tokenizer, label_set.labels)
     resize_for_labels(model, tokenizer, label_set.labels, label_ids)
+    label_fields: dict[str, set] = {}
+    for ex in train:
+        label_fields.setdefault(ex.label or "", set()).update(ex.fields or {})
     fmt = TaskFormat(label_set.labels, label_ids,
                      template or TaskFormat.__dataclass_fields__["prompt_template"].default,
-                     task=Path(data_dir).name, oos_label=label_set.oos_label, extra=extra)
+                     task=Path(data_dir).name, oos_label=label_set.oos_label, extra=extra,
+                     task_kind=label_set.task, fields=list(label_set.fields),
+                     label_fields=({k: sorted(v) for k, v in sorted(label_fields.items())}
+                                   if label_set.task == "joint" else {}))
     eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else 0
-    data = build_sequences(tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train], label_only, eos)
+    gold_fields = [ex.fields or {} for ex in train] if label_set.task != "classify" else None
+    data = build_sequences(tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train], label_only, eos,
+                           gold_fields)
     n_params = model.num_params()
     model_cfg = model.cfg
     model.to(device)

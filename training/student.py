@@ -1,12 +1,13 @@
-"""Students: compact transformer classifiers over the teacher's tokenizer.
+"""Students: compact transformer classifiers (and taggers) over the teacher's tokenizer.
 
 An encoder made of the large model's own blocks (RMSNorm, RoPE attention, SwiGLU from
 `training/model.py`) run bidirectionally with a padding mask, mean-pooled over real tokens, and
 a linear label head. Optionally initialised from the teacher, DistilBERT style: its embeddings
 and an evenly spaced subset of its layers (which needs the student's width to equal the
-teacher's).
+teacher's). A tagging student (`StudentTagger`, for extraction tasks) adds a per-token BIO tag
+head on the same encoder (`cascade/tagging.py` has the tags).
 
-Shapes: B batch, T tokens, C width, L labels.
+Shapes: B batch, T tokens, C width, L labels, K tags.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class StudentConfig:
     max_seq_len: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_tags: int = 0  # > 0: a tagging student (BIO tags per token beside the label head)
 
     def block_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -37,7 +39,10 @@ class StudentConfig:
                            rope_theta=self.rope_theta, norm_eps=self.norm_eps)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["n_tags"]:  # a classifier's config reads as it did before taggers existed
+            del d["n_tags"]
+        return d
 
 
 # Width/depth per named size; vocab and labels come from the teacher and the task.
@@ -62,30 +67,57 @@ class StudentClassifier(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.n_labels)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states (B, T, C); padded positions hold values nothing reads."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, torch.arange(T, device=tokens.device),
                                self.cfg.rope_theta)
-        keep = attention_mask.bool()
-        mask = keep[:, None, None, :]  # (B, 1, 1, T): every token sees every real token
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): every token sees every real token
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        x = self.norm(x)
-        weights = keep.unsqueeze(-1).to(x.dtype)  # mean over real tokens only
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        weights = attention_mask.bool().unsqueeze(-1).to(x.dtype)  # mean over real tokens only
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.encode(tokens, attention_mask), attention_mask))
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if non_embedding else n
 
 
+class StudentTagger(StudentClassifier):
+    """forward(tokens (B, T), attention_mask (B, T)) -> (label logits (B, L), tag logits (B, T, K)).
+
+    The classifier's encoder and label head, plus a linear BIO tag head on every token's hidden
+    state (tag logits at padded positions mean nothing). An extraction-only task has one label,
+    "", whose head is never trained."""
+
+    def __init__(self, cfg: StudentConfig):
+        if cfg.n_tags < 1:
+            raise ValueError("a tagging student needs n_tags >= 1")
+        super().__init__(cfg)
+        self.tag_head = nn.Linear(cfg.dim, cfg.n_tags)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.encode(tokens, attention_mask)
+        return self.head(self.pool(x, attention_mask)), self.tag_head(x)
+
+
+def make_student(cfg: StudentConfig) -> StudentClassifier:
+    return StudentTagger(cfg) if cfg.n_tags else StudentClassifier(cfg)
+
+
 def build_student(size: str, vocab_size: int, n_labels: int, **overrides) -> StudentClassifier:
+    """A named size; `n_tags=K` in `overrides` builds a `StudentTagger`."""
     if size not in STUDENT_SIZES:
         raise ValueError(f"unknown student size {size!r}; known: {', '.join(STUDENT_SIZES)}")
-    return StudentClassifier(StudentConfig(vocab_size=vocab_size, n_labels=n_labels,
-                                           **{**STUDENT_SIZES[size], **overrides}))
+    return make_student(StudentConfig(vocab_size=vocab_size, n_labels=n_labels,
+                                      **{**STUDENT_SIZES[size], **overrides}))
 
 
 @torch.no_grad()
@@ -118,7 +150,8 @@ def init_from_teacher(student: StudentClassifier, teacher: Transformer) -> list[
     return picks
 
 
-def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float = 1.0) -> dict:
+def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float = 1.0,
+                      tagging: dict | None = None) -> dict:
     """config.json of a student dir: what transformers' AutoConfig, optimum and a hand-written
     onnxruntime loop read (labels, input length, temperature), plus our config under `cascade`.
 
@@ -127,9 +160,10 @@ def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float 
     LM — it attends both ways, mean-pools and has a label head — so `architectures` names ours and
     the weights are meant for `load_student`/ONNX, not for `LlamaFor*`. transformers 5 drops
     generation-named keys (`max_length`, `temperature`) from a loaded config, hence their copy
-    under `cascade`."""
-    return {
-        "architectures": ["CascadeStudentClassifier"],
+    under `cascade`. A tagging student's `tagging` ({"task", "fields", "tags"}) goes under
+    `cascade` and its tags into `id2tag` (tag id -> "O" / "B-name" / "I-name")."""
+    out = {
+        "architectures": ["CascadeStudentTagger" if cfg.n_tags else "CascadeStudentClassifier"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -153,6 +187,10 @@ def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float 
         "cascade": {"kind": "student", "max_length": cfg.max_seq_len, "temperature": temperature,
                     "pooling": "mean over attention_mask", "config": cfg.to_dict()},
     }
+    if tagging:
+        out["cascade"].update(tagging)
+        out["id2tag"] = {str(i): t for i, t in enumerate(tagging["tags"])}
+    return out
 
 
 def is_student_config(raw: dict) -> bool:
@@ -179,10 +217,11 @@ def student_tokenizer_config(tokenizer_json, max_len: int) -> dict:
 
 
 def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, tagging: dict | None = None):
     """Student dir: model.safetensors, config.json (`student_hf_config`), tokenizer.json,
     tokenizer_config.json, cascade.json. Paths in `extra` under `data`/`teacher` are stored
-    relative to the student dir, so the dir can move with what it names."""
+    relative to the student dir, so the dir can move with what it names. A tagging student
+    passes `tagging` = {"task", "fields", "tags"}: written to config.json and cascade.json."""
     import json
     import os
     import shutil
@@ -199,11 +238,11 @@ def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list
     tmp.replace(out / "model.safetensors")
     if Path(tokenizer_json) != out / "tokenizer.json":
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-    meta = {"kind": "student", "labels": labels, **(extra or {})}
+    meta = {"kind": "student", "labels": labels, **(extra or {}), **(tagging or {})}
     for key in ("data", "teacher"):
         if meta.get(key) is not None:
             meta[key] = os.path.relpath(Path(meta[key]).resolve(), out.resolve())
-    files = {"config.json": student_hf_config(model.cfg, labels, temperature), "cascade.json": meta,
+    files = {"config.json": student_hf_config(model.cfg, labels, temperature, tagging), "cascade.json": meta,
              "tokenizer_config.json": student_tokenizer_config(out / "tokenizer.json", model.cfg.max_seq_len)}
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=1) + "\n")
@@ -218,6 +257,6 @@ def load_student(model_dir) -> StudentClassifier:
     from safetensors.torch import load_file
 
     d = Path(model_dir)
-    model = StudentClassifier(student_config(json.loads((d / "config.json").read_text()), str(d / "config.json")))
+    model = make_student(student_config(json.loads((d / "config.json").read_text()), str(d / "config.json")))
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.eval()

@@ -8,7 +8,14 @@ one forward pass over the prompt, whatever the number of labels: the property di
 the cascade's large-model tier need (scoring 150 multi-token continuations per text would cost
 ~150 passes).
 
-The template, labels and their token ids are saved in the model dir's `cascade.json`.
+For an extraction task (`task_kind` extract or joint) the answer goes on: after the label token
+(joint) the cue `FIELDS_CUE` and the fields as one line of JSON (`fields_json`: the present
+fields in schema order, each a list of spans of the text, Python's default separators — the ones
+llguidance's JSON grammar writes), then the end token. At serving time the large-model tier asks
+its backend for that JSON under `cascade.fields.fields_json_schema`, so every answer is valid and
+every value a span of the input.
+
+The template, labels, field names and their token ids are saved in the model dir's `cascade.json`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from tokenizers import AddedToken, Tokenizer
 from training.model import Transformer
 
 DEFAULT_TEMPLATE = "Request: {text}\nIntent:"
+FIELDS_CUE = "\nFields:"
 
 
 def label_token(label: str) -> str:
@@ -38,6 +46,9 @@ class TaskFormat:
     oos_label: str | None = None
     max_prompt_tokens: int = 128  # longer texts are cut from the left of the text, keeping the template
     extra: dict = field(default_factory=dict)
+    task_kind: str = "classify"  # classify | extract | joint
+    fields: list[str] = field(default_factory=list)  # the schema's field names, in schema order
+    label_fields: dict[str, list[str]] = field(default_factory=dict)  # joint: the fields each label was seen with
 
     def prompt(self, text: str) -> str:
         return self.prompt_template.format(text=text)
@@ -51,6 +62,11 @@ class TaskFormat:
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found; is {model_dir} a model trained by `cascade train large`?")
         return cls(**json.loads(path.read_text()))
+
+
+def fields_json(fields: dict[str, list[str]], names: list[str]) -> str:
+    """The answer line the model learns: present fields in schema order (`names`), compact."""
+    return json.dumps({n: list(fields[n]) for n in names if fields.get(n)}, ensure_ascii=False)
 
 
 def add_label_tokens(tokenizer: Tokenizer, labels: list[str]) -> list[int]:

@@ -56,13 +56,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     report = prepare(args.dataset, args.path, args.out, skip_bad=args.skip_bad, text_field=args.text_field,
                      label_field=args.label_field, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction, seed=args.seed)
+                     test_fraction=args.test_fraction, seed=args.seed, task=args.task)
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad rows (--skip-bad):", file=sys.stderr)
         for bad in report.skipped[:20]:
             print(f"  {bad}", file=sys.stderr)
     counts = "  ".join(f"{k} {v}" for k, v in report.counts.items())
-    print(f"wrote {report.out}: {counts}  ({report.labels} labels)")
+    what = f"{report.labels} labels" + (f", {report.fields} fields" if report.task != "classify" else "")
+    print(f"wrote {report.out}: {counts}  ({report.task}: {what})")
     return 0
 
 
@@ -70,12 +71,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    from cascade.data import load_split
+    from cascade.data import load_labels, load_split
     from cascade.rules.check import check_pack, format_check
     from cascade.rules.pack import load_pack
 
     pack = load_pack(args.pack)
-    report = check_pack(pack, load_split(args.data, args.split), args.timeout_ms / 1000.0)
+    labels = load_labels(args.data) if (Path(args.data) / "labels.json").exists() else None
+    task, names = (labels.task, labels.fields) if labels is not None else ("classify", [])
+    report = check_pack(pack, load_split(args.data, args.split), args.timeout_ms / 1000.0, task=task,
+                        field_names=names)
     report["split"] = args.split
     _emit(report, args.json, format_check(report))
     return 0
@@ -87,15 +91,33 @@ def cmd_rules_mine(args: argparse.Namespace) -> int:
 
     labels = load_labels(args.data)
     train = load_split(args.data, "train")
+    extract = labels.task != "classify"
+    # Templates are rarer than phrases: an extraction rule needs less support by default.
+    min_support = args.min_support if args.min_support is not None else (3 if extract else 8)
+    min_val_support = args.min_val_support if args.min_val_support is not None else (1 if extract else 3)
     cfg = MineConfig(min_precision=args.min_precision, max_rules_per_label=args.max_rules_per_label,
-                     min_train_support=args.min_support, min_val_support=args.min_val_support,
+                     min_train_support=min_support, min_val_support=min_val_support,
                      min_ngram=args.min_words,
                      oos_label=labels.oos_label,
-                     oos_weight=oos_weight_for(train, labels.oos_label, args.oos_share))
+                     oos_weight=oos_weight_for(train, labels.oos_label, args.oos_share),
+                     max_field_values=args.max_field_values)
     name = args.name or Path(args.out).stem
-    data, report = mine_pack(train, load_split(args.data, "val"), name, cfg)
+    val = load_split(args.data, "val")
+    if extract:
+        from cascade.rules.mine import mine_template_pack
+
+        data, report = mine_template_pack(train, val, name, cfg, task=labels.task)
+    else:
+        data, report = mine_pack(train, val, name, cfg)
     write_pack(data, args.out)
     prec = "-" if report["precision"] is None else f"{report['precision']:.4f}"
+    if extract:
+        tp = "-" if report["task_precision"] is None else f"{report['task_precision']:.4f}"
+        m = report["mining"]
+        print(f"wrote {args.out}: {len(data['rule'])} template rules (of {m['templates']} templates seen "
+              f">= {min_support}x, {m['passed_train']} precise on train); on val (which selected them): "
+              f"coverage {report['coverage']:.3f}, {report['metric']} precision {tp}, label precision {prec}")
+        return 0
     print(f"wrote {args.out}: {len(data['rule'])} rules; on val: coverage {report['coverage']:.3f}, "
           f"precision {prec}")
     return 0
@@ -248,13 +270,23 @@ def cmd_train_student(args: argparse.Namespace) -> int:
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
                       seed=args.seed)
-    run = train_student(args.data, args.teacher, args.out, size=args.size, from_teacher=args.from_teacher,
+    teacher = None if args.teacher.lower() == "none" else args.teacher
+    run = train_student(args.data, teacher, args.out, size=args.size, from_teacher=args.from_teacher,
                         temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled,
                         augment=args.augment, cfg=cfg, resume=args.resume, limit_train=args.limit_train,
                         inference_tokens=args.inference_tokens,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, teacher_fields=args.teacher_fields,
+                        teacher_fields_weight=args.teacher_fields_weight, tag_weight=args.tag_weight,
+                        vocab_size=args.vocab_size, max_len=args.max_len)
     s = run.summary
     c = s["calibration"]
+    if s["task"] != "classify":
+        label = f"val accuracy {s['val_accuracy']:.4f}, " if s["task"] == "joint" else ""
+        aurocs = ", ".join(f"{m} {a:.3f}" if a is not None else f"{m} -" for m, a in s["confidence_auroc"].items())
+        print(f"wrote {run.out}: tagging student {s['size']} ({s['non_embedding_params']:,} non-embedding params), "
+              f"{label}val span F1 {s['val_span_f1']:.4f}, exact match {s['val_exact_match']:.4f}; confidence "
+              f"AUROC {aurocs} -> {s['confidence_method']}; next: cascade export --model {run.out} --int8")
+        return 0
     print(f"wrote {run.out}: student {s['size']} ({s['non_embedding_params']:,} non-embedding params), "
           f"val accuracy {s['val_accuracy']:.4f}, temperature {c['temperature']:.3f}, "
           f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; next: cascade export --model {run.out} --int8")
@@ -282,7 +314,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise DataError(f"--int8: {args.model} is a large model; ONNX int8 is for students (use --fp8)")
     if is_student:
         report = export_onnx(args.model, texts[: args.parity_texts])
-        print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e} "
+        tags = (f", tags {report['parity_tag_max_abs_diff']:.2e}, decoded fields identical"
+                if "parity_tag_max_abs_diff" in report else "")
+        print(f"wrote {report['onnx']}: parity max |p_onnx - p_torch| = {report['parity_max_abs_diff']:.2e}{tags} "
               f"on {report['parity_texts']} texts")
     if args.fp8:
         import random
@@ -302,8 +336,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         q = quantize_int8(args.model, texts, mode=mode, calibration=calib, min_agreement=args.min_agreement or None)
         report["int8"] = q
         kept = f"; {len(q['kept_fp32'])} sensitive MatMuls kept in fp32" if q["kept_fp32"] else ""
-        print(f"wrote {q['int8']} ({mode}): top-1 agreement with fp32 {q['top1_agreement']:.4f} on "
-              f"{q['agreement_texts']} val texts (all-int8: {q['agreement_all_int8']:.4f}{kept})")
+        what = "label+fields agreement" if "fields_agreement" in q else "top-1 agreement"
+        fields = f", fields alone {q['fields_agreement']:.4f}" if "fields_agreement" in q else ""
+        print(f"wrote {q['int8']} ({mode}): {what} with fp32 {q['top1_agreement']:.4f} on "
+              f"{q['agreement_texts']} val texts (all-int8: {q['agreement_all_int8']:.4f}{kept}{fields})")
         if not q["target_met"]:
             print(f"warning: int8 agreement {q['top1_agreement']:.4f} is below --min-agreement {args.min_agreement}",
                   file=sys.stderr)
@@ -448,7 +484,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from cascade.app.quickstart import run_quickstart
 
-    run_quickstart(args.workdir, data=args.data, smoke=args.smoke, progress=not args.no_progress)
+    run_quickstart(args.workdir, data=args.data, smoke=args.smoke, progress=not args.no_progress,
+                   extract=args.extract)
     return 0
 
 
@@ -491,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/quickstart", help="where data, models, config and reports go")
     p.add_argument("--data", help="a prepared dataset dir instead of the generated demo task")
     p.add_argument("--smoke", action="store_true", help="toy scale (tiny models, few steps): checks the wiring fast")
+    p.add_argument("--extract", action="store_true",
+                   help="the demo task with fields (order ids, e-mail addresses, dates): every tier extracts them")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_quickstart)
 
@@ -613,8 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = train.add_parser("student", help="distil the large model into a compact student")
     p.add_argument("--data", required=True, help="dataset dir")
-    p.add_argument("--teacher", required=True, help="large-model dir from `cascade train large`")
+    p.add_argument("--teacher", required=True,
+                   help="large-model dir from `cascade train large`, or `none`: from gold alone (own BPE tokenizer)")
     p.add_argument("--out", required=True, help="student dir to write")
+    p.add_argument("--teacher-fields", help="extraction tasks: JSONL rows {text, fields}, the large model's "
+                                            "extractions; tag targets for texts without gold (docs/extraction.md)")
+    p.add_argument("--teacher-fields-weight", type=float, default=1.0,
+                   help="weight of a --teacher-fields row's tag loss (gold rows: 1)")
+    p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag term against the label term")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary with --teacher none")
+    p.add_argument("--max-len", type=int, default=64, help="tokens the student reads per text")
     p.add_argument("--size", default="small", help="debug | small | distil-smollm2 | auto (planner)")
     p.add_argument("--from-teacher", action="store_true", help="initialise from the teacher's embeddings and layers")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
@@ -632,13 +679,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_student)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data.add_parser("prepare", help="turn CLINC150, Banking77 or any CSV/JSONL into a dataset dir")
-    p.add_argument("--dataset", required=True, choices=["clinc150", "banking77", "csv", "jsonl"])
+    p = data.add_parser("prepare", help="turn CLINC150, Banking77, SNIPS or any CSV/JSONL into a dataset dir")
+    p.add_argument("--dataset", required=True, choices=["clinc150", "banking77", "snips", "csv", "jsonl"])
     p.add_argument("--path", required=True, help="source file or directory")
     p.add_argument("--out", required=True, help="dataset dir to write")
     p.add_argument("--skip-bad", action="store_true", help="skip rows with empty text or no label (reported)")
     p.add_argument("--text-field", default="text", help="text column (csv/jsonl)")
     p.add_argument("--label-field", default="label", help="label column (csv/jsonl)")
+    p.add_argument("--task", choices=["classify", "extract", "joint"], default=None,
+                   help="task kind (default: joint/extract when rows carry a `fields` column, else classify)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train carved for val when missing")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of train carved for test when missing")
     p.add_argument("--seed", type=int, default=0)
@@ -653,16 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p, "the full report")
     p.add_argument("--timeout-ms", type=float, default=20.0, help="matching budget per text")
     p.set_defaults(func=cmd_rules_check)
-    p = rules.add_parser("mine", help="induce high-precision phrase rules from a dataset dir")
+    p = rules.add_parser("mine", help="induce high-precision phrase (extraction: template) rules from a dataset dir")
     p.add_argument("--data", required=True, help="dataset dir (mines train, validates on val)")
     p.add_argument("--out", required=True, help="rule pack .toml to write")
     p.add_argument("--min-precision", type=float, default=0.99)
-    p.add_argument("--min-support", type=int, default=8, help="least train matches per rule")
-    p.add_argument("--min-val-support", type=int, default=3, help="least val matches per rule")
+    p.add_argument("--min-support", type=int, default=None,
+                   help="least train matches per rule (default 8; extraction templates: 3 train texts)")
+    p.add_argument("--min-val-support", type=int, default=None,
+                   help="least val matches per rule (default 3; extraction templates: 1)")
     p.add_argument("--min-words", type=int, default=2, help="shortest phrase, in words")
     p.add_argument("--max-rules-per-label", type=int, default=5)
     p.add_argument("--oos-share", type=float, default=0.2,
                    help="expected share of out-of-scope traffic; out-of-scope matches are weighted up to it")
+    p.add_argument("--max-field-values", type=int, default=100,
+                   help="extraction: a field with at most this many distinct train values is matched from their list")
     p.add_argument("--name", help="pack name (default: the file stem)")
     p.set_defaults(func=cmd_rules_mine)
 

@@ -141,6 +141,21 @@ DISTRACTORS = {
 }
 
 
+# With fields (`make_demo(extract=True)`) these join the pools: e-mail addresses to extract.
+EMAIL_PHRASINGS = {"change_email": ["change my email to {email}", "please use {email} as my login from now on",
+                                    "my new address is {email}, update the account"]}
+EMAIL_UNSEEN = {"change_email": ["send everything to {email} instead"]}
+NAMES = ["ann", "bo", "chen", "dana", "eli", "femi", "gus", "hana", "ivo", "jo", "kai", "lena", "milo", "nora"]
+DOMAINS = ["mail.example.com", "example.org", "post.example.net", "inbox.example.co.uk"]
+# Slot -> the field it fills (with --extract): the value is the slot without its prefix ("#").
+FIELD_OF = {"order": "order_id", "email": "email", "date": "date"}
+
+
+def _email(rng: random.Random) -> str:
+    user = f"{rng.choice(NAMES)}{rng.choice(['.', '_', ''])}{rng.choice(NAMES)}{rng.randint(1, 99)}"
+    return f"{user}@{rng.choice(DOMAINS)}"
+
+
 def _slots(rng: random.Random) -> dict[str, str]:
     return {"order": rng.choice(["#", "no. ", ""]) + f"{rng.choice('ABCDEFGHJK')}{rng.randint(10000, 99999)}",
             "product": rng.choice(PRODUCTS),
@@ -150,12 +165,13 @@ def _slots(rng: random.Random) -> dict[str, str]:
             "code": rng.choice(["SAVE", "WELCOME", "SPRING", "VIP"]) + str(rng.randint(5, 50))}
 
 
-def _typo(text: str, rng: random.Random) -> str:
+def _typo(text: str, rng: random.Random, keep: frozenset[str] = frozenset()) -> str:
+    """One or two typos in words of 4+ letters, never in a word of `keep` (field values)."""
     words = text.split()
     for _ in range(rng.randint(1, 2)):
         i = rng.randrange(len(words))
         w = words[i]
-        if len(w) < 4 or not w.isalpha():
+        if len(w) < 4 or not w.isalpha() or w in keep:
             continue
         j = rng.randrange(1, len(w) - 1)
         op = rng.random()
@@ -171,8 +187,31 @@ def _typo(text: str, rng: random.Random) -> str:
 
 def generate_text(label: str, rng: random.Random, hard_share: float = 0.1, typo_share: float = 0.15,
                   unseen_share: float = 0.0) -> str:
-    pool = UNSEEN[label] if rng.random() < unseen_share else INTENTS[label]
-    text = rng.choice(pool).format(**_slots(rng))
+    return generate_example(label, rng, hard_share, typo_share, unseen_share)[0]
+
+
+def generate_example(label: str, rng: random.Random, hard_share: float = 0.1, typo_share: float = 0.15,
+                     unseen_share: float = 0.0, extract: bool = False) -> tuple[str, dict[str, list[str]]]:
+    """A text of `label` and the fields its slots filled (order ids, e-mail addresses, dates).
+    Without `extract` the random draws are those of the classification-only demo, text for text."""
+    import string
+
+    unseen = rng.random() < unseen_share
+    pool = (UNSEEN if unseen else INTENTS)[label]
+    if extract:
+        pool = pool + (EMAIL_UNSEEN if unseen else EMAIL_PHRASINGS).get(label, [])
+    template = rng.choice(pool)
+    slots = _slots(rng)
+    if extract:
+        slots["email"] = _email(rng)
+    text = template.format(**slots)
+    used = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    fields: dict[str, list[str]] = {}
+    for name in used:
+        if name in FIELD_OF:
+            value = slots[name].removeprefix("#").removeprefix("no. ")
+            fields.setdefault(FIELD_OF[name], []).append(value)
+    keep = frozenset(w for vals in fields.values() for v in vals for w in v.split()) if extract else frozenset()
     if rng.random() < hard_share:
         prefix = DISTRACTORS.get(label) or rng.choice(CHATTER)
         text = f"{rng.choice(CHATTER)} {prefix} {text}"
@@ -181,14 +220,16 @@ def generate_text(label: str, rng: random.Random, hard_share: float = 0.1, typo_
     if rng.random() < 0.3:
         text += rng.choice(["?", ".", "!", " thanks", " asap", " please"])
     if rng.random() < typo_share:
-        text = _typo(text, rng)
-    if rng.random() < 0.2:
-        text = text.capitalize()
-    return text
+        text = _typo(text, rng, keep)
+    if rng.random() < 0.2:  # (capitalize() would lowercase an order id: only with fields is that kept)
+        text = text[0].upper() + text[1:] if extract else text.capitalize()
+    return text, fields
 
 
-def make_demo(out: str | Path, per_label: tuple[int, int, int] = (120, 25, 40), seed: int = 0) -> Path:
-    """Write the demo dataset dir: `per_label` = (train, val, test) texts per intent, all distinct."""
+def make_demo(out: str | Path, per_label: tuple[int, int, int] = (120, 25, 40), seed: int = 0,
+              extract: bool = False) -> Path:
+    """Write the demo dataset dir: `per_label` = (train, val, test) texts per intent, all distinct.
+    `extract`: a joint task, each row also carrying its fields (order_id, email, date)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
@@ -196,12 +237,14 @@ def make_demo(out: str | Path, per_label: tuple[int, int, int] = (120, 25, 40), 
         for label in INTENTS:
             made = 0
             while made < n:
-                text = generate_text(label, rng, unseen_share=0.0 if split == "train" else 0.15)
+                text, fields = generate_example(label, rng, unseen_share=0.0 if split == "train" else 0.15,
+                                                extract=extract)
                 if text in seen:
                     continue
                 seen.add(text)
-                splits[split].append(Example(f"{split}-{len(splits[split]):05d}", text, label))
+                splits[split].append(Example(f"{split}-{len(splits[split]):05d}", text, label,
+                                             fields if extract else None))
                 made += 1
         rng.shuffle(splits[split])
-    write_dataset(out, splits)
+    write_dataset(out, splits, task="joint" if extract else "classify")
     return Path(out)

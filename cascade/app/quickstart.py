@@ -20,6 +20,7 @@ CONFIG_TEMPLATE = """\
 # rewrote the thresholds.
 [task]
 name = "{task}"
+kind = "{kind}"
 
 [[tiers]]
 name = "rules"
@@ -42,6 +43,18 @@ options = {{ backend = "builtin", memory_gb = 0.5 }}
 """
 
 
+def fields_by_tier(items: list[dict]) -> str:
+    """One test text per tier with the fields that tier extracted from it (where any tier did)."""
+    lines = ["      a field extracted by each tier:"]
+    seen: set[str] = set()
+    for row in items:
+        tier = row.get("tier")
+        if tier and tier not in seen and row.get("fields"):
+            seen.add(tier)
+            lines.append(f"      {tier:>8}: {row['text']!r} -> {row['fields']}")
+    return "\n".join(lines if seen else ["      (no tier extracted a field on test)"])
+
+
 class Steps:
     def __init__(self, total: int):
         self.total, self.n, self.t0 = total, 0, time.perf_counter()
@@ -52,7 +65,9 @@ class Steps:
 
 
 def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, extract: bool = False) -> dict:
+    """The main job end to end on the demo task (or `data`). `extract`: the demo task with
+    fields (order ids, e-mail addresses, dates), a joint task every tier extracts them in."""
     from cascade.cpu import cpu_report
     from cascade.data import load_labels, load_split
 
@@ -70,8 +85,9 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
         from cascade.app.demo import make_demo
 
         data_dir = workdir / "data"
-        step(f"generate the demo task (customer-support intents, seeded) -> {data_dir}")
-        make_demo(data_dir, per_label=(12, 5, 5) if smoke else (120, 25, 40))
+        step(f"generate the demo task (customer-support intents{', with fields' if extract else ''}, seeded) "
+             f"-> {data_dir}")
+        make_demo(data_dir, per_label=(12, 5, 5) if smoke else (120, 25, 40), extract=extract)
         task = "support-demo"
     else:
         data_dir = Path(data)
@@ -87,11 +103,17 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
     from cascade.rules.pack import load_pack
 
-    mine_cfg = MineConfig(min_train_support=2 if smoke else 8, min_val_support=1 if smoke else 3,
-                          oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
-    pack, _ = mine_pack(train, val, task, mine_cfg)
+    if labels.task == "classify":
+        mine_cfg = MineConfig(min_train_support=2 if smoke else 8, min_val_support=1 if smoke else 3,
+                              oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
+        pack, _ = mine_pack(train, val, task, mine_cfg)
+    else:  # extraction: templates with named groups (docs/extraction.md)
+        from cascade.rules.mine import mine_template_pack
+
+        pack, _ = mine_template_pack(train, val, task, MineConfig(min_train_support=2 if smoke else 3,
+                                                                  min_val_support=1), task=labels.task)
     write_pack(pack, workdir / "rules.toml")
-    check = check_pack(load_pack(workdir / "rules.toml"), val)
+    check = check_pack(load_pack(workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
     prec = "-" if check["precision"] is None else f"{check['precision']:.3f}"
     print(f"      {len(pack['rule'])} rules; on val: coverage {check['coverage']:.3f}, precision {prec}")
 
@@ -139,7 +161,8 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     from cascade.progress import per_name
 
     config_path = workdir / "cascade.toml"
-    config_path.write_text(CONFIG_TEMPLATE.format(task=task, writer="cascade quickstart"), encoding="utf-8")
+    config_path.write_text(CONFIG_TEMPLATE.format(task=task, kind=labels.task, writer="cascade quickstart"),
+                           encoding="utf-8")
     try:
         cal = run_calibration(config_path, data_dir, "llm", max_loss=0.005, confidence=0.9,
                               progress=per_name("measuring", enabled=progress))
@@ -159,6 +182,8 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     report_path = workdir / "eval.json"
     files = write_reports(report, items, report_path)
     print(format_report(report))
+    if labels.task != "classify":
+        print(fields_by_tier(items))
 
     step("done")
     print(f"report: {files['markdown']}  (JSON: {report_path}; every item: {files['items']})\n"

@@ -161,7 +161,7 @@ def load_pack(path: str | Path) -> RulePack:
 @dataclass
 class RuleMatch:
     rule: Rule
-    fields: dict[str, str]
+    fields: dict[str, list[str]]  # name -> every capture of that group (a group may repeat)
 
 
 @dataclass
@@ -203,9 +203,14 @@ def match_text(pack: RulePack, text: str, timeout_s: float) -> TextMatches:
         except TimeoutError:
             return TextMatches(found, timed_out=True)
         if m is not None:
-            fields = {f: m.group(f) for f in rule.fields if m.group(f) is not None}
-            found.append(RuleMatch(rule, fields))
+            found.append(RuleMatch(rule, match_fields(rule, m)))
     return TextMatches(found)
+
+
+def match_fields(rule: Rule, m: regex.Match) -> dict[str, list[str]]:
+    """The fields a match of `rule` extracts: every non-blank capture of each named group."""
+    fields = {f: [v for v in m.captures(f) if v.strip()] for f in rule.fields}
+    return {f: vs for f, vs in fields.items() if vs}
 
 
 @dataclass
@@ -227,7 +232,8 @@ def decide(matches: TextMatches) -> Decision:
     if len({m.rule.label for m in winners}) > 1:
         return Decision(None, "conflict")
     best = max(winners, key=lambda m: m.rule.confidence)
-    merged: dict[str, str] = {}
+    merged: dict[str, list[str]] = {}
     for m in winners:
-        merged.update(m.fields)
+        for name, values in m.fields.items():
+            merged.setdefault(name, []).extend(v for v in values if v not in merged.get(name, []))
     return Decision(RuleMatch(best.rule, merged), "answered")

@@ -6,6 +6,12 @@ dir (`model.int8.onnx` by default, `options.model = "model.onnx"` for fp32), its
 (config.json's `max_length`; `max_seq_len` in dirs written before it) and the temperature fitted
 on validation data (`calibration.json`, else config.json's `temperature`, else 1), so
 confidences are calibrated probabilities.
+
+A tagging student (config.json `cascade.tags`; docs/extraction.md, "Student tagger") also
+answers fields: its graph's `tag_logits` decoded by BIO argmax into spans of the text
+(`cascade/tagging.py`), and its confidence is the item estimate chosen on val
+(`calibration.json` `confidence.method`, over tag probabilities at `tag_temperature`, times
+the label's probability for a joint task).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.config import ConfigError, TierConfig
+from cascade.tagging import CONFIDENCE_METHODS, decode_tags, item_confidence, softmax
 from cascade.types import CostMeter, Prediction
 
 
@@ -38,6 +45,16 @@ def pad_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
+class TagDecoding:
+    """How a tagging student's tag logits become fields and a confidence."""
+
+    tags: list[str]  # tag id -> "O" / "B-name" / "I-name"
+    task: str = "joint"  # "extract": the label is "" and does not enter the confidence
+    temperature: float = 1.0  # tag probabilities = softmax(tag_logits / temperature)
+    confidence: str = "product"  # cascade.tagging.CONFIDENCE_METHODS, chosen on val
+
+
+@dataclass
 class StudentTier:
     name: str
     session: object  # onnxruntime.InferenceSession
@@ -47,31 +64,53 @@ class StudentTier:
     max_len: int = 128
     batch_size: int = 32  # rows per onnxruntime run (how it was chosen: docs/students.md)
     meter: CostMeter = field(default_factory=CostMeter)
+    tagging: TagDecoding | None = None  # a tagging student (fields beside the label)
 
-    def probabilities(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), len(labels)) calibrated probabilities.
+    def _run(self, texts: list[str]):
+        """(label probabilities (N, L), per-text tag probabilities (n_i, K) or None, offsets).
 
         Texts are tokenized in one call and batched by token length, so a batch is padded to
         about its own length, not to the longest text that happened to share it."""
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        rows = [e.ids[:self.max_len] or [0] for e in self.tokenizer.encode_batch(list(texts))]
+        encodings = self.tokenizer.encode_batch(list(texts))
+        rows = [e.ids[:self.max_len] or [0] for e in encodings]
+        tag_probs: list = [None] * len(texts)
+        outputs = ["logits", "tag_logits"] if self.tagging else ["logits"]
         order = np.argsort([len(r) for r in rows], kind="stable")
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             ids, mask = pad_rows([rows[i] for i in idx])
-            logits = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0] / self.temperature
+            result = self.session.run(outputs, {"input_ids": ids, "attention_mask": mask})
+            logits = result[0] / self.temperature
             e = np.exp(logits - logits.max(-1, keepdims=True))
             out[idx] = e / e.sum(-1, keepdims=True)
-        return out
+            if self.tagging:
+                for row, i in zip(result[1], idx):  # real tokens only: padding never reaches a field
+                    tag_probs[i] = softmax(row[: len(rows[i])], self.tagging.temperature)
+        offsets = [e.offsets[:self.max_len] for e in encodings] if self.tagging else None
+        return out, tag_probs, offsets
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), len(labels)) calibrated probabilities."""
+        return self._run(texts)[0]
 
     def predict_batch(self, texts: list[str]) -> list[Prediction | None]:
         t0 = time.perf_counter()
-        probs = self.probabilities(list(texts))
+        texts = list(texts)
+        probs, tag_probs, offsets = self._run(texts)
         preds = []
-        for row in probs:
+        tg = self.tagging
+        for i, row in enumerate(probs):
             best = int(row.argmax())
-            preds.append(Prediction(self.labels[best], float(row[best]), self.name,
-                                    scores=dict(zip(self.labels, row.tolist()))))
+            if tg is None:
+                preds.append(Prediction(self.labels[best], float(row[best]), self.name,
+                                        scores=dict(zip(self.labels, row.tolist()))))
+                continue
+            joint = tg.task != "extract"
+            fields = decode_tags(texts[i], offsets[i], tag_probs[i].argmax(-1), tg.tags)
+            conf = item_confidence(tag_probs[i], tg.confidence, float(row[best]) if joint else None)
+            preds.append(Prediction(self.labels[best] if joint else "", conf, self.name, fields=fields,
+                                    scores=dict(zip(self.labels, row.tolist())) if joint else None))
         self.meter.add(len(texts), time.perf_counter() - t0)
         return preds
 
@@ -111,6 +150,20 @@ def student_fields(d: Path) -> tuple[list[str], float, int]:
     return labels, float(temperature), int(max_len)
 
 
+def student_tag_decoding(d: Path) -> TagDecoding | None:
+    """A tagging student dir's TagDecoding (config.json `cascade.tags`, calibration.json's
+    `tag_temperature` and `confidence.method`); None for a classifier."""
+    ours = _read_json(d / "config.json").get("cascade") or {}
+    if not ours.get("tags"):
+        return None
+    calib = _read_json(d / "calibration.json") if (d / "calibration.json").exists() else {}
+    method = (calib.get("confidence") or {}).get("method", "product")
+    if method not in CONFIDENCE_METHODS:
+        raise ConfigError(f"{d / 'calibration.json'}: confidence.method {method!r} is not one of "
+                          f"{', '.join(CONFIDENCE_METHODS)}")
+    return TagDecoding(list(ours["tags"]), ours.get("task", "joint"), float(calib.get("tag_temperature", 1.0)), method)
+
+
 def load_student_tier(model_dir: Path, name: str = "student", model_file: str = "model.int8.onnx",
                       threads: int = 0, batch_size: int = 32, spin_wait: bool = False) -> StudentTier:
     """Every fault in the dir is a ConfigError naming the file (no onnxruntime traceback)."""
@@ -148,7 +201,11 @@ def load_student_tier(model_dir: Path, name: str = "student", model_file: str = 
         reason = str(exc).splitlines()[0][:300]
         raise ConfigError(f"{path}: onnxruntime cannot load it ({reason}); re-export it with `cascade export "
                           f"--model {d} --int8`") from None
-    return StudentTier(name, session, tokenizer, labels, temperature, max_len, batch_size)
+    tagging = student_tag_decoding(d)
+    if tagging and "tag_logits" not in {o.name for o in session.get_outputs()}:
+        raise ConfigError(f"{path}: a tagging student's graph needs a `tag_logits` output; re-export it with "
+                          f"`cascade export --model {d} --int8`")
+    return StudentTier(name, session, tokenizer, labels, temperature, max_len, batch_size, tagging=tagging)
 
 
 class StudentOptions(BaseModel):
