@@ -64,6 +64,7 @@ class E2EConfig:
     large_epochs: float = 1.0  # main() takes LARGE_EPOCHS[dataset] unless --large-epochs is given
     large_lr: float = 1e-4
     large_train: int | None = None  # train rows the large model sees (the first N; None: all)
+    large_precision: str = "auto"  # fp32 where bf16 is slower (an AVX512-BF16 CPU without AMX, say)
     calibrate_limit: int | None = None  # val items calibration measures (the first N; None: all)
     student_epochs: float = 6.0
     student_lr: float = 5e-4
@@ -145,7 +146,8 @@ def stage_large(cfg: E2EConfig) -> dict:
         run = train_large(cfg.data, out, init="smollm2-135m", resume=True, eval_limit=10_000,
                           limit_train=cfg.large_train,
                           cfg=TrainConfig(lr=cfg.large_lr, epochs=cfg.large_epochs, batch_size=32, warmup_steps=30,
-                                          eval_every=0, ckpt_every=100, log_every=10))
+                                          eval_every=0, ckpt_every=100, log_every=10,
+                                          precision=cfg.large_precision))
     return _training_summary(run.summary, out)
 
 
@@ -679,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="at most this many rows per split (seeded sample)")
     ap.add_argument("--large-epochs", type=float, help="default: 1 for clinc150 and snips, 3 for banking77")
     ap.add_argument("--large-train", type=int, help="train rows the large model sees (default: all)")
+    ap.add_argument("--large-lr", type=float, default=1e-4)
+    ap.add_argument("--large-precision", default="auto", choices=("auto", "bf16", "fp32"))
     ap.add_argument("--calibrate-limit", type=int, help="val items calibration measures (default: all)")
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
@@ -699,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         source=Path(args.source or ROOT.parent / "shared" / "data" / args.dataset),
         results_dir=Path(args.results_dir), docs=Path(args.docs) if args.docs else None,
         tiny=args.tiny, limit=args.limit, large_epochs=args.large_epochs or LARGE_EPOCHS[args.dataset],
-        large_train=args.large_train, calibrate_limit=args.calibrate_limit,
+        large_train=args.large_train, calibrate_limit=args.calibrate_limit, large_lr=args.large_lr,
+        large_precision=args.large_precision,
         student_epochs=args.student_epochs,
         student_augment=args.student_augment,
         confidence=args.confidence or None, max_loss=args.max_loss, router_share=args.router_share,

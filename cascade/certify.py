@@ -123,8 +123,8 @@ class _Split:
         else:
             self.correct = [np.array([p == g for p, g in zip(r.labels, gold)]) for r in runs]
         self.is_label = label_masks(runs, label)
-        reference = np.array(runs[-1].labels, dtype=object)  # the large model's answers
-        self.agrees = [np.array(r.labels, dtype=object) == reference for r in runs]
+        reference = runs[-1].labels  # the large model's answers (labels, or extraction answer keys)
+        self.agrees = [np.array([a == b for a, b in zip(r.labels, reference)], dtype=bool) for r in runs]
 
     def route(self, point: Point):
         right, _, _, llm_share, by = route_items(self.runs, self.n, point.thresholds, self.correct, self.answered,

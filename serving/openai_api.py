@@ -2,8 +2,10 @@
 
 Request and response shapes are OpenAI's, so the official `openai` client works unchanged
 (streaming too, as server-sent events). Extensions, named as vLLM names them so clients of
-either work with both: `guided_choice` (constrain the output to one of these strings) and
-`seed`. Route handlers are thin: validate, turn the body into `SamplingParams`, and read the
+either work with both: `guided_choice` (constrain the output to one of these strings),
+`guided_json` / `guided_regex` (JSON under a schema, a regex match) and `seed`. OpenAI's own
+`response_format` (`text`, `json_object`, `json_schema`) is served on both routes, streaming
+too. Route handlers are thin: validate, turn the body into `SamplingParams`, and read the
 engine's outputs.
 """
 
@@ -18,12 +20,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cascade.config import ServingConfig
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.engine import RequestError, RequestOutput
 from serving.engine.sampling import SamplingParams
+from serving.engine.structured import check_grammar
 from serving.http import APIError, error_body
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -42,6 +45,31 @@ def _valid_unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: the schema under `schema`; `name` and `strict`
+    are taken and not needed (the output always follows the schema)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} (no "schema") is any JSON
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a `json_schema` object: {"name": ..., "schema": {...}}')
+        return self
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -55,12 +83,42 @@ class SamplingFields(BaseModel):
     # torch's generators take seeds in [-2^63, 2^64)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     guided_choice: list[Text] | None = Field(default=None, min_length=1, max_length=4096)
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = None  # vLLM's: a schema, or a schema as JSON text
+    guided_regex: Text | None = None
+
+    def structured(self) -> tuple[str | None, dict | None, str | None]:
+        """(the field that asked for a grammar, its JSON schema, its regex); (None, None, None)
+        when none did. Raises ValueError naming the field when more than one constraint is given."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"type": "object"}, None))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(("response_format.json_schema.schema", rf.json_schema.schema_, None))
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise ValueError(f"guided_json: not valid JSON ({exc})") from None
+            asked.append(("guided_json", schema, None))
+        if self.guided_regex is not None:
+            asked.append(("guided_regex", None, self.guided_regex))
+        if self.guided_choice is not None:
+            asked.append(("guided_choice", None, None))
+        if len(asked) > 1:
+            raise ValueError(f"{asked[1][0]}: give at most one of response_format (json), guided_json, guided_regex "
+                             f"and guided_choice")
+        return asked[0] if asked and asked[0][0] != "guided_choice" else (None, None, None)
 
     def sampling(self, default_max: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        _, schema, regex = self.structured()
         return SamplingParams(max_tokens=self.max_tokens or default_max, temperature=self.temperature,
                               top_p=self.top_p, seed=self.seed, stop=stop, logprobs=logprobs,
-                              choices=self.guided_choice)
+                              choices=self.guided_choice, json_schema=schema, regex=regex)
 
 
 class CompletionRequest(SamplingFields):
@@ -181,13 +239,37 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                  for _, top in out.logprobs],
                 "text_offset": []}
 
-    async def final(prompt, params: SamplingParams) -> RequestOutput:
+    def request_error(exc: RequestError, grammar_field: str | None) -> APIError:
+        """The engine's refusal as the route's error: a grammar it cannot compile names the field
+        the client used (`response_format.json_schema.schema`, `guided_json`, ...)."""
+        message = str(exc)
+        field = message.split(":")[0]
+        if grammar_field is not None and field in ("json_schema", "regex"):
+            return APIError(400, "invalid_response_format", grammar_field + message[len(field):], grammar_field)
+        return APIError(400, "invalid_prompt", message, "prompt")
+
+    async def check_structured(req: SamplingFields) -> str | None:
+        """Compile the request's grammar, if it has one, before anything is queued or streamed
+        (off the event loop: a large schema must not stall other requests). Returns the field
+        that asked for it."""
+        try:
+            field, schema, regex = req.structured()
+        except ValueError as exc:
+            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
+        if field is not None:
+            try:
+                await asyncio.to_thread(check_grammar, schema, regex)
+            except ValueError as exc:
+                raise request_error(RequestError(str(exc)), field) from exc
+        return field
+
+    async def final(prompt, params: SamplingParams, grammar_field: str | None = None) -> RequestOutput:
         last = None
         try:
             async for out in engine.stream(prompt, params):
                 last = out
         except RequestError as exc:
-            raise APIError(400, "invalid_prompt", str(exc), "prompt") from exc
+            raise request_error(exc, grammar_field) from exc
         return last
 
     def usage(outs: list[RequestOutput]) -> dict:
@@ -211,6 +293,7 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
             raise APIError(413, "too_many_prompts", f"prompt: {len(prompts)} prompts, the limit is "
                                                     f"{limits.max_prompts}", "prompt")
         check_max_tokens(req.max_tokens, "max_tokens")
+        grammar_field = await check_structured(req)
         try:
             params = req.sampling(16, req.logprobs)
         except ValueError as exc:
@@ -229,12 +312,13 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                        "choices": [{"index": 0, "text": out.delta, "logprobs": None,
                                                     "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
-                    yield sse(error_body(400, "invalid_prompt", str(exc), "prompt"))
+                    err = request_error(exc, grammar_field)
+                    yield sse(error_body(400, err.code, err.message, err.param))
                 yield sse("[DONE]")
 
             return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
         admission.take(len(prompts))
-        tasks = [asyncio.ensure_future(final(p, SamplingParams(**vars(params)))) for p in prompts]
+        tasks = [asyncio.ensure_future(final(p, SamplingParams(**vars(params)), grammar_field)) for p in prompts]
         try:
             outs = await asyncio.gather(*tasks)
         except BaseException:  # one prompt failed (or the client left): stop the others in the engine
@@ -259,6 +343,7 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                                                "with `logprobs`", "logprobs")
         check_max_tokens(req.max_tokens, "max_tokens")
         check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
+        grammar_field = await check_structured(req)
         try:
             params = req.sampling(min(256, max_len - 1), None)
         except ValueError as exc:
@@ -281,12 +366,14 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
                             yield sse({**head, "choices": [{"index": 0, "delta": {},
                                                             "finish_reason": out.finish_reason}]})
                 except RequestError as exc:
-                    yield sse(error_body(400, "invalid_prompt", str(exc), "messages"))
+                    err = request_error(exc, grammar_field)
+                    yield sse(error_body(400, err.code, err.message,
+                                         "messages" if err.param == "prompt" else err.param))
                 yield sse("[DONE]")
 
             return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
         try:
-            out = await final(prompt, params)
+            out = await final(prompt, params, grammar_field)
         finally:
             admission.give(1)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,

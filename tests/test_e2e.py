@@ -79,6 +79,27 @@ def test_e2e_banking77_has_no_out_of_scope_column(tmp_path):
     assert "OOS recall" not in (work / "results" / "banking77.md").read_text()
 
 
+@pytest.mark.skipif(not (SHARED / "snips").exists(), reason="../shared/data/snips not present")
+def test_e2e_snips_scores_fields_for_every_system(tmp_path):
+    """The joint task through every stage at toy scale: template rules, a tagging student, a
+    large model writing schema-constrained JSON, calibration on the joint metric."""
+    work = tmp_path / "snips"
+    e2e(work, "snips", "--repeats", "1")
+    result = json.loads((work / "results" / "snips.json").read_text())
+    assert result["task"] == "joint" and result["metric"] == "joint"
+    for name in ("cascade", "large_only", "student_only", "rules_only", "threshold_router"):
+        row = result[name]
+        assert row["n"] == 150 and 0.0 <= row["span_f1"] <= 1.0 and 0.0 <= row["joint_accuracy"] <= 1.0, name
+        assert row["joint_accuracy"] <= min(row["accuracy"], row["exact_match"]) + 1e-9, name
+    js = result["llm_json"]
+    assert js["answers"] >= 150 and js["invalid"] == 0  # a toy model too: every answer within its schema
+    assert result["large_only"]["llm_share"] == 1.0 and result["student_only"]["llm_share"] == 0.0
+    assert set(result["targets"]) >= {"large_slot_f1", "score_gap_pt", "llm_share", "speedup", "llm_json_all_valid"}
+    md = (work / "results" / "snips.md").read_text()
+    assert "| large model alone |" in md and "slot F1" in md and "JointBERT" in md
+    assert "## snips (toy scale)" in (work / "results.md").read_text()
+
+
 def test_router_threshold_sends_the_asked_share():
     sys.path.insert(0, str(REPO / "bench"))
     from e2e import router_threshold

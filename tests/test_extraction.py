@@ -350,3 +350,24 @@ fields = ["artist"]
 ''')
     decision = decide(match_text(load_pack(tmp_path / "r.toml"), "play abba and queen", 0.1))
     assert decision.match.fields == {"artist": ["abba", "queen"]}
+
+
+def test_demo_task_with_fields(tmp_path):
+    from cascade.app.demo import make_demo
+    from cascade.app.quickstart import fields_by_tier
+
+    make_demo(tmp_path / "x", per_label=(30, 5, 5), extract=True)
+    make_demo(tmp_path / "c", per_label=(30, 5, 5))
+    assert load_labels(tmp_path / "x").fields == ["date", "email", "order_id"]
+    assert load_labels(tmp_path / "c").task == "classify"
+    rows = load_split(tmp_path / "x", "train")
+    with_fields = [ex for ex in rows if ex.fields]
+    assert len(with_fields) > 100 and any("email" in ex.fields for ex in rows)
+    for ex in with_fields:
+        assert check_fields(ex.text, ex.fields, ["date", "email", "order_id"]) is None
+        assert all(not v.startswith("#") for v in ex.fields.get("order_id", []))
+    assert all(ex.fields is None for ex in load_split(tmp_path / "c", "train"))
+    items = [{"tier": "rules", "text": "a", "fields": {}}, {"tier": "rules", "text": "b", "fields": {"x": ["b"]}},
+             {"tier": "llm", "text": "c", "fields": {"x": ["c"]}}]
+    shown = fields_by_tier(items)
+    assert "rules: 'b' -> {'x': ['b']}" in shown and "llm: 'c'" in shown

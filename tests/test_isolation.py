@@ -297,10 +297,10 @@ def test_a_request_that_cannot_be_sampled_fails_alone(model_dir):  # noqa: F811
 
     real = engine._append_token
 
-    def append(req, logits):
+    def append(req, logits, *mask):
         if req.prompt_token_ids[0] == 17:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return real(req, logits)
+        return real(req, logits, *mask)
 
     engine._append_token = append
     outs = engine.generate(["5 6 7", "17 18"], SamplingParams(max_tokens=5, ignore_eos=True))

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 # Commands run by this test, by prefix, in README order.
-RUN = ("cascade data prepare --dataset clinc150", "cascade rules mine", "cascade rules check", "cascade plan",
+RUN = ("cascade data prepare --dataset clinc150", "cascade data prepare --dataset snips",
+       "cascade rules mine", "cascade rules check", "cascade plan",
        "cascade serve", "curl -s localhost:8000/")
 # Commands not run here, by prefix, and why.
 NOT_RUN = {

@@ -1,11 +1,12 @@
-"""What every large-model backend offers the cascade: constrained choice among labels. No
-torch here (the `openai` backend runs without it)."""
+"""What every large-model backend offers the cascade: constrained choice among labels, and
+JSON under a schema (field extraction). No torch here (the `openai` backend runs without it)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -16,6 +17,39 @@ class ChoiceResult:
     index: int
     prob: float
     scores: list[float]
+
+
+@dataclass
+class JsonResult:
+    """One prompt's JSON answer under its schema.
+
+    Attributes:
+        text: the generated text (valid JSON under the schema when finish_reason is "stop").
+        value: the parsed answer (a dict under an object schema); None when the text does not
+            parse: cut by max_tokens, or from a backend that did not apply the schema (a server
+            that ignores `response_format`), which `complete` alone would not show.
+        logprob: the answer's log-probability under the constrained distribution: the sum over
+            its tokens of the log-probability renormalised over the tokens the grammar allowed.
+        finish_reason: "stop" (complete) or "length" (cut at max_tokens: possibly incomplete).
+    """
+
+    text: str
+    value: Any
+    logprob: float
+    finish_reason: str = "stop"
+
+    @property
+    def complete(self) -> bool:
+        return self.finish_reason == "stop"
+
+
+def json_result(text: str, logprob: float, finish_reason: str | None) -> JsonResult:
+    """A backend's answer as a JsonResult; `value` None when the text does not parse."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    return JsonResult(text, value, float(logprob), finish_reason or "stop")
 
 
 @runtime_checkable
@@ -31,6 +65,22 @@ class LLMBackend(Protocol):
 
         Returns:
             One ChoiceResult per prompt, same order. Raises on backend failure.
+        """
+        ...
+
+    def generate_json(self, prompts: list[str], schemas: list[dict], max_tokens: int) -> list[JsonResult]:
+        """Constrained decoding to JSON: each prompt's continuation is valid JSON under its own
+        schema (greedy), with its log-probability under the constrained distribution.
+
+        Args:
+            prompts: full prompts (template applied).
+            schemas: one JSON schema per prompt.
+            max_tokens: most tokens per answer; an answer cut there may be incomplete
+                (`JsonResult.finish_reason` "length").
+
+        Returns:
+            One JsonResult per prompt, same order. Raises on backend failure (a schema the
+            backend cannot compile included).
         """
         ...
 

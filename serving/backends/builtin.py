@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cascade.deadline import remaining
 from cascade.types import DeadlineExceeded
-from serving.backends.base import ChoiceResult
+from serving.backends.base import ChoiceResult, JsonResult, json_result
 from serving.engine.async_engine import AsyncEngine
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
@@ -27,6 +27,15 @@ class BuiltinBackend:
     def choose(self, prompts: list[str], choices: list[str]) -> list[ChoiceResult]:
         params = [SamplingParams(max_tokens=1, choices=list(choices)) for _ in prompts]
         return [ChoiceResult(o.choice, o.choice_prob, o.choice_scores) for o in self._run(prompts, params)]
+
+    def generate_json(self, prompts: list[str], schemas: list[dict], max_tokens: int) -> list[JsonResult]:
+        """Greedy under each prompt's schema (the engine's `json_schema`); `logprob` is the
+        engine's constrained `cumulative_logprob`. A schema the engine cannot compile raises
+        `RequestError` naming `json_schema`."""
+        if len(schemas) != len(prompts):
+            raise ValueError(f"schemas: {len(schemas)} for {len(prompts)} prompts")
+        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, json_schema=s) for s in schemas]
+        return [json_result(o.text, o.cumulative_logprob or 0.0, o.finish_reason) for o in self._run(prompts, params)]
 
     def _run(self, prompts: list[str], params: list[SamplingParams]):
         """All final outputs, waiting at most until the caller's deadline (then the requests

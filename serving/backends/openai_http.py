@@ -8,13 +8,17 @@ the waits are an Event that `close()` ends at once. The official `openai` client
 considered: its retries cannot be bounded by a total deadline (each attempt gets the full
 timeout, and it sleeps up to 60 s on Retry-After), which is what hung requests here.
 Labels use `/v1/completions` with `guided_choice` (vLLM's and our extension) and the first
-position's `logprobs` for the distribution; a batch of prompts goes in one request.
+position's `logprobs` for the distribution; a batch of prompts goes in one request. JSON
+(`generate_json`) uses `/v1/completions` with OpenAI's `response_format` json_schema, one
+request per prompt (each has its own schema), sent concurrently.
 No torch here.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from tenacity import (
@@ -28,7 +32,7 @@ from tenacity import (
 
 from cascade.deadline import remaining
 from cascade.types import DeadlineExceeded, TierUnavailable
-from serving.backends.base import ChoiceResult, distribution_from_logprobs
+from serving.backends.base import ChoiceResult, JsonResult, distribution_from_logprobs, json_result
 from serving.backends.pool import EndpointPool
 
 
@@ -65,6 +69,7 @@ class OpenAIBackend:
         self.backoff_s = backoff_s
         self._backoff = wait_exponential(multiplier=backoff_s, max=timeout_s) + wait_random(0, backoff_s / 2)
         self.batch_size = batch_size
+        self.max_connections = max_connections
         self.choice_field = choice_field
         self.max_choice_tokens = max_choice_tokens
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -184,6 +189,52 @@ class OpenAIBackend:
                 path = sum(x for x in (lp.get("token_logprobs") or []) if x is not None) if lp else None
                 results.append(distribution_from_logprobs(c["text"], top, list(choices), path))
         return results
+
+    def generate_json(self, prompts: list[str], schemas: list[dict], max_tokens: int) -> list[JsonResult]:
+        """Greedy JSON under each prompt's schema: POST /v1/completions with
+        `response_format={"type": "json_schema", "json_schema": {"name": "fields", "schema": ...}}`
+        and `logprobs`, one request per prompt, at most `max_connections` at once, each with the
+        retries, failover and deadline of `choose` (the caller's deadline holds in every thread).
+
+        `logprob` is the sum of the returned token logprobs. `cascade llm serve` returns them
+        renormalised over the tokens the grammar allowed (the constrained distribution); vLLM v1
+        masks the logits with its grammar bitmask before its sampler takes logprobs from them,
+        so its sum should be the same quantity (not tested here). A server that returns no
+        logprobs gives logprob 0.0 (no confidence information: treat it as unknown).
+
+        Raises:
+            BackendError when the server refuses a request (a schema it cannot compile: 400),
+            BackendUnavailable when it cannot answer. An answer that is not JSON (a server that
+            ignored `response_format`) comes back with `value` None.
+        """
+        if len(schemas) != len(prompts):
+            raise ValueError(f"schemas: {len(schemas)} for {len(prompts)} prompts")
+        if not prompts:
+            return []
+
+        def one(prompt: str, schema: dict) -> JsonResult:
+            body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                    "logprobs": 1,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "fields", "schema": schema}}}
+            data = self._post("/completions", body)
+            choices = data.get("choices") or []
+            if len(choices) != 1:
+                raise BackendError(f"{self.url}/completions: {len(choices)} answers for 1 prompt")
+            c = choices[0]
+            lp = c.get("logprobs") or {}
+            logprob = sum(x for x in (lp.get("token_logprobs") or []) if x is not None)
+            return json_result(c["text"], logprob, c.get("finish_reason"))
+
+        workers = max(1, min(len(prompts), self.max_connections))
+        with ThreadPoolExecutor(workers, thread_name_prefix="openai-json") as pool:
+            # Each task runs in a copy of this thread's context: the deadline (a ContextVar) with it.
+            futures = [pool.submit(contextvars.copy_context().run, one, p, s) for p, s in zip(prompts, schemas)]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:  # one failed: the rest are not worth waiting for
+                for f in futures:
+                    f.cancel()
+                raise
 
     def stats(self) -> dict:
         return {"endpoints": self.pool.stats()}

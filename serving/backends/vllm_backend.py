@@ -1,12 +1,13 @@
 """vLLM in-process (GPUs; `pip install -e '.[gpu]'`): prefix caching on, labels by structured
-(guided) choice with the first position's log-probabilities for the distribution. vLLM is
-imported only when this backend is built."""
+(guided) choice with the first position's log-probabilities for the distribution, JSON by
+structured json with the answer's cumulative log-probability. vLLM is imported only when this
+backend is built."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from serving.backends.base import ChoiceResult, distribution_from_logprobs
+from serving.backends.base import ChoiceResult, JsonResult, distribution_from_logprobs, json_result
 
 
 def _choice_params(choices: list[str], logprobs: int):
@@ -22,6 +23,23 @@ def _choice_params(choices: list[str], logprobs: int):
 
         return SamplingParams(temperature=0.0, max_tokens=32, logprobs=logprobs,
                               guided_decoding=GuidedDecodingParams(choice=choices))
+
+
+def _json_params(schema: dict, max_tokens: int):
+    """Greedy JSON under `schema`, with the sampled tokens' logprobs (logprobs=0) so that
+    vLLM fills `cumulative_logprob`."""
+    from vllm import SamplingParams
+
+    try:  # vLLM >= 0.10.2
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
+                              structured_outputs=StructuredOutputsParams(json=schema))
+    except ImportError:  # older releases
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
+                              guided_decoding=GuidedDecodingParams(json=schema))
 
 
 class VLLMBackend:
@@ -48,6 +66,18 @@ class VLLMBackend:
             top = {lp.decoded_token: lp.logprob for lp in first.values() if lp.decoded_token is not None}
             results.append(distribution_from_logprobs(c.text, top, list(choices), c.cumulative_logprob))
         return results
+
+    def generate_json(self, prompts: list[str], schemas: list[dict], max_tokens: int) -> list[JsonResult]:
+        """One vLLM batch, a schema per prompt (greedy). `logprob` is vLLM's
+        `cumulative_logprob`: v1 masks the logits with the grammar bitmask before its sampler
+        takes logprobs from them, so it should be the constrained distribution's (not run
+        here: no vLLM on the CPU machines); 0.0 if vLLM returns none."""
+        if len(schemas) != len(prompts):
+            raise ValueError(f"schemas: {len(schemas)} for {len(prompts)} prompts")
+        params = [_json_params(s, max_tokens) for s in schemas]
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [json_result(o.outputs[0].text, o.outputs[0].cumulative_logprob or 0.0, o.outputs[0].finish_reason)
+                for o in outs]
 
     def close(self) -> None:
         del self.llm

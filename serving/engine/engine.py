@@ -27,8 +27,9 @@ from serving.engine.config import EngineConfig
 from serving.engine.constrained import ChoiceState, TokenTrie
 from serving.engine.kv_cache import KVCacheManager, allocate_kv_tensors, kv_bytes_per_token
 from serving.engine.runner import ModelRunner
-from serving.engine.sampling import SamplingParams, check_sampling, sample_token, top_logprobs
+from serving.engine.sampling import SamplingParams, check_sampling, sample_allowed, sample_token, top_logprobs
 from serving.engine.scheduler import Request, Scheduler
+from serving.engine.structured import GrammarState, StructuredOutputs
 from training.model import Transformer
 
 # A request in this many failed steps is failed itself (see LLMEngine.step).
@@ -57,6 +58,9 @@ class RequestOutput:
     choice_prob: float | None = None
     choice_scores: list[float] | None = None
     error: str | None = None  # finish_reason "error": why the engine could not run this request
+    # json_schema / regex requests: the answer's log-probability so far, each token's renormalised
+    # over the tokens the grammar allowed (temperature 1); None for other requests.
+    cumulative_logprob: float | None = None
 
 
 # Time-to-first-token buckets (seconds), as `EngineCounters.ttft_buckets` counts them.
@@ -124,6 +128,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._sent: dict[str, int] = {}
         self._tries: dict[tuple, tuple[TokenTrie, int]] = {}
+        self._structured: StructuredOutputs | None = None  # built at the first grammar request
+        self._grammars: dict[str, GrammarState] = {}  # request id -> its grammar's state
         self.steps = 0
         self.peak_kv = {"blocks": 0, "tokens": 0}
         self.vocab_size = model.embed_tokens.num_embeddings
@@ -174,12 +180,15 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request_id: {rid!r} is already running")
+        grammar = self._grammar(params) if params.json_schema is not None or params.regex is not None else None
         gen = None
         if params.seed is not None:
             gen = torch.Generator().manual_seed(params.seed)
         req = Request(rid, ids, params, choice=choice, generator=gen)
         self.requests[rid] = req
         self._sent[rid] = 0
+        if grammar is not None:
+            self._grammars[rid] = grammar
         self.scheduler.add(req)
         self.counters.prompt_tokens += len(ids)
         return rid
@@ -223,9 +232,27 @@ class LLMEngine:
         self._tries[key] = hit
         return hit
 
+    def _grammar(self, params: SamplingParams) -> GrammarState:
+        """A fresh grammar state for a json_schema / regex request; a schema llguidance cannot
+        compile is this request's error alone. The llguidance tokenizer is built at the first
+        such request (once per engine)."""
+        field = "json_schema" if params.json_schema is not None else "regex"
+        if self._structured is None:
+            try:
+                self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_id,
+                                                     threads=torch.get_num_threads())
+            except Exception as exc:  # e.g. a tokenizer without a decoder: llguidance cannot see its bytes
+                raise RequestError(f"{field}: structured output is not available with this model's tokenizer "
+                                   f"({type(exc).__name__}: {exc})") from None
+        try:
+            return self._structured.start(params.json_schema, params.regex)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         self._sent.pop(request_id, None)
+        self._grammars.pop(request_id, None)
         if req is not None and not req.finished:
             self.scheduler.finish(req, "abort")
 
@@ -262,13 +289,14 @@ class LLMEngine:
         if used > self.peak_kv["blocks"]:
             self.peak_kv = {"blocks": used, "tokens": sum(r.num_tokens for r in self.scheduler.running)}
         outputs, row = [], 0
+        masks = self._grammar_masks([s.request for s in plan.seqs if s.samples])
         for s in plan.seqs:
             req = s.request
             req.num_computed_tokens = s.start + s.num_new
             if not s.samples:
                 continue
             try:  # sampling is per request: one that cannot be sampled fails alone
-                self._append_token(req, logits[row])
+                self._append_token(req, logits[row], masks.get(req.request_id))
             except Exception as exc:
                 outputs.append(self._fail(req, f"sampling failed for this request: {type(exc).__name__}: {exc}"))
             else:
@@ -279,6 +307,16 @@ class LLMEngine:
             self.counters.generation_tokens += row
             self.counters.recent.append((time.monotonic(), row))
         return outputs
+
+    def _grammar_masks(self, sampling: list[Request]) -> dict[str, torch.Tensor | Exception]:
+        """The allowed tokens of this step's constrained sequences, computed in one parallel call
+        (an exception in place of a mask fails that request alone)."""
+        reqs = [r for r in sampling if r.request_id in self._grammars]
+        if not reqs:
+            return {}
+        states = [self._grammars[r.request_id] for r in reqs]
+        allow_eos = [not r.params.ignore_eos for r in reqs]
+        return {r.request_id: m for r, m in zip(reqs, self._structured.masks(states, allow_eos))}
 
     def _count(self, req: Request) -> None:
         if len(req.output_token_ids) == 1:
@@ -321,8 +359,19 @@ class LLMEngine:
                 self.suspects.append(req.request_id)
         return failed
 
-    def _append_token(self, req: Request, logits: torch.Tensor) -> None:
+    def _append_token(self, req: Request, logits: torch.Tensor, mask: torch.Tensor | Exception | None = None) -> None:
         p = req.params
+        grammar = self._grammars.get(req.request_id)
+        if grammar is not None:
+            if isinstance(mask, Exception):
+                raise mask
+            token, logprob, masked = sample_allowed(logits, p, req.generator, mask)
+            grammar.advance(token, logprob)
+            req.output_token_ids.append(token)
+            if p.logprobs is not None:  # over the allowed tokens, as for choices below
+                req.logprobs.append(top_logprobs(masked, token, min(p.logprobs, int(mask.sum()))))
+            self._check_stop(req, grammar)
+            return
         allowed = req.choice.allowed() if req.choice is not None else None
         token, choice_probs = sample_token(logits, p, req.generator, allowed)
         req.output_token_ids.append(token)
@@ -341,6 +390,11 @@ class LLMEngine:
                 req.text = p.choices[req.choice.label]
                 self.scheduler.finish(req, "stop")
             return
+        self._check_stop(req)
+
+    def _check_stop(self, req: Request, grammar: GrammarState | None = None) -> None:
+        """After a token: eos and stop tokens, stop strings, a grammar that is complete, length."""
+        p, token = req.params, req.output_token_ids[-1]
         stops = set(p.stop_token_ids)
         if not p.ignore_eos and self.eos_token_id is not None:
             stops.add(self.eos_token_id)
@@ -355,6 +409,9 @@ class LLMEngine:
                 req.text = req.text[:cut]
                 self.scheduler.finish(req, "stop")
                 return
+        if grammar is not None and grammar.stopped:  # nothing may follow: the answer is complete
+            self.scheduler.finish(req, "stop")
+            return
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self.scheduler.finish(req, "length")
 
@@ -375,9 +432,13 @@ class LLMEngine:
         if req.choice is not None and req.finished:
             out.choice, out.choice_prob = req.choice.label, req.choice.path_prob
             out.choice_scores = list(req.choice.scores)
+        grammar = self._grammars.get(req.request_id)
+        if grammar is not None:
+            out.cumulative_logprob = grammar.logprob
         if req.finished:
             self.requests.pop(req.request_id, None)
             self._sent.pop(req.request_id, None)
+            self._grammars.pop(req.request_id, None)
         return out
 
     # --- offline helpers -------------------------------------------------------------------

@@ -23,6 +23,12 @@ class SamplingParams:
         logprobs: return the top-k log-probabilities of each generated position (None: none).
         choices: constrain the output to one of these strings (classification); `max_tokens`
             is raised to the longest choice.
+        json_schema: constrain the output to JSON valid under this schema (llguidance;
+            serving/engine/structured.py). The output's `cumulative_logprob` is the answer's
+            log-probability renormalised over the allowed tokens. Cut at `max_tokens`, the text
+            may be incomplete (finish_reason "length").
+        regex: constrain the output to a match of this regex (as json_schema).
+        At most one of choices, json_schema and regex.
     """
 
     max_tokens: int = 16
@@ -34,6 +40,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     choices: list[str] | None = None
+    json_schema: dict | None = None
+    regex: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -46,6 +54,13 @@ class SamplingParams:
             raise ValueError(f"logprobs: {self.logprobs} is not in 0..20")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        given = [name for name in ("choices", "json_schema", "regex") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give at most one of choices, json_schema and regex (got {', '.join(given)})")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema: must be a JSON object (a schema), not {type(self.json_schema).__name__}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"regex: must be a string, not {type(self.regex).__name__}")
 
 
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing by 1e-300 turns
@@ -97,6 +112,25 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         return int(logits.argmax()), choice_probs
     probs = top_p_filter(torch.softmax(logits / params.temperature, -1), params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator)), choice_probs
+
+
+def sample_allowed(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                   allowed: torch.Tensor) -> tuple[int, float, torch.Tensor]:
+    """One token from a (vocab,) fp32 logits row among the tokens `allowed` (a bool row) lets
+    through (a grammar's mask).
+
+    Returns:
+        The token; its log-probability renormalised over the allowed tokens at temperature 1
+        (the model's confidence, not the sampling temperature's); and the masked logits (for
+        top-k logprobs over the allowed tokens).
+    """
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    if params.temperature < GREEDY_BELOW:
+        token = int(masked.argmax())
+    else:
+        probs = top_p_filter(torch.softmax(masked / params.temperature, -1), params.top_p)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(masked[token] - torch.logsumexp(masked, -1)), masked
 
 
 def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[int, float]]:
