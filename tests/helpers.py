@@ -45,3 +45,22 @@ def onnx_student_dir(directory: Path, labels: list[str], vocab: int = 64, seed: 
     (directory / "cascade.json").write_text(json.dumps({"labels": labels}))
     (directory / "config.json").write_text(json.dumps({"max_seq_len": 32}))
     return directory
+
+
+def run_docs_recipe(code: str, model_dir: Path, placeholder: str, result: str, arg) -> dict:
+    """Run a docs recipe (onnxruntime + tokenizers only) in a fresh interpreter, its model path
+    `placeholder` replaced by `model_dir`, `arg` as JSON in sys.argv[1]; returns the JSON object
+    whose items `result` (a Python dict expression over the recipe's names) gives, plus
+    "modules": the cascade/training/torch modules it imported (none, for a portable recipe)."""
+    import re
+    import subprocess
+    import sys
+
+    assert not re.search(r"^\s*(import|from)\s+(cascade|training|serving|torch)\b", code, re.M)
+    script = code.replace(placeholder, repr(str(model_dir))) + (
+        f"\nimport sys\nprint(json.dumps({{**({result}),\n"
+        "  'modules': sorted(m for m in ('cascade', 'training', 'torch') if m in sys.modules)}))\n")
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True,
+                         cwd=model_dir, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)

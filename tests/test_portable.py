@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from cascade.app.cli import main  # noqa: E402
 from cascade.tiers.student import encode_texts, load_student_tier  # noqa: E402
+from tests.helpers import run_docs_recipe  # noqa: E402
 from training import distill  # noqa: E402
 from training.distill import label_cache_dir, teacher_distributions  # noqa: E402
 from training.large import checkpoint_dir_for, load_large  # noqa: E402
@@ -94,16 +93,8 @@ def recipe() -> str:
 
 
 def test_onnxruntime_and_tokenizers_alone_reproduce_the_student_tier(student_dir):
-    code = recipe()
-    assert not re.search(r"^\s*(import|from)\s+(cascade|training|serving|torch)\b", code, re.M)
-    script = code.replace('"models/student"', repr(str(student_dir))) + (
-        "\nimport sys\n"
-        "print(json.dumps({'labels': labels, 'probs': probabilities(json.loads(sys.argv[1])).tolist(),\n"
-        "                  'modules': sorted(m for m in ('cascade', 'training', 'torch') if m in sys.modules)}))\n")
-    run = subprocess.run([sys.executable, "-c", script, json.dumps(TEXTS)], capture_output=True, text=True,
-                         cwd=student_dir, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout)
+    got = run_docs_recipe(recipe(), student_dir, '"models/student"',
+                          "{'labels': labels, 'probs': probabilities(json.loads(sys.argv[1])).tolist()}", TEXTS)
     assert got["modules"] == [] and got["labels"] == LABELS
     tier = load_student_tier(student_dir, model_file="model.onnx", batch_size=2)  # by length, 3 batches
     assert tier.temperature == 1.7 and tier.max_len == 12

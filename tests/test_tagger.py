@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cascade.tagging import auroc, decode_tags, encode_tags, item_confidence, locate_spans, risk_coverage_area, tag_set
+from tests.helpers import run_docs_recipe
 
 FIELDS = ["artist", "city", "day", "playlist", "reminder", "track"]
 ARTISTS = ["adele", "clem burke", "the beatles", "björk", "sigur rós", "miles davis"]
@@ -322,24 +323,15 @@ def test_an_extract_task_trains_a_tagger_whose_label_is_empty(tagger, tmp_path):
 
 def test_onnxruntime_and_tokenizers_alone_reproduce_the_tier(tagger):
     import re
-    import subprocess
-    import sys
 
     from cascade.tiers.student import load_student_tier
 
     out, _ = tagger
     doc = (Path(__file__).resolve().parents[1] / "docs" / "extraction.md").read_text()
     code = re.search(r"```python\n(.*?)```", doc[doc.index("## Student tagger"):], re.S).group(1)
-    assert not re.search(r"^\s*(import|from)\s+(cascade|training|serving|torch)\b", code, re.M)
     texts = ["play glósóli by björk", "weather in new york tomorrow", "add love to my love playlist", ""]
-    script = code.replace('"models/tagger"', repr(str(out))) + (
-        "\nimport sys\n"
-        "print(json.dumps({'answers': [answer(t) for t in json.loads(sys.argv[1])],\n"
-        "                  'modules': sorted(m for m in ('cascade', 'training', 'torch') if m in sys.modules)}))\n")
-    run = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True,
-                         cwd=out, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout)
+    got = run_docs_recipe(code, out, '"models/tagger"', "{'answers': [answer(t) for t in json.loads(sys.argv[1])]}",
+                          texts)
     assert got["modules"] == []
     for (label, fields, conf), pred in zip(got["answers"], load_student_tier(out).predict_batch(texts)):
         assert (label, fields) == (pred.label, pred.fields)
