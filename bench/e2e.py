@@ -34,7 +34,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,9 @@ def stage_student(cfg: E2EConfig) -> dict:
 def _training_summary(summary: dict, out: Path) -> dict:
     log = out / "train_log.jsonl"
     speed = [e for e in map(json.loads, log.read_text().splitlines()) if "tokens_per_s" in e] if log.exists() else []
-    keep = ("steps", "params", "non_embedding_params", "val_accuracy", "wall_s", "precision")
+    keep = ("steps", "params", "non_embedding_params", "val_accuracy", "wall_s", "precision",
+            # a tagging student's (extraction) figures from its own training summary
+            "val_span_f1", "val_exact_match", "val_joint_accuracy", "confidence_method", "confidence_auroc")
     res = {k: summary[k] for k in keep if k in summary}
     if speed:
         res["tokens_per_s"] = sum(e["tokens_per_s"] for e in speed) / len(speed)
@@ -437,8 +439,10 @@ def build_result_extract(cfg: E2EConfig, done: dict) -> dict:
     m = done["measure"]
     systems = m["systems"]
     large_rate = systems["large_only"]["items_per_s"]
+    from cascade.cpu import cpu_report
+
     result: dict = {"dataset": cfg.dataset, "task": cfg.task, "tiny": cfg.tiny, "n_test": m["n"],
-                    "threads": m["threads"], "metric": m["metric"], "llm_json": m["llm_json"]}
+                    "threads": m["threads"], "metric": m["metric"], "llm_json": m["llm_json"], "cpu": cpu_report()}
     for name in EXTRACT_SYSTEMS:
         rep = systems[name]
         ext = rep["extraction"]
@@ -474,16 +478,28 @@ def build_result_extract(cfg: E2EConfig, done: dict) -> dict:
     return result
 
 
+def command_line(config: dict) -> str:
+    """The `bench/e2e.py` command of a run: its dataset and every option away from its default."""
+    flags = {"large_train": "--large-train", "large_lr": "--large-lr", "large_precision": "--large-precision",
+             "calibrate_limit": "--calibrate-limit", "repeats": "--repeats", "student_epochs": "--student-epochs",
+             "limit": "--limit", "max_loss": "--max-loss", "confidence": "--confidence"}
+    defaults = {f.name: f.default for f in fields(E2EConfig) if f.name in flags}
+    cmd = f"python bench/e2e.py --dataset {config['dataset']}" + (" --tiny" if config.get("tiny") else "")
+    for key, flag in flags.items():
+        if key in config and config[key] != defaults[key]:
+            cmd += f" {flag} {config[key]:g}" if isinstance(config[key], float) else f" {flag} {config[key]}"
+    return cmd
+
+
 def markdown_report_extract(result: dict, plot_name: str | None) -> str:
     t, cal = result["targets"], result["calibration"]
     mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
     head = ["system", "intent acc.", "slot P", "slot R", "slot F1", "exact match (slots)", "joint (intent + slots)",
             "large-model share", "items/s", "cost per 1k (rel.)"]
     lines = [f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""), "",
-             f"{result['n_test']} test items, {result['threads']} CPU threads; task {result['task']}, calibrated on "
-             f"`{result['metric']}`. Command: `python bench/e2e.py --dataset {result['dataset']}"
-             + (f" --large-train {result['config']['large_train']}" if result["config"].get("large_train") else "")
-             + "`.", "",
+             f"{result['n_test']} test items, {result['threads']} CPU threads ({result['cpu']['class']}: "
+             f"{' '.join(result['cpu']['flags'])}); task {result['task']}, calibrated on "
+             f"`{result['metric']}`. Command: `{command_line(result['config'])}`.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name in EXTRACT_SYSTEMS:
         r = result[name]
@@ -505,6 +521,18 @@ def markdown_report_extract(result: dict, plot_name: str | None) -> str:
               f"{cal['val_llm_share']:.1%} at the large model (target {cal['target']:.4f}"
               + (f", {cal['confidence']:.0%} confidence" if cal["confidence"] else "") + ").",
               "- Published anchor on SNIPS (JointBERT): intent 98.6, slot F1 97.0, sentence accuracy 92.8."]
+    st = result["stages"]
+    lg, sd, ex = st["large"], st["student"], st["export"]
+    rows = result["config"].get("large_train") or "all"
+    lines.append(f"- Stages: the large model (SmolLM2-135M) fine-tuned on {rows} train rows, {lg['steps']} steps "
+                 f"({lg.get('precision', '?')}, {lg['wall_s'] / 60:.0f} min); the student "
+                 f"({sd['non_embedding_params']:,} non-embedding params) on every train row, val joint "
+                 f"{sd.get('val_joint_accuracy', float('nan')):.4f}, item confidence by "
+                 f"{sd.get('confidence_method', '?')} of the tag probabilities (AUROC "
+                 + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}"
+                             for k, v in (sd.get("confidence_auroc") or {}).items())
+                 + f"); int8 agreement (label and fields) with fp32 on val {ex['int8_top1_agreement_val']:.4f} "
+                 f"({len(ex['int8_kept_fp32'])} MatMuls kept fp32).")
     if plot_name:
         lines += ["", f"![calibration frontier, {result['dataset']}]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -590,7 +618,15 @@ large model, at most 20% of requests at the large model, at least 5× its items/
 """
 
 
+DOC_END = "<!-- end of bench/e2e.py's part: what follows is kept as it is -->"
+
+
 def write_docs(results_dir: Path, docs: Path) -> None:
+    """Rewrite docs' head and one section per dataset with results; whatever stands after
+    DOC_END (other benchmarks' sections) is kept."""
+    tail = ""
+    if docs.exists() and DOC_END in (old := docs.read_text(encoding="utf-8")):
+        tail = old[old.index(DOC_END) + len(DOC_END):]
     parts = [DOC_HEAD]
     for name in ("clinc150", "banking77", "snips"):
         file = results_dir / f"{name}.json"
@@ -601,7 +637,7 @@ def write_docs(results_dir: Path, docs: Path) -> None:
             report = markdown_report_extract if result.get("task", "classify") != "classify" else markdown_report
             parts.append(report(result, rel))
     docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text("\n".join(parts), encoding="utf-8")
+    docs.write_text("\n".join(parts) + "\n" + DOC_END + tail, encoding="utf-8")
 
 
 def stage_report(cfg: E2EConfig, done: dict) -> dict:
