@@ -179,6 +179,16 @@ def test_point_current_swaps_a_symlink(tmp_path):
         point_current(tmp_path, "v001")
 
 
+def test_an_extraction_cascade_is_refused_not_distilled_without_its_fields(tmp_path):
+    from training.flywheel import FlywheelError, run_flywheel
+
+    cfg = tmp_path / "cascade.toml"
+    cfg.write_text('[task]\nname = "x"\nkind = "joint"\n\n[[tiers]]\nname = "m"\nkind = "majority"\n'
+                   'threshold = 0.0\n')
+    with pytest.raises(FlywheelError, match="task.kind is 'joint'.*--teacher-fields"):
+        run_flywheel(cfg, tmp_path / "log", tmp_path / "data", tmp_path / "versions", log=lambda *_: None)
+
+
 def test_flywheel_config_names_the_bad_flag():
     from training.flywheel import FlywheelConfig, FlywheelError
 

@@ -649,6 +649,10 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         log(f"[flywheel] {what}   ({now - t0:.0f}s so far)")
 
     config = load_config(config_path)
+    if config.task.kind != "classify":  # its targets are label distributions: fields would be lost
+        raise FlywheelError(f"{config_path}: task.kind is {config.task.kind!r}; the flywheel learns labels only "
+                            "so far (an extraction cascade's fields would not reach its student): "
+                            "retrain with `cascade train student --teacher-fields` instead")
     labels = load_labels(data_dir).labels
     students = [t for t in config.tiers if t.kind == "student"]
     if not students:
