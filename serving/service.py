@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 from cascade.deadline import deadline_scope
+from cascade.fields import same_fields
 from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
 from serving.http import LoopLag, cancel_task
@@ -434,7 +435,8 @@ class CascadeService:
         if not isinstance(answer, Prediction):
             auditor.skipped["failed"] += 1
             return
-        auditor.record(pred.tier, answer.label == pred.label)
+        # an extraction answer agrees when its fields do too (classification: both None)
+        auditor.record(pred.tier, answer.label == pred.label and same_fields(answer.fields, pred.fields))
         if self.traffic_log is not None:
             entry = entry_of(pred, text, request_id, index, None, self.traffic_log.text)
             entry["audit"] = True

@@ -42,13 +42,22 @@ def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str 
         out["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     out.update({"label": pred.label, "confidence": round(float(pred.confidence), 6), "tier": pred.tier,
                 "degraded": pred.degraded, "latency_ms": round(pred.latency_ms, 3)})
+    if pred.fields is not None:
+        out["fields"] = pred.fields
+
+    def answer(t) -> dict:  # a tier's answer in the log: label, confidence, and fields if it extracts
+        a = {"label": t.label, "confidence": round(float(t.confidence), 6)}
+        if t.fields is not None:
+            a["fields"] = t.fields
+        return a
+
     trail = pred.trail or []
-    out["trail"] = [{"tier": t.tier, "label": t.label, "confidence": round(float(t.confidence), 6)} for t in trail]
+    out["trail"] = [{"tier": t.tier, **answer(t)} for t in trail]
     llm = next((t for t in trail if t.tier == llm_tier), None)
     if llm is None and pred.tier == llm_tier and not pred.degraded:
         llm = pred
     if llm is not None:
-        out["llm"] = {"label": llm.label, "confidence": round(float(llm.confidence), 6)}
+        out["llm"] = answer(llm)
     return out
 
 

@@ -371,3 +371,16 @@ def test_demo_task_with_fields(tmp_path):
              {"tier": "llm", "text": "c", "fields": {"x": ["c"]}}]
     shown = fields_by_tier(items)
     assert "rules: 'b' -> {'x': ['b']}" in shown and "llm: 'c'" in shown
+
+
+def test_traffic_log_entries_keep_every_tiers_fields():
+    from serving.traffic_log import entry_of
+
+    llm = Prediction("fly", 0.9, "llm", fields={"city": ["Oslo"]})
+    cheap = Prediction("fly", 0.4, "student", fields={})
+    final = Prediction("fly", 0.9, "llm", fields={"city": ["Oslo"]}, trail=[cheap, llm])
+    entry = entry_of(final, "fly to Oslo", "r1", 0, "llm", "keep")
+    assert entry["fields"] == {"city": ["Oslo"]} and entry["llm"]["fields"] == {"city": ["Oslo"]}
+    assert [t.get("fields") for t in entry["trail"]] == [{}, {"city": ["Oslo"]}]
+    plain = entry_of(Prediction("a", 0.9, "llm"), "t", None, 0, "llm", "keep")
+    assert "fields" not in plain and "fields" not in plain["llm"]
