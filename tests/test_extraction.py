@@ -367,10 +367,13 @@ def test_demo_task_with_fields(tmp_path):
         assert check_fields(ex.text, ex.fields, ["date", "email", "order_id"]) is None
         assert all(not v.startswith("#") for v in ex.fields.get("order_id", []))
     assert all(ex.fields is None for ex in load_split(tmp_path / "c", "train"))
-    items = [{"tier": "rules", "text": "a", "fields": {}}, {"tier": "rules", "text": "b", "fields": {"x": ["b"]}},
-             {"tier": "llm", "text": "c", "fields": {"x": ["c"]}}]
-    shown = fields_by_tier(items)
-    assert "rules: 'b' -> {'x': ['b']}" in shown and "llm: 'c'" in shown
+    from cascade.router import Cascade
+
+    rules = FieldsTier("rules", {"b": ("l", {"x": ["b"]}, 0.4)})
+    llm = FieldsTier("llm", {"a": ("l", {}, 1.0), "c": ("l", {"x": ["c"]}, 0.9)})
+    shown = fields_by_tier(Cascade([rules, llm], [0.5, 0.0]), ["a", "b", "c"])
+    assert "rules: 'b' -> {'x': ['b']} (confidence 0.400, would escalate)" in shown
+    assert "llm: 'c' -> {'x': ['c']} (confidence 0.900, answers)" in shown
 
 
 def test_traffic_log_entries_keep_every_tiers_fields():

@@ -43,16 +43,20 @@ options = {{ backend = "builtin", memory_gb = 0.5 }}
 """
 
 
-def fields_by_tier(items: list[dict]) -> str:
-    """One test text per tier with the fields that tier extracted from it (where any tier did)."""
-    lines = ["      a field extracted by each tier:"]
-    seen: set[str] = set()
-    for row in items:
-        tier = row.get("tier")
-        if tier and tier not in seen and row.get("fields"):
-            seen.add(tier)
-            lines.append(f"      {tier:>8}: {row['text']!r} -> {row['fields']}")
-    return "\n".join(lines if seen else ["      (no tier extracted a field on test)"])
+def fields_by_tier(cascade, texts: list[str]) -> str:
+    """Each tier's own answer on the first of `texts` it extracts a field from, whether or not
+    its confidence clears its threshold (the cascade would then have asked the next tier)."""
+    lines = ["      a field extracted by each tier (its own answer, before routing):"]
+    for tier, threshold in zip(cascade.tiers, cascade.thresholds):
+        preds = tier.predict_batch(texts)
+        hit = next(((t, p) for t, p in zip(texts, preds) if p is not None and p.fields), None)
+        if hit is None:
+            lines.append(f"      {tier.name:>8}: no field in these {len(texts)} texts")
+            continue
+        text, p = hit
+        kept = "answers" if p.confidence >= threshold else "would escalate"
+        lines.append(f"      {tier.name:>8}: {text!r} -> {p.fields} (confidence {p.confidence:.3f}, {kept})")
+    return "\n".join(lines)
 
 
 class Steps:
@@ -183,7 +187,13 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     files = write_reports(report, items, report_path)
     print(format_report(report))
     if labels.task != "classify":
-        print(fields_by_tier(items))
+        from cascade.config import build_cascade, load_config
+
+        shown = build_cascade(load_config(config_path), config_path.parent)
+        try:
+            print(fields_by_tier(shown, [ex.text for ex in load_split(data_dir, "test") if ex.fields][:64]))
+        finally:
+            shown.close()
 
     step("done")
     print(f"report: {files['markdown']}  (JSON: {report_path}; every item: {files['items']})\n"
