@@ -14,8 +14,10 @@ character's range, so they all take the span's tags.
 
 Decoding: B-x starts a span of x; I-x continues the open span when it is an x span and starts
 one otherwise (an I without a B is a span, not noise); O closes it. A span's value is the text
-from its first token's start to its last token's end, whitespace stripped; values of each name
-in text order, names in the order of their first value.
+from its first token's start to its last token's end, whitespace stripped and widened to whole
+words (`snap_to_words`: a value is made of whole words even when a subword tokenizer tags half
+of one), spans that then overlap merged into the first; values of each name in text order,
+names in the order of their first value.
 """
 
 from __future__ import annotations
@@ -132,17 +134,34 @@ def tag_spans(tag_ids, tags: list[str]) -> list[tuple[int, int, str]]:
     return [tuple(s) for s in spans]
 
 
+def snap_to_words(text: str, start: int, end: int) -> tuple[int, int]:
+    """Widen a span that starts or ends inside a word to the whole word: a subword tokenizer
+    can tag "beat" of "beatles" apart from "les", but a value is made of whole words."""
+    while 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum():
+        start -= 1
+    while 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum():
+        end += 1
+    return start, end
+
+
 def decode_tags(text: str, offsets: list[tuple[int, int]], tag_ids, tags: list[str]) -> Fields:
-    """Fields from per-token tag ids: each span the substring of `text` its tokens cover."""
-    found: list[tuple[int, str, str]] = []
+    """Fields from per-token tag ids: each span the substring of `text` its tokens cover,
+    widened to whole words (`snap_to_words`); spans that then overlap are one value, of the
+    first one's field."""
+    spans: list[list] = []  # [start, end, name], in text order
     n = len(offsets)
     for first, last, name in tag_spans(list(tag_ids)[:n], tags):
         start, end = _trim(text, offsets[first][0], offsets[last][1])
-        if start < end:
-            found.append((start, name, text[start:end]))
+        if start >= end:
+            continue
+        start, end = snap_to_words(text, start, end)
+        if spans and start < spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end, name])
     out: Fields = {}
-    for _, name, value in sorted(found, key=lambda f: f[0]):
-        out.setdefault(name, []).append(value)
+    for start, end, name in spans:
+        out.setdefault(name, []).append(text[start:end])
     return out
 
 

@@ -336,3 +336,17 @@ def test_onnxruntime_and_tokenizers_alone_reproduce_the_tier(tagger):
     for (label, fields, conf), pred in zip(got["answers"], load_student_tier(out).predict_batch(texts)):
         assert (label, fields) == (pred.label, pred.fields)
         assert abs(conf - pred.confidence) <= 1e-6
+
+
+def test_decoding_widens_a_half_tagged_word_to_the_whole_word():
+    """Seen on SNIPS over HTTP: "beatles" as tokens "beat" + "les", tagged B-music_item and
+    B-artist, came back as two invented values. A value is made of whole words."""
+    text = "play yesterday by the beatles"
+    tags = tag_set(["artist", "music_item"])
+    offsets = [(0, 4), (4, 14), (14, 17), (17, 21), (21, 26), (26, 29)]  # " beat", "les"
+    ids = [tags.index(t) for t in ("O", "O", "O", "O", "B-artist", "B-music_item")]
+    assert decode_tags(text, offsets, ids, tags) == {"artist": ["beatles"]}  # one value, the first one's field
+    ids = [tags.index(t) for t in ("O", "O", "O", "B-artist", "B-music_item", "B-artist")]
+    assert decode_tags(text, offsets, ids, tags) == {"artist": ["the"], "music_item": ["beatles"]}
+    ids = [tags.index(t) for t in ("O", "O", "O", "O", "B-music_item", "O")]
+    assert decode_tags(text, offsets, ids, tags) == {"music_item": ["beatles"]}
