@@ -111,27 +111,18 @@ def stage_prepare(cfg: E2EConfig) -> dict:
 def stage_rules(cfg: E2EConfig) -> dict:
     from cascade.data import load_labels, load_split
     from cascade.rules.check import check_pack
-    from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rules.mine import mine_for_task, write_pack
     from cascade.rules.pack import load_pack
 
     labels = load_labels(cfg.data)
     train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
-    if labels.task != "classify":
-        from cascade.rules.mine import mine_template_pack
-
-        pack, _ = mine_template_pack(train, val, cfg.dataset, MineConfig(min_train_support=2 if cfg.tiny else 3,
-                                                                         min_val_support=1),
-                                     task=labels.task)
-        write_pack(pack, cfg.workdir / "rules.toml")
-        check = check_pack(load_pack(cfg.workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
-        return {"rules": len(pack["rule"]), "val_coverage": check["coverage"], "val_precision": check["precision"],
-                "val_task_precision": check["task_precision"], "metric": check["metric"]}
-    mine_cfg = MineConfig(min_train_support=2 if cfg.tiny else 8, min_val_support=1 if cfg.tiny else 3,
-                          oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
-    pack, _ = mine_pack(train, val, cfg.dataset, mine_cfg)
+    pack = mine_for_task(train, val, cfg.dataset, labels.task, labels.oos_label, toy=cfg.tiny)
     write_pack(pack, cfg.workdir / "rules.toml")
-    check = check_pack(load_pack(cfg.workdir / "rules.toml"), val)
-    return {"rules": len(pack["rule"]), "val_coverage": check["coverage"], "val_precision": check["precision"]}
+    check = check_pack(load_pack(cfg.workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
+    record = {"rules": len(pack["rule"]), "val_coverage": check["coverage"], "val_precision": check["precision"]}
+    if labels.task != "classify":
+        record.update({"val_task_precision": check["task_precision"], "metric": check["metric"]})
+    return record
 
 
 def stage_large(cfg: E2EConfig) -> dict:

@@ -79,10 +79,12 @@ class LabelSet:
         return out
 
 
-def _check_row(text, label, where: str, bad: list[BadRow]) -> bool:
+def _check_row(text, label, where: str, bad: list[BadRow], require_label: bool = True) -> bool:
     if not isinstance(text, str) or not text.strip():
         bad.append(BadRow(where, "empty or missing text"))
         return False
+    if not require_label:
+        return True
     if label is None or (isinstance(label, str) and not label.strip()):
         bad.append(BadRow(where, "missing label"))
         return False
@@ -172,7 +174,7 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
                                              f"header has {len(reader.fieldnames)}"))
                     continue
                 text, label = row.get(text_field), row.get(label_field)
-                if _check_row(text, label if require_label else "-", where, bad):
+                if _check_row(text, label, where, bad, require_label):
                     ok, fields = _read_fields(text.strip(), row.get(fields_field), where, bad)
                     if ok:
                         rid = row.get(id_field) or f"{id_prefix}{len(examples):05d}"
@@ -194,7 +196,7 @@ def read_table(file: str | Path, text_field: str = "text", label_field: str = "l
                 text, label = row.get(text_field), row.get(label_field)
                 if label is not None and not isinstance(label, str):
                     label = str(label)
-                if _check_row(text, label if require_label else "-", where, bad):
+                if _check_row(text, label, where, bad, require_label):
                     ok, fields = _read_fields(text.strip(), row.get(fields_field), where, bad)
                     if ok:
                         rid = row.get(id_field)

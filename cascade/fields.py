@@ -20,6 +20,9 @@ import unicodedata
 from collections import Counter
 
 Fields = dict[str, list[str]]
+# What the large model reads before it writes the fields' JSON (training.task learns it, the
+# large-model tier prompts with it): here so both sides, one with torch and one without, share it.
+FIELDS_CUE = "\nFields:"
 
 # A "word" for span boundaries: a run of non-space characters with punctuation at its ends
 # split off, so "(Paris)," gives "(", "Paris", ")", "," — a value may start or end at either.

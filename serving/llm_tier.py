@@ -29,10 +29,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cascade.config import ConfigError, TierConfig
-from cascade.fields import fields_from_json, fields_json_schema, schema_violation
+from cascade.fields import FIELDS_CUE, fields_from_json, fields_json_schema, schema_violation
 from cascade.types import CostMeter, Prediction
-
-FIELDS_CUE = "\nFields:"  # training.task.FIELDS_CUE (this module imports no torch)
 
 
 class LLMTierOptions(BaseModel):

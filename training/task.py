@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from cascade.fields import FIELDS_CUE  # noqa: F401 (re-exported: the training side's name for it)
 from training.model import Transformer
 
 DEFAULT_TEMPLATE = "Request: {text}\nIntent:"
-FIELDS_CUE = "\nFields:"
 
 
 def label_token(label: str) -> str:

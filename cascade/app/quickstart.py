@@ -104,18 +104,10 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
 
     step("mine a rule pack from train, kept only where precise on val")
     from cascade.rules.check import check_pack
-    from cascade.rules.mine import MineConfig, mine_pack, oos_weight_for, write_pack
+    from cascade.rules.mine import mine_for_task, write_pack
     from cascade.rules.pack import load_pack
 
-    if labels.task == "classify":
-        mine_cfg = MineConfig(min_train_support=2 if smoke else 8, min_val_support=1 if smoke else 3,
-                              oos_label=labels.oos_label, oos_weight=oos_weight_for(train, labels.oos_label, 0.2))
-        pack, _ = mine_pack(train, val, task, mine_cfg)
-    else:  # extraction: templates with named groups (docs/extraction.md)
-        from cascade.rules.mine import mine_template_pack
-
-        pack, _ = mine_template_pack(train, val, task, MineConfig(min_train_support=2 if smoke else 3,
-                                                                  min_val_support=1), task=labels.task)
+    pack = mine_for_task(train, val, task, labels.task, labels.oos_label, toy=smoke)  # templates for extraction
     write_pack(pack, workdir / "rules.toml")
     check = check_pack(load_pack(workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
     prec = "-" if check["precision"] is None else f"{check['precision']:.3f}"

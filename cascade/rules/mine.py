@@ -411,6 +411,19 @@ def mine_template_pack(train: list[Example], val: list[Example], name: str, cfg:
     return data, report
 
 
+def mine_for_task(train: list[Example], val: list[Example], name: str, task: str = "classify",
+                  oos_label: str | None = None, toy: bool = False) -> dict:
+    """The pack the quickstart and the benchmark mine: phrase rules for a classify task (out of
+    scope weighted as 20% of traffic), templates with named groups for extract/joint. `toy`:
+    the low supports of toy-scale runs, where a few rows are all there is."""
+    if task == "classify":
+        cfg = MineConfig(min_train_support=2 if toy else 8, min_val_support=1 if toy else 3, oos_label=oos_label,
+                         oos_weight=oos_weight_for(train, oos_label, 0.2))
+        return mine_pack(train, val, name, cfg)[0]
+    cfg = MineConfig(min_train_support=2 if toy else 3, min_val_support=1)
+    return mine_template_pack(train, val, name, cfg, task=task)[0]
+
+
 def _toml_str(s: str) -> str:
     # Literal strings keep regexes readable ('\bcredit\W+score\b', no doubled backslashes).
     if "'" not in s and "\n" not in s:
