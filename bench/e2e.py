@@ -127,31 +127,32 @@ def stage_rules(cfg: E2EConfig) -> dict:
 
 def stage_large(cfg: E2EConfig) -> dict:
     from training.large import train_large
+    from training.recipes import LARGE, SMOKE_LARGE
     from training.trainer import TrainConfig
 
     out = cfg.workdir / "large"
     if cfg.tiny:
         run = train_large(cfg.data, out, size="debug", vocab_size=512, resume=True,
-                          cfg=TrainConfig(lr=3e-3, max_steps=12, batch_size=16, warmup_steps=2, ckpt_every=6))
+                          cfg=TrainConfig(**{**SMOKE_LARGE, "max_steps": 12, "ckpt_every": 6}))
     else:
         run = train_large(cfg.data, out, init="smollm2-135m", resume=True, eval_limit=10_000,
                           limit_train=cfg.large_train,
-                          cfg=TrainConfig(lr=cfg.large_lr, epochs=cfg.large_epochs, batch_size=32, warmup_steps=30,
-                                          eval_every=0, ckpt_every=100, log_every=10,
-                                          precision=cfg.large_precision))
+                          cfg=TrainConfig(**{**LARGE, "lr": cfg.large_lr, "epochs": cfg.large_epochs, "log_every": 10,
+                                             "precision": cfg.large_precision}))
     return _training_summary(run.summary, out)
 
 
 def stage_student(cfg: E2EConfig) -> dict:
     from training.distill import train_student
+    from training.recipes import SMOKE_STUDENT, STUDENT
     from training.trainer import TrainConfig
 
     out = cfg.workdir / "student"
+    recipe = ({**SMOKE_STUDENT, "max_steps": 12, "ckpt_every": 6} if cfg.tiny
+              else {**STUDENT, "lr": cfg.student_lr})
     run = train_student(cfg.data, cfg.workdir / "large", out, resume=True, augment=cfg.student_augment,
                         size="debug" if cfg.tiny else "distil-smollm2", from_teacher=not cfg.tiny,
-                        cfg=TrainConfig(lr=1e-3 if cfg.tiny else cfg.student_lr, max_steps=12 if cfg.tiny else None,
-                                        epochs=cfg.student_epochs, batch_size=64, warmup_steps=5 if cfg.tiny else 50,
-                                        ckpt_every=6 if cfg.tiny else 200))
+                        cfg=TrainConfig(**{**recipe, "epochs": cfg.student_epochs}))
     return _training_summary(run.summary, out)
 
 

@@ -41,26 +41,24 @@ from cascade.thresholds import (
 
 def measure_tiers(cascade, is_llm: list[bool], texts: list[str], batch_size: int = 256,
                   progress=None, tiers: int | None = None, metric: str = "accuracy") -> list[TierRun]:
-    """Run every tier (or the first `tiers`) on every text (batched) and time it. A tier's
-    answers are kept as `answer_key(metric, ...)`: the label for accuracy, the fields (or label
-    and fields) for extraction, so the replay compares answers under the task's metric."""
-    import time
-
+    """Run every tier (or the first `tiers`) on every text (batched); its cost is what the tier
+    itself measured (`Tier.cost`, the mean ms per item its meter keeps: the same figure it
+    reports when serving). A tier's answers are kept as `answer_key(metric, ...)`: the label
+    for accuracy, the fields (or label and fields) for extraction, so the replay compares
+    answers under the task's metric."""
     from cascade.metrics import answer_key
 
     runs = []
     for tier, llm in list(zip(cascade.tiers, is_llm))[:tiers]:
         labels: list[str | None] = []
         conf: list[float] = []
-        t0 = time.perf_counter()
         for start in range(0, len(texts), batch_size):
             for pred in tier.predict_batch(texts[start:start + batch_size]):
                 labels.append(None if pred is None else answer_key(metric, pred.label, pred.fields))
                 conf.append(0.0 if pred is None else float(pred.confidence))
             if progress:
                 progress(tier.name, min(len(texts), start + batch_size), len(texts))
-        ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(texts))
-        runs.append(TierRun(tier.name, labels, np.array(conf), ms, llm))
+        runs.append(TierRun(tier.name, labels, np.array(conf), float(tier.cost), llm))
     return runs
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from cascade.data import load_labels, load_split
 from cascade.fields import same_fields
@@ -205,11 +206,11 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     (joint) or nothing (extract: the one label ""). Without a teacher the tokenizer is a
     byte-level BPE of `vocab_size` trained on the train texts, and `unlabeled`/`augment` texts
     need the teacher's labels, so they are refused.
+
+    The steps: gather the distillation set (train, unlabelled and augmented texts, the teacher's
+    extractions), label it with the teacher (cached), tokenize and make the tag targets, build
+    the student (optionally from the teacher's layers), fit, then calibrate and write the dir.
     """
-    from tokenizers import Tokenizer
-
-    from training.large import load_large, train_bpe
-
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
     if teacher_fields_weight < 0 or tag_weight < 0:
@@ -226,7 +227,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
         raise ValueError(f"--teacher-fields: {data_dir} is a classify task (labels.json has no fields)")
     labels = label_set.labels if task != "extract" else [""]  # extract: one label the head never learns
     use_kd = teacher_dir is not None and task != "extract"
-    if teacher_dir is not None and task != "extract":
+    if use_kd:
         teacher_meta = json.loads((teacher_dir / "cascade.json").read_text())
         if teacher_meta["labels"] != label_set.labels:
             raise ValueError(f"teacher {teacher_dir} was trained on other labels than {data_dir}")
@@ -236,13 +237,68 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
         raise ValueError("--unlabeled/--augment texts learn from the teacher's labels: give a teacher "
                          "(use --teacher-fields for the large model's extractions)")
     train = load_split(data_dir, "train")[:limit_train]
+    dset = _distillation_set(train, labels, task, unlabeled, augment, cfg.seed, teacher_fields, label_set.fields,
+                             teacher_fields_weight)
+    # Keyed by the teacher's weights: any student of this teacher on these texts reuses it.
+    teacher_probs, cached = (teacher_distributions(teacher_dir, dset.texts, progress=progress) if use_kd
+                             else (None, False))
+    tokenizer_file = _student_tokenizer(teacher_dir, out, dset.texts, resume, vocab_size)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    ids, mask = encode(tokenizer, dset.texts, max_len)
+    id_rows = [[int(x) for x, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
+    tags = tag_set(label_set.fields) if tagger else None
+    tag_targets, missing_values = (_tag_targets(tokenizer, dset, tags, max_len) if tagger else (None, 0))
+    plan_info = None
+    if size == "auto":
+        size, plan_info = pick_student_size(sum(len(r) for r in id_rows), inference_tokens,
+                                            tokenizer.get_vocab_size(), len(labels))
+        print(f"--size auto: student {size} ({plan_info['chosen_params']:,} non-embedding params)", file=sys.stderr)
+    student, layers = _build_student(size, tokenizer.get_vocab_size(), len(labels), max_len, tags,
+                                     teacher_dir if from_teacher else None)
+    data = [Sequence(r, [g]) for r, g in zip(id_rows, dset.gold)]
+    batch_loss = kd_batch_loss(data, teacher_probs, temperature, alpha, tag_targets, dset.row_weight, tag_weight)
+    val = load_split(data_dir, "val")
+    evaluate = _val_evaluator(student, tokenizer, val, labels, task, tags, label_set.fields, max_len)
+    trainer = Trainer(student, data, cfg, out, Hooks(evaluate=evaluate), pad_id=0,
+                      n_params=student.num_params(), batch_loss=batch_loss, count_targets=lambda s: 1)
+    result = trainer.fit(resume=resume, progress=progress)
+    student.eval()
+    summary = {
+        "size": size, "from_teacher_layers": layers, "temperature_kd": temperature, "alpha": alpha,
+        "non_embedding_params": student.num_params(), "params": student.num_params(non_embedding=False),
+        "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+        "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(dset.texts) - len(train),
+        "augment": augment, "task": task, "teacher": str(teacher_dir) if teacher_dir is not None else None,
+        "plan": plan_info,
+    }
+    if tagger:
+        summary.update({"teacher_fields": dset.fields_info, "values_not_found": missing_values,
+                        "tag_weight": tag_weight})
+    _calibrate_and_save(student, tokenizer, tokenizer_file, out, data_dir, teacher_dir, label_set, labels, tags,
+                        val, max_len, summary)
+    return StudentRun(out, summary)
+
+
+@dataclass
+class _DistillationSet:
+    """The texts a student learns from, row-aligned: the train texts first, then the others."""
+
+    texts: list[str]
+    gold: list[int]  # label index, or IGNORE for a text without gold
+    row_fields: list[dict | None]  # the tag target's fields (gold, or the teacher's), None: no tag target
+    row_weight: list[float]  # the tag term's weight per row
+    fields_info: dict | None  # what --teacher-fields contributed
+
+
+def _distillation_set(train: list, labels: list[str], task: str, unlabeled, augment: int, seed: int,
+                      teacher_fields, fields: list[str], teacher_fields_weight: float) -> _DistillationSet:
     texts = [ex.text for ex in train]
     gold = [labels.index(ex.label) if task != "extract" else IGNORE for ex in train]
     extra = _read_unlabeled(Path(unlabeled)) if unlabeled else []
     if augment:
         from training.augment import augment_texts
 
-        extra += augment_texts(texts, augment, seed=cfg.seed)
+        extra += augment_texts(texts, augment, seed=seed)
     texts += extra
     gold += [IGNORE] * len(extra)
     # Tag targets: gold for train rows (a row without fields has none: all O), the teacher's
@@ -251,7 +307,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     row_weight = [1.0] * len(train) + [teacher_fields_weight] * len(extra)
     fields_info = None
     if teacher_fields is not None:
-        teacher_rows = read_teacher_fields(Path(teacher_fields), label_set.fields)
+        teacher_rows = read_teacher_fields(Path(teacher_fields), fields)
         gold_texts = {ex.text for ex in train}
         where = {t: i for i, t in enumerate(texts) if i >= len(train)}
         used = overridden = 0
@@ -269,86 +325,88 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
                 row_weight.append(teacher_fields_weight)
         fields_info = {"file": str(teacher_fields), "rows": len(teacher_rows), "used": used,
                        "gold_won": overridden, "weight": teacher_fields_weight}
-    # Keyed by the teacher's weights: any student of this teacher on these texts reuses it.
-    teacher_probs, cached = teacher_distributions(teacher_dir, texts, progress=progress) if use_kd else (None, False)
+    return _DistillationSet(texts, gold, row_fields, row_weight, fields_info)
+
+
+def _student_tokenizer(teacher_dir: Path | None, out: Path, texts: list[str], resume: bool,
+                       vocab_size: int) -> Path:
+    """The teacher's tokenizer (ids line up for initialising from the teacher), or without a
+    teacher a byte-level BPE of the train texts, kept in the student dir."""
+    from training.large import train_bpe
+
     if teacher_dir is not None:
-        tokenizer_file = teacher_dir / "tokenizer.json"
-    else:  # from gold alone: a byte-level BPE of the train texts, kept in the student dir
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer_file = out / "tokenizer.json"
-        if not (resume and tokenizer_file.exists()):
-            train_bpe(texts, vocab_size).save(str(tokenizer_file))
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    # The student reads the teacher's tokenizer: ids line up for initialising from the teacher.
-    vocab = tokenizer.get_vocab_size()
-    ids, mask = encode(tokenizer, texts, max_len)
-    id_rows = [[int(x) for x, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
-    tags = tag_set(label_set.fields) if tagger else None
-    tag_targets = None
-    missing_values = 0
-    if tagger:
-        have = [i for i, f in enumerate(row_fields) if f is not None]
-        found, missing_values = tag_rows(tokenizer, [texts[i] for i in have], [row_fields[i] for i in have], tags,
-                                         max_len)
-        tag_targets = [None] * len(texts)
-        for i, r in zip(have, found):
-            tag_targets[i] = r
-    plan_info = None
-    if size == "auto":
-        size, plan_info = pick_student_size(sum(len(r) for r in id_rows), inference_tokens, vocab, len(labels))
-        print(f"--size auto: student {size} ({plan_info['chosen_params']:,} non-embedding params)", file=sys.stderr)
+        return teacher_dir / "tokenizer.json"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = out / "tokenizer.json"
+    if not (resume and tokenizer_file.exists()):
+        train_bpe(texts, vocab_size).save(str(tokenizer_file))
+    return tokenizer_file
+
+
+def _tag_targets(tokenizer, dset: _DistillationSet, tags: list[str], max_len: int) -> tuple[list, int]:
+    """Per row its tokens' tag ids (None: no tag target), and how many values no token span found."""
+    have = [i for i, f in enumerate(dset.row_fields) if f is not None]
+    found, missing_values = tag_rows(tokenizer, [dset.texts[i] for i in have], [dset.row_fields[i] for i in have],
+                                     tags, max_len)
+    targets: list = [None] * len(dset.texts)
+    for i, r in zip(have, found):
+        targets[i] = r
+    return targets, missing_values
+
+
+def _build_student(size: str, vocab: int, n_labels: int, max_len: int, tags: list[str] | None,
+                   init_teacher: Path | None):
+    """The student of `size`; with `init_teacher`, its layers copied from the teacher's."""
+    from training.large import load_large
+
     if size not in STUDENT_SIZES:
         raise ValueError(f"--size {size!r}: known student sizes are {', '.join(STUDENT_SIZES)}")
-    student = build_student(size, vocab, len(labels), max_seq_len=max_len, **({"n_tags": len(tags)} if tagger else {}))
+    student = build_student(size, vocab, n_labels, max_seq_len=max_len, **({"n_tags": len(tags)} if tags else {}))
     layers = None
-    if from_teacher:
-        teacher, _, _ = load_large(teacher_dir)
+    if init_teacher is not None:
+        teacher, _, _ = load_large(init_teacher)
         layers = init_from_teacher(student, teacher)
         del teacher
-    data = [Sequence(r, [g]) for r, g in zip(id_rows, gold)]
-    batch_loss = kd_batch_loss(data, teacher_probs, temperature, alpha, tag_targets, row_weight, tag_weight)
+    return student, layers
 
-    val = load_split(data_dir, "val")
+
+def _val_evaluator(student, tokenizer, val: list, labels: list[str], task: str, tags: list[str] | None,
+                   fields: list[str], max_len: int):
+    """The trainer's evaluate hook: val accuracy (classify), span F1 / exact match (+ accuracy: joint)."""
     val_texts = [ex.text for ex in val]
     val_ids, val_mask = encode(tokenizer, val_texts, max_len)
     val_gold = torch.tensor([labels.index(ex.label) if task != "extract" else 0 for ex in val])
 
-    def val_logits(model) -> torch.Tensor:
-        return batched_logits(model, val_ids, val_mask)
-
     def evaluate() -> dict:
-        if not tagger:
-            return {"val_accuracy": (val_logits(student).argmax(-1) == val_gold).float().mean().item()}
+        if tags is None:
+            return {"val_accuracy": (batched_logits(student, val_ids, val_mask).argmax(-1) == val_gold)
+                    .float().mean().item()}
         answers = tagger_answers(student, tokenizer, val_texts, max_len)
-        scores = span_scores([ex.fields for ex in val], answers.fields(val_texts, tags), label_set.fields)
-        out_ = {"val_span_f1": scores["span_f1"], "val_exact_match": scores["exact_match"]}
+        scores = span_scores([ex.fields for ex in val], answers.fields(val_texts, tags), fields)
+        res = {"val_span_f1": scores["span_f1"], "val_exact_match": scores["exact_match"]}
         if task == "joint":
-            out_["val_accuracy"] = float((answers.label_probs.argmax(-1) == val_gold.numpy()).mean())
-        return out_
+            res["val_accuracy"] = float((answers.label_probs.argmax(-1) == val_gold.numpy()).mean())
+        return res
 
-    trainer = Trainer(student, data, cfg, out, Hooks(evaluate=evaluate), pad_id=0,
-                      n_params=student.num_params(), batch_loss=batch_loss, count_targets=lambda s: 1)
-    result = trainer.fit(resume=resume, progress=progress)
-    student.eval()
-    summary = {
-        "size": size, "from_teacher_layers": layers, "temperature_kd": temperature, "alpha": alpha,
-        "non_embedding_params": student.num_params(), "params": student.num_params(non_embedding=False),
-        "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-        "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(texts) - len(train),
-        "augment": augment, "task": task, "teacher": str(teacher_dir) if teacher_dir is not None else None,
-        "plan": plan_info,
-    }
+    return evaluate
+
+
+def _calibrate_and_save(student, tokenizer, tokenizer_file: Path, out: Path, data_dir, teacher_dir: Path | None,
+                        label_set, labels: list[str], tags: list[str] | None, val: list, max_len: int,
+                        summary: dict) -> None:
+    """Fit the confidence temperature(s) on val, add the figures to `summary` (in place), write
+    the student dir, calibration.json and train_summary.json."""
     tagging = None
-    if not tagger:
-        final_logits = val_logits(student)
+    if tags is None:
+        val_ids, val_mask = encode(tokenizer, [ex.text for ex in val], max_len)
+        val_gold = torch.tensor([labels.index(ex.label) for ex in val])
+        final_logits = batched_logits(student, val_ids, val_mask)
         calib = calibration_report(final_logits, val_gold)
         summary["val_accuracy"] = (final_logits.argmax(-1) == val_gold).float().mean().item()
     else:
         calib, report = _tagger_report(student, tokenizer, data_dir, label_set, labels, tags, max_len)
         summary.update(report)
-        summary.update({"teacher_fields": fields_info, "values_not_found": missing_values,
-                        "tag_weight": tag_weight})
-        tagging = {"task": task, "fields": label_set.fields, "tags": tags}
+        tagging = {"task": label_set.task, "fields": label_set.fields, "tags": tags}
     summary["calibration"] = calib
     save_student(student, out, tokenizer_file, labels,
                  {"data": str(Path(data_dir).resolve()),
@@ -356,7 +414,6 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
                   "oos_label": label_set.oos_label}, temperature=calib["temperature"], tagging=tagging)
     (out / "calibration.json").write_text(json.dumps(calib, indent=1) + "\n")
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return StudentRun(out, summary)
 
 
 def _tagger_report(student, tokenizer, data_dir, label_set, labels: list[str], tags: list[str],

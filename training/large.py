@@ -151,8 +151,12 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
                 template: str | None = None, progress: bool = True, save_dtype: str = "fp32",
                 checkpoint_dir: str | Path | None = None) -> LargeRun:
     """Train and write the model dir `out_dir` (weights in `save_dtype`: fp32 or bf16);
-    checkpoints go to `checkpoint_dir`, default `OUT.checkpoints/` beside it."""
-    from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, local_numel, shutdown_distributed
+    checkpoints go to `checkpoint_dir`, default `OUT.checkpoints/` beside it.
+
+    The steps: read the task's examples, make the base model (`--init` or from scratch), add the
+    label tokens and build the task's sequences, fit (sharded under torchrun), write the model
+    dir on rank 0."""
+    from training.parallelize import apply_fsdp, full_state_hooks, init_distributed, shutdown_distributed
 
     cfg = cfg or TrainConfig(**LARGE)
     rank, world_size, device = init_distributed()
@@ -161,119 +165,166 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
     ckpt_dir = resolve_checkpoint_dir(out, checkpoint_dir, resume)
-    label_set = load_labels(data_dir)
-    train = load_split(data_dir, "train")[:limit_train]
-    val = load_split(data_dir, "val")
-    # A seeded sample, not the head: split files are often grouped by label.
-    val = random.Random(cfg.seed).sample(val, min(eval_limit, len(val)))
-    unknown = {ex.label for ex in train + val} - set(label_set.labels)
-    if unknown:
-        raise ValueError(f"{data_dir}: labels {sorted(unknown)[:5]} are not in labels.json")
-    extra: dict = {}
-    if init:
-        base = resolve_init(init)
-        model = load_hf(base)
-        tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
-        tokenizer_dir = base
-        label_only = True
-        extra["init"] = str(init)
-    else:
-        tokenizer = train_bpe([ex.text for ex in train], vocab_size)
-        tokenizer_dir = None
-        if size == "auto":
-            n_tokens = sum(len(tokenizer.encode(ex.text).ids) + 4 for ex in train)
-            size, extra = pick_size(n_tokens, inference_tokens)
-            if rank == 0:
-                from training.planner import Plan, SizePoint, format_plan
-
-                p = extra["plan"]
-                print(format_plan(Plan(*(SizePoint(**p[k])
-                                         for k in ("compute_optimal", "fit_optimal", "inference_aware")),
-                                       p["inference_tokens"])), file=sys.stderr)
-                print(f"--size auto: {size} ({extra['chosen_params']:,} non-embedding params) for "
-                      f"{n_tokens:,} training tokens", file=sys.stderr)
-        if size not in SIZES:
-            raise ValueError(f"--size {size!r}: known sizes are {', '.join(SIZES)} or auto")
-        model = build_model(size, vocab_size=tokenizer.get_vocab_size(), bos_token_id=None, eos_token_id=0)
-        label_only = False
-    label_ids = add_label_tokens(tokenizer, label_set.labels)
-    resize_for_labels(model, tokenizer, label_set.labels, label_ids)
-    label_fields: dict[str, set] = {}
-    for ex in train:
-        label_fields.setdefault(ex.label or "", set()).update(ex.fields or {})
-    fmt = TaskFormat(label_set.labels, label_ids,
-                     template or TaskFormat.__dataclass_fields__["prompt_template"].default,
-                     task=Path(data_dir).name, oos_label=label_set.oos_label, extra=extra,
-                     task_kind=label_set.task, fields=list(label_set.fields),
-                     label_fields=({k: sorted(v) for k, v in sorted(label_fields.items())}
-                                   if label_set.task == "joint" else {}))
-    eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else 0
-    gold_fields = [ex.fields or {} for ex in train] if label_set.task != "classify" else None
-    data = build_sequences(tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train], label_only, eos,
-                           gold_fields)
-    n_params = model.num_params()
-    model_cfg = model.cfg
-    model.to(device)
+    label_set, train, val = _task_examples(data_dir, limit_train, eval_limit, cfg.seed)
+    base = _base_model(init, size, train, vocab_size, inference_tokens, announce=rank == 0)
+    fmt, data = _task_sequences(base, label_set, train, template, Path(data_dir).name)
+    n_params, model_cfg = base.model.num_params(), base.model.cfg
+    model = base.model.to(device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # once; the caller's stays as given
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     if world_size > 1:
         apply_fsdp(model, device, param_dtype)
 
     def evaluate() -> dict:
-        probs = label_distribution(model, tokenizer, fmt, [ex.text for ex in val], batch_size=32,
+        probs = label_distribution(model, base.tokenizer, fmt, [ex.text for ex in val], batch_size=32,
                                    dtype=None if world_size > 1 else param_dtype)
         pred = probs.argmax(-1).tolist()
         acc = sum(fmt.labels[p] == ex.label for p, ex in zip(pred, val)) / max(1, len(val))
         return {"val_accuracy": acc, "val_n": len(val)}
 
-    trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=eos, n_params=n_params, device=device,
-                      state_hooks=full_state_hooks if world_size > 1 else None, ckpt_dir=ckpt_dir)
+    trainer = Trainer(model, data, cfg, out, Hooks(evaluate=evaluate), pad_id=_eos_id(model_cfg), n_params=n_params,
+                      device=device, state_hooks=full_state_hooks if world_size > 1 else None, ckpt_dir=ckpt_dir)
     result = trainer.fit(resume=resume, progress=progress)
-
     state = trainer.model_state()  # collective under FSDP
-    summary = {
+    summary = _large_summary(trainer, result, state if rank == 0 else None, model_cfg, n_params, cfg, world_size,
+                             save_dtype, os.path.relpath(ckpt_dir.resolve(), out.resolve()), base.extra)
+    if world_size > 1:
+        _write_shard_record(out, rank, trainer, result)
+    if rank == 0:
+        _write_model_dir(out, state, model_cfg, fmt, base, save_dtype, summary)
+    if world_size > 1:
+        shutdown_distributed()
+    return LargeRun(out, summary)
+
+
+@dataclass
+class _BaseModel:
+    """What training starts from: the model, its tokenizer, and how it learns the task."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    tokenizer_dir: Path | None  # a pre-trained model's dir: its tokenizer files are carried over
+    label_only: bool  # a pre-trained model learns only the answer; from scratch, the text too
+    extra: dict  # recorded in the summary and cascade.json: the init, or the size plan
+
+
+def _task_examples(data_dir, limit_train: int | None, eval_limit: int, seed: int):
+    """(labels, train, a seeded val sample of `eval_limit`), refusing labels not in labels.json."""
+    label_set = load_labels(data_dir)
+    train = load_split(data_dir, "train")[:limit_train]
+    val = load_split(data_dir, "val")
+    # A seeded sample, not the head: split files are often grouped by label.
+    val = random.Random(seed).sample(val, min(eval_limit, len(val)))
+    unknown = {ex.label for ex in train + val} - set(label_set.labels)
+    if unknown:
+        raise ValueError(f"{data_dir}: labels {sorted(unknown)[:5]} are not in labels.json")
+    return label_set, train, val
+
+
+def _base_model(init: str | None, size: str, train: list, vocab_size: int, inference_tokens: float,
+                announce: bool) -> _BaseModel:
+    """The pre-trained model `init`, or a fresh one of `size` (auto: the planner's pick for the
+    train tokens) over a BPE tokenizer of the train texts."""
+    if init:
+        base = resolve_init(init)
+        return _BaseModel(load_hf(base), Tokenizer.from_file(str(base / "tokenizer.json")), base, True,
+                          {"init": str(init)})
+    tokenizer = train_bpe([ex.text for ex in train], vocab_size)
+    extra: dict = {}
+    if size == "auto":
+        n_tokens = sum(len(tokenizer.encode(ex.text).ids) + 4 for ex in train)
+        size, extra = pick_size(n_tokens, inference_tokens)
+        if announce:
+            from training.planner import Plan, SizePoint, format_plan
+
+            p = extra["plan"]
+            print(format_plan(Plan(*(SizePoint(**p[k]) for k in ("compute_optimal", "fit_optimal", "inference_aware")),
+                                   p["inference_tokens"])), file=sys.stderr)
+            print(f"--size auto: {size} ({extra['chosen_params']:,} non-embedding params) for "
+                  f"{n_tokens:,} training tokens", file=sys.stderr)
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r}: known sizes are {', '.join(SIZES)} or auto")
+    model = build_model(size, vocab_size=tokenizer.get_vocab_size(), bos_token_id=None, eos_token_id=0)
+    return _BaseModel(model, tokenizer, None, False, extra)
+
+
+def _eos_id(model_cfg) -> int:
+    return model_cfg.eos_token_id if model_cfg.eos_token_id is not None else 0
+
+
+def _task_sequences(base: _BaseModel, label_set, train: list, template: str | None,
+                    task_name: str) -> tuple[TaskFormat, list[Sequence]]:
+    """Add the label tokens to `base` (in place) and build its task format and training sequences."""
+    label_ids = add_label_tokens(base.tokenizer, label_set.labels)
+    resize_for_labels(base.model, base.tokenizer, label_set.labels, label_ids)
+    label_fields: dict[str, set] = {}
+    for ex in train:
+        label_fields.setdefault(ex.label or "", set()).update(ex.fields or {})
+    fmt = TaskFormat(label_set.labels, label_ids,
+                     template or TaskFormat.__dataclass_fields__["prompt_template"].default,
+                     task=task_name, oos_label=label_set.oos_label, extra=base.extra,
+                     task_kind=label_set.task, fields=list(label_set.fields),
+                     label_fields=({k: sorted(v) for k, v in sorted(label_fields.items())}
+                                   if label_set.task == "joint" else {}))
+    gold_fields = [ex.fields or {} for ex in train] if label_set.task != "classify" else None
+    data = build_sequences(base.tokenizer, fmt, [ex.text for ex in train], [ex.label for ex in train],
+                           base.label_only, _eos_id(base.model.cfg), gold_fields)
+    return fmt, data
+
+
+def _large_summary(trainer: Trainer, result, state: dict | None, model_cfg, n_params: int, cfg: TrainConfig,
+                   world_size: int, save_dtype: str, ckpt_rel: str, extra: dict) -> dict:
+    """train_summary.json; `state` (the full weights, rank 0 only) counts the embeddings."""
+    from training.parallelize import local_numel
+
+    return {
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
         "precision": cfg.precision, "params": n_params,
         "params_with_embeddings": (sum(v.numel() for k, v in state.items()
                                        if k != "lm_head.weight" or not model_cfg.tie_embeddings)
-                                   if rank == 0 else None),
+                                   if state is not None else None),
         "final_loss": result.losses[-1] if result.losses else None,
         "losses": result.losses,
         "val_accuracy": next((e["val_accuracy"] for e in reversed(trainer.log) if "val_accuracy" in e), None),
-        "world_size": world_size, "local_params": local_numel(model), "config": asdict(cfg),
-        "save_dtype": save_dtype, "checkpoint_dir": os.path.relpath(ckpt_dir.resolve(), out.resolve()), **extra,
+        "world_size": world_size, "local_params": local_numel(trainer.model), "config": asdict(cfg),
+        "save_dtype": save_dtype, "checkpoint_dir": ckpt_rel, **extra,
     }
-    if world_size > 1:
-        # What each rank holds: the evidence that parameters and optimizer state are sharded.
-        optim_numel = sum((t.to_local() if hasattr(t, "to_local") else t).numel()
-                          for st in trainer.optimizer.state.values() for t in st.values()
-                          if torch.is_tensor(t) and t.ndim > 0)
-        shard_dir = out / "shards"
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        (shard_dir / f"rank-{rank}.json").write_text(json.dumps(
-            {"rank": rank, "local_params": local_numel(model), "local_optimizer_numel": optim_numel,
-             "losses": result.losses}))
-    if rank == 0:
-        final = Transformer(model_cfg)
-        final.load_state_dict(state, strict=False)
-        if model_cfg.tie_embeddings:
-            final.lm_head.weight = final.embed_tokens.weight
-        save_hf(final, out, dtype=SAVE_DTYPES[save_dtype], cascade_meta=fmt.to_json())
-        tokenizer.save(str(out / "tokenizer.json"))
-        base_config = None
-        if tokenizer_dir is not None:
-            for name in ("special_tokens_map.json", "chat_template.jinja"):
-                if (tokenizer_dir / name).exists():
-                    (out / name).write_bytes((tokenizer_dir / name).read_bytes())
-            if (tokenizer_dir / "tokenizer_config.json").exists():
-                base_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-        # so that transformers (4.x and 5), vLLM and llama.cpp's converter load the tokenizer
-        write_tokenizer_config(out, out / "tokenizer.json", model_cfg, base_config)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        make_world_readable(out)
-    if world_size > 1:
-        shutdown_distributed()
-    return LargeRun(out, summary)
+
+
+def _write_shard_record(out: Path, rank: int, trainer: Trainer, result) -> None:
+    """What each rank holds: the evidence that parameters and optimizer state are sharded."""
+    from training.parallelize import local_numel
+
+    optim_numel = sum((t.to_local() if hasattr(t, "to_local") else t).numel()
+                      for st in trainer.optimizer.state.values() for t in st.values()
+                      if torch.is_tensor(t) and t.ndim > 0)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / f"rank-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "local_params": local_numel(trainer.model), "local_optimizer_numel": optim_numel,
+         "losses": result.losses}))
+
+
+def _write_model_dir(out: Path, state: dict, model_cfg, fmt: TaskFormat, base: _BaseModel, save_dtype: str,
+                     summary: dict) -> None:
+    """The HF model dir: weights, cascade.json, tokenizer files, train_summary.json."""
+    final = Transformer(model_cfg)
+    final.load_state_dict(state, strict=False)
+    if model_cfg.tie_embeddings:
+        final.lm_head.weight = final.embed_tokens.weight
+    save_hf(final, out, dtype=SAVE_DTYPES[save_dtype], cascade_meta=fmt.to_json())
+    base.tokenizer.save(str(out / "tokenizer.json"))
+    base_config = None
+    if base.tokenizer_dir is not None:
+        for name in ("special_tokens_map.json", "chat_template.jinja"):
+            if (base.tokenizer_dir / name).exists():
+                (out / name).write_bytes((base.tokenizer_dir / name).read_bytes())
+        if (base.tokenizer_dir / "tokenizer_config.json").exists():
+            base_config = json.loads((base.tokenizer_dir / "tokenizer_config.json").read_text())
+    # so that transformers (4.x and 5), vLLM and llama.cpp's converter load the tokenizer
+    write_tokenizer_config(out, out / "tokenizer.json", model_cfg, base_config)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    make_world_readable(out)
 
 
 def load_large(model_dir: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer, TaskFormat]:

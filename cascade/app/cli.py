@@ -513,8 +513,6 @@ def _log_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.recipes import LARGE, STUDENT  # torch-free: the defaults `--help` shows
-
     parser = argparse.ArgumentParser(
         prog="cascade",
         description="Answer each request with the cheapest tier that is confident enough.",
@@ -523,7 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cascade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_plan(sub)
+    _add_models(sub)
+    _add_batch(sub)
+    _add_serve(sub)
+    _add_llm(sub)
+    _add_train(sub)
+    _add_export(sub)
+    _add_data(sub)
+    _add_rules(sub)
+    _add_calibrate(sub)
+    _add_flywheel(sub)
+    _add_eval(sub)
+    _show_defaults(parser)
+    return parser
 
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    """Add `quickstart`."""
     p = sub.add_parser("quickstart", help="the main job, end to end, on the built-in demo task")
     p.add_argument("--workdir", default="runs/quickstart", help="where data, models, config and reports go")
     p.add_argument("--data", help="a prepared dataset dir instead of the generated demo task")
@@ -533,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_quickstart)
 
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    """Add `plan`."""
     p = sub.add_parser("plan", help="Chinchilla and inference-aware model sizing for a budget")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=parse_quantity, help="training tokens available (e.g. 2M, 1.4T)")
@@ -542,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p, "the plan")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    """Add `models import`."""
     models = sub.add_parser("models", help="pre-trained models").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")
     p = models.add_parser("import", help="turn a known model (smollm2-135m), a .gguf or an HF dir into a model dir")
@@ -549,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_models_import)
 
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    """Add `batch`."""
     p = sub.add_parser("batch", help="classify a JSONL/CSV (or, on Ray, Parquet) file; resumable, in input order")
     p.add_argument("input", help="JSONL or CSV with a text column (optional id and label); Parquet with --ray")
     p.add_argument("--config", required=True, help="cascade.toml")
@@ -566,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_batch)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """Add `serve`."""
     p = sub.add_parser("serve", help="the cascade over HTTP: /v1/classify, /healthz, /readyz, /metrics")
     p.add_argument("--config", required=True, help="cascade.toml")
     p.add_argument("--host", default="127.0.0.1")
@@ -576,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     _log_flags(p)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_llm(sub: argparse._SubParsersAction) -> None:
+    """Add `llm serve`."""
     llm = sub.add_parser("llm", help="the large model on the built-in engine").add_subparsers(
         dest="llm_command", required=True, metavar="ACTION")
     p = llm.add_parser("serve", help="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models")
@@ -598,8 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
     _log_flags(p)
     p.set_defaults(func=cmd_llm_serve)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """Add `train large` and `train student`."""
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,
                                                                          metavar="WHAT")
+    _add_train_large(train)
+    _add_train_student(train)
+
+
+def _add_train_large(train: argparse._SubParsersAction) -> None:
+    """Add `train large`."""
+    from training.recipes import LARGE  # torch-free: the defaults `--help` shows
+
     p = train.add_parser("large", help="fine-tune (--init) or pretrain the large model; torchrun shards it")
     p.add_argument("--data", required=True, help="dataset dir")
     p.add_argument("--out", required=True, help="model dir to write (checkpoints beside it, in OUT.checkpoints)")
@@ -635,20 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_large)
 
-    p = sub.add_parser("export", help="student to ONNX (parity-checked) and int8; FP8 for students and large models")
-    p.add_argument("--model", required=True, help="student dir")
-    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx")
-    p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
-    p.add_argument("--parity-texts", type=int, default=256)
-    p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
-                   help="static: activation scales fixed at export (calibrated on train texts), so a text's "
-                        "answer does not depend on its batch; dynamic: scales per batch at run time")
-    p.add_argument("--static-int8", action="store_true", help=argparse.SUPPRESS)  # = --int8-mode static
-    p.add_argument("--min-agreement", type=float, default=0.99,
-                   help="int8 top-1 agreement target on val; below it the most sensitive MatMuls stay fp32 (0: off)")
-    p.add_argument("--fp8", action="store_true", help="FP8 feed-forward weights (Llama 3 recipe); large models too")
-    p.add_argument("--fp8-texts", type=int, default=500, help="val texts for the FP8 accuracy change")
-    p.set_defaults(func=cmd_export)
+
+def _add_train_student(train: argparse._SubParsersAction) -> None:
+    """Add `train student`."""
+    from training.recipes import STUDENT  # torch-free: the defaults `--help` shows
 
     p = train.add_parser("student", help="distil the large model into a compact student")
     p.add_argument("--data", required=True, help="dataset dir")
@@ -678,6 +710,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_student)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """Add `export`."""
+    p = sub.add_parser("export", help="student to ONNX (parity-checked) and int8; FP8 for students and large models")
+    p.add_argument("--model", required=True, help="student dir")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx")
+    p.add_argument("--data", help="dataset dir for parity/agreement texts (default: the one in cascade.json)")
+    p.add_argument("--parity-texts", type=int, default=256)
+    p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
+                   help="static: activation scales fixed at export (calibrated on train texts), so a text's "
+                        "answer does not depend on its batch; dynamic: scales per batch at run time")
+    p.add_argument("--static-int8", action="store_true", help=argparse.SUPPRESS)  # = --int8-mode static
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="int8 top-1 agreement target on val; below it the most sensitive MatMuls stay fp32 (0: off)")
+    p.add_argument("--fp8", action="store_true", help="FP8 feed-forward weights (Llama 3 recipe); large models too")
+    p.add_argument("--fp8-texts", type=int, default=500, help="val texts for the FP8 accuracy change")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """Add `data prepare`."""
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("prepare", help="turn CLINC150, Banking77, SNIPS or any CSV/JSONL into a dataset dir")
     p.add_argument("--dataset", required=True, choices=["clinc150", "banking77", "snips", "csv", "jsonl"])
@@ -693,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_prepare)
 
+
+def _add_rules(sub: argparse._SubParsersAction) -> None:
+    """Add `rules check` and `rules mine`."""
     rules = sub.add_parser("rules", help="rule packs").add_subparsers(
         dest="rules_command", required=True, metavar="ACTION")
     p = rules.add_parser("check", help="per-rule support and precision, coverage, conflicts")
@@ -719,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="pack name (default: the file stem)")
     p.set_defaults(func=cmd_rules_mine)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    """Add `calibrate`."""
     p = sub.add_parser("calibrate", help="choose every tier's threshold jointly on validation data")
     p.add_argument("--config", required=True, help="cascade.toml (its thresholds are rewritten)")
     p.add_argument("--data", required=True, help="dataset dir")
@@ -749,6 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_flywheel(sub: argparse._SubParsersAction) -> None:
+    """Add `flywheel`."""
     p = sub.add_parser("flywheel", help="learn from the traffic log: label, distil again, recalibrate, gate a new "
                                         "version (docs/flywheel.md)")
     p.add_argument("--config", required=True, help="the current version's cascade.toml")
@@ -777,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_flywheel)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """Add `eval`."""
     p = sub.add_parser("eval", help="evaluate a cascade on a labelled split")
     p.add_argument("--config", required=True, help="cascade.toml")
     p.add_argument("--data", required=True, help="dataset dir")
@@ -789,8 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, help="first N items only")
     p.set_defaults(func=cmd_eval)
-    _show_defaults(parser)
-    return parser
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -72,18 +72,40 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
                    progress: bool = True, extract: bool = False) -> dict:
     """The main job end to end on the demo task (or `data`). `extract`: the demo task with
     fields (order ids, e-mail addresses, dates), a joint task every tier extracts them in."""
-    from cascade.cpu import cpu_report
-    from cascade.data import load_labels, load_split
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _print_cpu(smoke)
+    step = Steps(8)
+    data_dir, task = _task_data(step, workdir, data, smoke, extract)
+    _mine_rules(step, workdir, data_dir, task, smoke)
+    _train_large(step, workdir, data_dir, smoke, progress)
+    _train_student(step, workdir, data_dir, smoke, progress)
+    _export_student(step, workdir, data_dir)
+    config_path, cal = _calibrate(step, workdir, data_dir, task, progress)
+    report, files, report_path = _evaluate(step, config_path, data_dir, progress)
+    step("done")
+    print(f"report: {files['markdown']}  (JSON: {report_path}; every item: {files['items']})\n"
+          f"plot:   {cal['plot']}\nconfig: {config_path}\n"
+          f"serve:  cascade serve --config {config_path}\n"
+          f"batch:  cascade batch INPUT.jsonl --config {config_path} --out OUT.jsonl\n"
+          f"again:  cascade eval --config {config_path} --data {data_dir} --baseline --json {report_path}")
+    return report
+
+
+def _print_cpu(smoke: bool) -> None:
+    from cascade.cpu import cpu_report
+
     cpu = cpu_report()
     print(f"CPU: {cpu['class']} ({' '.join(cpu['flags']) or 'no vector flags read'}), {cpu['cores']} cores: "
           + ("bf16 training; the full run takes 4-13 min on 2 such cores, by their bf16 speed (README)"
              if cpu["class"] in ("AMX", "AVX512-BF16")
              else "fp32 training (bf16 would be slower here); the full run was reported at 15 min on 2 cores")
           + ("" if not smoke else " (--smoke: about a minute)"))
-    step = Steps(8)
+
+
+def _task_data(step: Steps, workdir: Path, data: str | Path | None, smoke: bool, extract: bool) -> tuple[Path, str]:
+    """Step 1: the demo task generated into WORKDIR/data, or the user's dataset dir."""
+    from cascade.data import load_labels, load_split
 
     if data is None:
         from cascade.app.demo import make_demo
@@ -98,27 +120,34 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
         step(f"use the dataset dir {data_dir}")
         task = data_dir.name
     labels = load_labels(data_dir)
-    train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
-    print(f"      {len(train)} train / {len(val)} val / {len(load_split(data_dir, 'test'))} test, "
-          f"{len(labels.labels)} labels")
+    print(f"      {len(load_split(data_dir, 'train'))} train / {len(load_split(data_dir, 'val'))} val / "
+          f"{len(load_split(data_dir, 'test'))} test, {len(labels.labels)} labels")
+    return data_dir, task
 
-    step("mine a rule pack from train, kept only where precise on val")
+
+def _mine_rules(step: Steps, workdir: Path, data_dir: Path, task: str, smoke: bool) -> None:
+    from cascade.data import load_labels, load_split
     from cascade.rules.check import check_pack
     from cascade.rules.mine import mine_for_task, write_pack
     from cascade.rules.pack import load_pack
 
-    pack = mine_for_task(train, val, task, labels.task, labels.oos_label, toy=smoke)  # templates for extraction
+    step("mine a rule pack from train, kept only where precise on val")
+    labels = load_labels(data_dir)
+    val = load_split(data_dir, "val")
+    pack = mine_for_task(load_split(data_dir, "train"), val, task, labels.task, labels.oos_label,
+                         toy=smoke)  # templates for extraction
     write_pack(pack, workdir / "rules.toml")
     check = check_pack(load_pack(workdir / "rules.toml"), val, task=labels.task, field_names=labels.fields)
     prec = "-" if check["precision"] is None else f"{check['precision']:.3f}"
     print(f"      {len(pack['rule'])} rules; on val: coverage {check['coverage']:.3f}, precision {prec}")
 
-    from training.recipes import LARGE, SMOKE_LARGE, SMOKE_STUDENT, STUDENT
+
+def _train_large(step: Steps, workdir: Path, data_dir: Path, smoke: bool, progress: bool) -> None:
+    from training.large import train_large
+    from training.recipes import LARGE, SMOKE_LARGE
     from training.trainer import TrainConfig
 
     step("fine-tune the large model" + (" (smoke: a tiny one from scratch)" if smoke else " from SmolLM2-135M"))
-    from training.large import train_large
-
     if smoke:
         large = train_large(data_dir, workdir / "large", size="debug", vocab_size=512,
                             cfg=TrainConfig(**SMOKE_LARGE), progress=progress)
@@ -128,9 +157,13 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
                             progress=progress)
     print(f"      val accuracy {large.summary['val_accuracy']}, {large.summary['wall_s']:.0f}s")
 
-    step("distil a student from it (teacher labels cached), calibrate its temperature")
-    from training.distill import train_student
 
+def _train_student(step: Steps, workdir: Path, data_dir: Path, smoke: bool, progress: bool) -> None:
+    from training.distill import train_student
+    from training.recipes import SMOKE_STUDENT, STUDENT
+    from training.trainer import TrainConfig
+
+    step("distil a student from it (teacher labels cached), calibrate its temperature")
     student = train_student(data_dir, workdir / "large", workdir / "student",
                             size="debug" if smoke else "distil-smollm2", from_teacher=not smoke,
                             # the demo's 2,400 texts: more epochs at half the lr than the default
@@ -140,10 +173,13 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     print(f"      student val accuracy {student.summary['val_accuracy']:.4f}, "
           f"{student.summary['non_embedding_params']:,} non-embedding params")
 
-    step("export the student to ONNX (parity-checked) and int8 (agreement-checked)")
+
+def _export_student(step: Steps, workdir: Path, data_dir: Path) -> None:
+    from cascade.data import load_split
     from training.export import export_onnx, quantize_int8
 
-    texts = [ex.text for ex in val]
+    step("export the student to ONNX (parity-checked) and int8 (agreement-checked)")
+    texts = [ex.text for ex in load_split(data_dir, "val")]
     exp = export_onnx(workdir / "student", texts[:128])
     # static scales calibrated on train texts, agreement checked on val (as `cascade export --int8`)
     q = quantize_int8(workdir / "student", texts, min_agreement=0.99, sensitivity_texts=256,
@@ -151,14 +187,18 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     print(f"      parity {exp['parity_max_abs_diff']:.1e}; int8 agreement {q['top1_agreement']:.4f}"
           + (f" ({len(q['kept_fp32'])} MatMuls kept fp32)" if q["kept_fp32"] else ""))
 
-    step("write cascade.toml and calibrate the thresholds on val (target: within 0.5 pt of the large model's "
-         "accuracy, with 90% confidence after the search; docs/calibration.md)")
+
+def _calibrate(step: Steps, workdir: Path, data_dir: Path, task: str, progress: bool) -> tuple[Path, dict]:
+    """Write cascade.toml and calibrate it; returns (its path, the calibration record)."""
     from cascade.calibrate import CalibrationError, run_calibration
+    from cascade.data import load_labels
     from cascade.progress import per_name
 
+    step("write cascade.toml and calibrate the thresholds on val (target: within 0.5 pt of the large model's "
+         "accuracy, with 90% confidence after the search; docs/calibration.md)")
     config_path = workdir / "cascade.toml"
-    config_path.write_text(CONFIG_TEMPLATE.format(task=task, kind=labels.task, writer="cascade quickstart"),
-                           encoding="utf-8")
+    config_path.write_text(CONFIG_TEMPLATE.format(task=task, kind=load_labels(data_dir).task,
+                                                  writer="cascade quickstart"), encoding="utf-8")
     try:
         cal = run_calibration(config_path, data_dir, "llm", max_loss=0.005, confidence=0.9,
                               progress=per_name("measuring", enabled=progress))
@@ -170,15 +210,20 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
     print(cal["table"])
     print(f"      chosen: val accuracy {c['accuracy']:.4f} with {c['llm_share']:.1%} at the large model "
           f"(alone: {cal['last_tier_accuracy']:.4f})")
+    return config_path, cal
 
-    step("evaluate on test: the cascade against the large model alone")
+
+def _evaluate(step: Steps, config_path: Path, data_dir: Path, progress: bool) -> tuple[dict, dict, Path]:
+    """Step 7: the cascade against the large model alone on test; (report, report files, JSON path)."""
+    from cascade.data import load_labels, load_split
     from cascade.evaluate import format_report, run_eval, write_reports
 
+    step("evaluate on test: the cascade against the large model alone")
     report, items = run_eval(config_path, data_dir, "test", baseline=True, progress=progress)
-    report_path = workdir / "eval.json"
+    report_path = config_path.parent / "eval.json"
     files = write_reports(report, items, report_path)
     print(format_report(report))
-    if labels.task != "classify":
+    if load_labels(data_dir).task != "classify":
         from cascade.config import build_cascade, load_config
 
         shown = build_cascade(load_config(config_path), config_path.parent)
@@ -186,11 +231,4 @@ def run_quickstart(workdir: str | Path, data: str | Path | None = None, smoke: b
             print(fields_by_tier(shown, [ex.text for ex in load_split(data_dir, "test") if ex.fields][:64]))
         finally:
             shown.close()
-
-    step("done")
-    print(f"report: {files['markdown']}  (JSON: {report_path}; every item: {files['items']})\n"
-          f"plot:   {cal['plot']}\nconfig: {config_path}\n"
-          f"serve:  cascade serve --config {config_path}\n"
-          f"batch:  cascade batch INPUT.jsonl --config {config_path} --out OUT.jsonl\n"
-          f"again:  cascade eval --config {config_path} --data {data_dir} --baseline --json {report_path}")
-    return report
+    return report, files, report_path
