@@ -20,6 +20,8 @@ The rest lives in one module per concern, each below this one (docs/calibration.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cascade.certify import Certificate, certify
@@ -207,21 +209,36 @@ def calibrate_runs(runs: list[TierRun], gold: list[str], target_accuracy: float 
             "last_accuracy": last_accuracy, "against_last": against_last}
 
 
+def _label_free_runs(path, names: list[str], path_texts: list[str]) -> tuple[list[TierRun], dict]:
+    """The evidence file's runs without the items the certified path is learnt on (the path must
+    not depend on the items that test it), and what was used."""
+    from cascade.evidence import drop_items, read_evidence, text_digest
+
+    runs, digests, meta = read_evidence(path, names)
+    on_path = {text_digest(t) for t in path_texts}
+    keep = np.array([d not in on_path for d in digests], dtype=bool)
+    if not keep.any():
+        raise CalibrationError(f"--label-free {path}: every item is also on the path's items; nothing is left")
+    return drop_items(runs, keep), {"file": str(path), "source": meta.get("source"), "n_file": len(digests),
+                                    "n": int(keep.sum()), "dropped_on_path": int((~keep).sum())}
+
+
 def run_calibration(config_path, data_dir, target_accuracy: float | str | None = None,
                     max_llm_share: float | None = None, split: str = "val", candidates: int = 24,
                     limit: int | None = None, write: bool = True, progress=None,
                     confidence: float | None = None, oos_threshold: bool = True,
                     oos_share: float | None = None, max_loss: float = 0.0, path_split: str | None = "train",
                     path_limit: int = 3000, learn_share: float = 0.3, seed: int = 0,
-                    unlabelled: list[TierRun] | None = None) -> dict:
+                    unlabelled: list[TierRun] | None = None, label_free: str | Path | None = None) -> dict:
     """Measure the configured tiers on `split`, choose thresholds (`calibrate_runs`), and (with
     `write`) store them in the config; the frontier goes beside it as `NAME.frontier.json` and
     `NAME.frontier.png`. `oos_share`: weight the items so the dataset's out-of-scope label is that
     share of traffic. With `confidence`, the certified path is learnt on up to `path_limit` items
     of `path_split` (the cheap tiers only; a seeded sample), else, when that split is absent or
-    None, on a `learn_share` of `split`. `unlabelled`: label-free evidence (`certify`)."""
+    None, on a `learn_share` of `split`. `unlabelled`: label-free evidence (`certify`);
+    `label_free`: an evidence file of it (`cascade.evidence`), less the items the path learns on.
+    With label-free evidence the report's `evidence` compares the choice with val alone."""
     import json
-    from pathlib import Path
 
     from cascade.config import build_cascade, dump_config, load_config
     from cascade.data import load_labels, load_split
@@ -250,6 +267,10 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
                                       tiers=len(config.tiers) - 1, metric=metric)
     finally:
         cascade.close()
+    evidence = None
+    if label_free is not None:
+        unlabelled, evidence = _label_free_runs(label_free, [r.name for r in runs],
+                                                [ex.text for ex in path_examples] if use_path else [])
     # out-of-scope label thresholds are a classification feature: keys are labels only there
     oos_label = load_labels(data_dir).oos_label if metric == "accuracy" else None
     weights = traffic_weights(gold, oos_label, oos_share)
@@ -257,6 +278,17 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     decision = calibrate_runs(runs, gold, target_accuracy, max_llm_share, confidence=confidence, max_loss=max_loss,
                               candidates=candidates, label=label, weights=weights, path_runs=path_runs,
                               path_gold=path_gold, learn_share=learn_share, seed=seed, unlabelled=unlabelled)
+    if unlabelled is not None and confidence is not None:
+        evidence = evidence or {"n": len(unlabelled[0].labels)}
+        try:
+            alone = calibrate_runs(runs, gold, target_accuracy, max_llm_share, confidence=confidence,
+                                   max_loss=max_loss, candidates=candidates, label=label, weights=weights,
+                                   path_runs=path_runs, path_gold=path_gold, learn_share=learn_share, seed=seed)
+            evidence["val_only"] = {"llm_share": alone["chosen"].llm_share, "accuracy": alone["chosen"].accuracy}
+        except CalibrationError as exc:
+            evidence["val_only"] = {"error": str(exc)}
+        evidence["with_label_free"] = {"llm_share": decision["chosen"].llm_share,
+                                       "accuracy": decision["chosen"].accuracy}
     points, chosen, cert = decision["points"], decision["chosen"], decision["certificate"]
     target_accuracy, last_accuracy = decision["target_accuracy"], decision["last_accuracy"]
     names = [r.name for r in runs]
@@ -277,7 +309,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         "guarantee": None if cert is None else cert.to_json(),
         "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
-        "grid_points": len(points),
+        "grid_points": len(points), "evidence": evidence,
     }
     # The chosen point is shown even when it is not on this grid (a certified one is learnt elsewhere).
     rows = pareto(points, "cost_ms")

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +194,8 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
                   resume: bool = False, limit_train: int | None = None, max_len: int = 64,
                   inference_tokens: float = 1e9, progress: bool = True,
                   teacher_fields: str | Path | None = None, teacher_fields_weight: float = 1.0,
-                  tag_weight: float = 1.0, vocab_size: int = 4096) -> StudentRun:
+                  tag_weight: float = 1.0, vocab_size: int = 4096,
+                  train_rows: list[int] | None = None) -> StudentRun:
     """Distil (or, with `teacher_dir` None, train from gold alone) a student for `data_dir`.
 
     A classify task trains the classifier. An `extract`/`joint` task trains a tagging student
@@ -205,7 +206,9 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     is the KD loss when there is a teacher and the task has labels, else gold cross-entropy
     (joint) or nothing (extract: the one label ""). Without a teacher the tokenizer is a
     byte-level BPE of `vocab_size` trained on the train texts, and `unlabeled`/`augment` texts
-    need the teacher's labels, so they are refused.
+    need the teacher's labels, so they are refused. `train_rows`: learn from only these rows of
+    train (indices; an out-of-fold student, `training.crossfit`), the teacher still labelling
+    all of train, so the cache the full student filled is reused.
 
     The steps: gather the distillation set (train, unlabelled and augmented texts, the teacher's
     extractions), label it with the teacher (cached), tokenize and make the tag targets, build
@@ -242,6 +245,12 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     # Keyed by the teacher's weights: any student of this teacher on these texts reuses it.
     teacher_probs, cached = (teacher_distributions(teacher_dir, dset.texts, progress=progress) if use_kd
                              else (None, False))
+    if train_rows is not None:
+        keep = _keep_rows(train_rows, len(train), len(dset.texts))
+        dset = _DistillationSet(*([getattr(dset, f)[i] for i in keep] for f in ("texts", "gold", "row_fields",
+                                                                                   "row_weight")), dset.fields_info)
+        teacher_probs = teacher_probs[keep] if teacher_probs is not None else None
+        train = [train[i] for i in keep if i < len(train)]
     tokenizer_file = _student_tokenizer(teacher_dir, out, dset.texts, resume, vocab_size)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     ids, mask = encode(tokenizer, dset.texts, max_len)
@@ -269,7 +278,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
         "steps": result.steps, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
         "teacher_cache_used": cached, "train_texts": len(train), "unlabeled_texts": len(dset.texts) - len(train),
         "augment": augment, "task": task, "teacher": str(teacher_dir) if teacher_dir is not None else None,
-        "plan": plan_info,
+        "plan": plan_info, "max_len": max_len, "config": asdict(cfg),  # the recipe, for out-of-fold copies
     }
     if tagger:
         summary.update({"teacher_fields": dset.fields_info, "values_not_found": missing_values,
@@ -277,6 +286,14 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     _calibrate_and_save(student, tokenizer, tokenizer_file, out, data_dir, teacher_dir, label_set, labels, tags,
                         val, max_len, summary)
     return StudentRun(out, summary)
+
+
+def _keep_rows(train_rows: list[int], n_train: int, n_rows: int) -> list[int]:
+    """The distillation rows to keep: the given train rows (checked), then every non-train row."""
+    bad = [i for i in train_rows if not 0 <= i < n_train]
+    if bad:
+        raise ValueError(f"train_rows: {bad[:5]} out of range for {n_train} train rows")
+    return sorted(set(train_rows)) + list(range(n_train, n_rows))
 
 
 @dataclass

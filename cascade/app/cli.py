@@ -153,7 +153,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                  confidence=args.confidence, oos_threshold=not args.no_oos_threshold,
                                  oos_share=args.oos_share, max_loss=args.max_loss,
                                  path_split=None if args.path_split == "learn" else args.path_split,
-                                 learn_share=args.learn_share, seed=args.seed)
+                                 learn_share=args.learn_share, seed=args.seed, label_free=args.label_free)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -167,6 +167,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"certified: {promise}, with {g['confidence']:.0%} confidence (docs/calibration.md)")
     print(f"chosen: accuracy {c['accuracy']:.4f}, llm share {c['llm_share']:.3f}, {c['cost_ms']:.3f} ms/item "
           f"(the last tier alone: {report['last_tier_accuracy']:.4f}); plot {report['plot']}")
+    if (ev := report.get("evidence")) is not None and "val_only" in ev:
+        alone = ev["val_only"]
+        print(f"label-free evidence: {ev['n']} items ({ev.get('dropped_on_path', 0)} left out: on the path); "
+              f"large-model share {ev['with_label_free']['llm_share']:.3f} with it, "
+              + (f"{alone['llm_share']:.3f} with val alone" if "llm_share" in alone
+                 else f"val alone: {alone['error']}"))
     if not args.dry_run:
         print(f"wrote the thresholds into {args.config}")
     return 0
@@ -290,6 +296,21 @@ def cmd_train_student(args: argparse.Namespace) -> int:
     print(f"wrote {run.out}: student {s['size']} ({s['non_embedding_params']:,} non-embedding params), "
           f"val accuracy {s['val_accuracy']:.4f}, temperature {c['temperature']:.3f}, "
           f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; next: cascade export --model {run.out} --int8")
+    return 0
+
+
+def cmd_train_crossfit(args: argparse.Namespace) -> int:
+    from training.crossfit import crossfit
+
+    try:
+        res = crossfit(args.config, args.data, args.out, folds=args.folds, seed=args.seed, limit=args.limit,
+                       toy_rules=args.toy_rules, progress=not args.no_progress)
+    except ValueError as exc:  # a cascade or dataset it cannot cross-fit: said, not a traceback
+        raise DataError(str(exc)) from exc
+    agree = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in res["agreement_with_llm"].items())
+    print(f"wrote {res['path']}: {res['n']} train texts, {res['folds']} folds; out-of-fold agreement with the large "
+          f"model where each tier answers: {agree}\nnext: cascade calibrate --config {args.config} --data {args.data} "
+          f"--target-accuracy llm --max-loss 0.005 --confidence 0.9 --label-free {res['path']}")
     return 0
 
 
@@ -631,11 +652,26 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    """Add `train large` and `train student`."""
+    """Add `train large`, `train student` and `train crossfit`."""
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_command", required=True,
                                                                          metavar="WHAT")
     _add_train_large(train)
     _add_train_student(train)
+    _add_train_crossfit(train)
+
+
+def _add_train_crossfit(train: argparse._SubParsersAction) -> None:
+    """Add `train crossfit`."""
+    p = train.add_parser("crossfit", help="out-of-fold cheap tiers on train: label-free evidence for calibrate")
+    p.add_argument("--config", required=True, help="the cascade.toml whose cheap tiers (rules, student) are re-fit")
+    p.add_argument("--data", required=True, help="the dataset dir its student was distilled on")
+    p.add_argument("--out", required=True, help="dir for the fold models and evidence.json")
+    p.add_argument("--folds", type=int, default=3, help="K: each fold's tiers learn from the other K - 1")
+    p.add_argument("--limit", type=int, help="score at most N train texts (a seeded sample); all still train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--toy-rules", action="store_true", help="mine rules at toy-scale supports (tiny datasets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_train_crossfit)
 
 
 def _add_train_large(train: argparse._SubParsersAction) -> None:
@@ -803,6 +839,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oos-share", type=float,
                    help="weight the split so out-of-scope items are this share of traffic (e.g. 0.2; default: "
                         "as they come)")
+    p.add_argument("--label-free", metavar="EVIDENCE.json",
+                   help="with --target-accuracy llm and --confidence: also certify on items with the large model's "
+                        "answer but no gold (written by `cascade train crossfit`; docs/calibration.md)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")

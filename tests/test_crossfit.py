@@ -1,0 +1,126 @@
+"""Cross-fitted label-free evidence (`cascade train crossfit`, training/crossfit.py) and its use
+in calibration (`cascade calibrate --label-free`, cascade/evidence.py): the folds, out-of-fold
+tiers that never saw the texts they score, the large model's cached answers, the path's items
+left out, and clear errors for a file that does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cascade.evidence import EVIDENCE_FORMAT, read_evidence
+from cascade.thresholds import CalibrationError
+from training.crossfit import folds_of
+
+
+def test_folds_are_disjoint_cover_everything_and_are_seeded():
+    folds = folds_of(10, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(10))
+    assert sorted(len(f) for f in folds) == [3, 3, 4]
+    assert [f.tolist() for f in folds] == [f.tolist() for f in folds_of(10, 3, seed=0)]
+    assert [f.tolist() for f in folds] != [f.tolist() for f in folds_of(10, 3, seed=1)]
+    with pytest.raises(ValueError, match="--folds 1"):
+        folds_of(10, 1, seed=0)
+
+
+def test_an_evidence_file_that_does_not_fit_is_refused_by_name(tmp_path):
+    good = {"format": EVIDENCE_FORMAT, "text_digests": ["a", "b"],
+            "runs": [{"name": "student", "labels": ["x", None], "confidence": [0.9, 0.0]},
+                     {"name": "llm", "labels": ["x", "y"], "confidence": [1.0, 1.0]}]}
+    path = tmp_path / "evidence.json"
+    path.write_text(json.dumps(good))
+    runs, digests, _ = read_evidence(path, ["student", "llm"])
+    assert digests == ["a", "b"] and runs[0].labels == ["x", None] and runs[1].is_llm and not runs[0].is_llm
+    with pytest.raises(CalibrationError, match=r"evidence.json: its tiers \['student', 'llm'\] are not"):
+        read_evidence(path, ["rules", "student", "llm"])
+    for broken, message in (({**good, "format": "other/1"}, "format 'other/1'"),
+                            ({**good, "text_digests": ["a"]}, "has 2 labels and 2 confidences for 1 items"),
+                            ({**good, "runs": [good["runs"][0], {**good["runs"][1], "labels": ["x", None]}]},
+                             "must answer every item")):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(CalibrationError, match=message):
+            read_evidence(path, ["student", "llm"])
+    path.write_text("{not json")
+    with pytest.raises(CalibrationError, match="not a readable evidence file"):
+        read_evidence(path, ["student", "llm"])
+
+
+def test_train_rows_out_of_range_is_refused(tmp_path):
+    from cascade.app.demo import make_demo
+    from training.distill import train_student
+
+    make_demo(tmp_path / "d", per_label=(3, 2, 2))
+    with pytest.raises(ValueError, match=r"train_rows: \[10000\] out of range"):
+        train_student(tmp_path / "d", None, tmp_path / "s", size="debug", train_rows=[0, 10000], progress=False)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    from cascade.app.quickstart import run_quickstart
+
+    root = tmp_path_factory.mktemp("crossfit")
+    run_quickstart(root / "qs", smoke=True, progress=False)
+    return root
+
+
+def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_uses_it(smoke, capsys):
+    from cascade.app.cli import main
+    from cascade.data import load_split
+    from training.distill import teacher_distributions
+
+    qs = smoke / "qs"
+    out = smoke / "evidence"
+    args = ["train", "crossfit", "--config", str(qs / "cascade.toml"), "--data", str(qs / "data"), "--out", str(out),
+            "--folds", "2", "--toy-rules", "--no-progress"]
+    assert main(args) == 0
+    assert "out-of-fold agreement with the large model" in capsys.readouterr().out
+    ev = json.loads((out / "evidence.json").read_text())
+    train = load_split(qs / "data", "train")
+    assert ev["format"] == EVIDENCE_FORMAT and ev["n"] == len(train) and ev["folds"] == 2
+    assert [r["name"] for r in ev["runs"]] == ["rules", "student", "llm"]
+    # every text scored by exactly one fold, whose tiers learnt from the other fold only
+    held = [set(json.loads((out / f"fold-{j}" / "predictions.json").read_text())["held_scored"]) for j in (0, 1)]
+    assert not held[0] & held[1] and held[0] | held[1] == set(range(len(train)))
+    for j in (0, 1):
+        summary = json.loads((out / f"fold-{j}" / "student" / "train_summary.json").read_text())
+        assert summary["train_texts"] == len(train) - len(held[j])
+        assert (out / f"fold-{j}" / "student" / "model.int8.onnx").exists()
+        assert (out / f"fold-{j}" / "rules.toml").exists()
+    # the large model's answers are its cached distribution's argmax, on every item
+    probs, cached = teacher_distributions(qs / "large", [ex.text for ex in train], progress=False)
+    labels = json.loads((qs / "large" / "cascade.json").read_text())["labels"]
+    assert cached and ev["runs"][-1]["labels"] == [labels[i] for i in probs.argmax(-1).tolist()]
+    # a second run reuses the folds
+    mtime = (out / "fold-0" / "predictions.json").stat().st_mtime_ns
+    assert main(args) == 0 and (out / "fold-0" / "predictions.json").stat().st_mtime_ns == mtime
+    capsys.readouterr()
+
+    calibrate = ["calibrate", "--config", str(qs / "cascade.toml"), "--data", str(qs / "data"),
+                 "--target-accuracy", "llm", "--max-loss", "0.05", "--confidence", "0.9", "--dry-run",
+                 "--no-progress", "--label-free", str(out / "evidence.json")]
+    # the path is learnt on train (all of it, at this size): every evidence item is on it, so none may test
+    assert main(calibrate) == 2
+    assert "every item is also on the path's items" in capsys.readouterr().err
+    assert main([*calibrate, "--path-split", "learn"]) == 0
+    printed = capsys.readouterr().out
+    assert f"label-free evidence: {len(train)} items (0 left out: on the path)" in printed
+    assert "with val alone" in printed or "val alone:" in printed
+    frontier = json.loads((qs / "cascade.frontier.json").read_text())
+    assert frontier["evidence"]["n"] == len(train) and "with_label_free" in frontier["evidence"]
+    assert "unlabelled" in frontier["guarantee"]["method"]
+
+
+def test_crossfit_refuses_a_tier_it_cannot_fit_again(smoke, capsys):
+    from cascade.app.cli import main
+    from cascade.config import dump_config, load_config
+
+    qs = smoke / "qs"
+    config = load_config(qs / "cascade.toml")
+    config.tiers[0] = config.tiers[0].model_copy(update={"kind": "majority", "path": None, "options": {}})
+    dump_config(config, qs / "majority.toml")
+    assert main(["train", "crossfit", "--config", str(qs / "majority.toml"), "--data", str(qs / "data"),
+                 "--out", str(smoke / "x"), "--no-progress"]) == 2
+    assert "tier 'rules' is of kind 'majority'; cross-fitting can fit again rules, student tiers only" in \
+        capsys.readouterr().err
