@@ -209,6 +209,31 @@ def calibrate_runs(runs: list[TierRun], gold: list[str], target_accuracy: float 
             "last_accuracy": last_accuracy, "against_last": against_last}
 
 
+def _traffic_runs(cascade, is_llm: list[bool], config_path: Path, data_dir, items, metric: str,
+                  progress) -> tuple[list[TierRun], dict]:
+    """The cheap tiers measured on label-free items with the large model's answers, leaving out
+    texts the tiers may have learnt: the train split and the carried traffic of a flywheel version."""
+    import json
+
+    from cascade.data import load_split
+    from cascade.metrics import answer_key
+
+    texts, answers = items
+    seen = {ex.text for ex in load_split(data_dir, "train")} if (Path(data_dir) / "train.jsonl").exists() else set()
+    carried = config_path.parent / "flywheel_data.jsonl"
+    if carried.exists():
+        seen |= {json.loads(line)["text"] for line in carried.read_text(encoding="utf-8").splitlines() if line}
+    keep = [i for i, t in enumerate(texts) if t not in seen]
+    if not keep:
+        raise CalibrationError(f"--label-free: none of the {len(texts)} items is left once the texts the tiers may "
+                               "have learnt (train, carried traffic) are left out")
+    runs = measure_tiers(cascade, is_llm, [texts[i] for i in keep], progress=progress, tiers=len(is_llm) - 1,
+                         metric=metric)
+    llm = [answer_key(metric, answers[i]["label"], answers[i].get("fields")) for i in keep]
+    runs.append(TierRun(cascade.tiers[-1].name, llm, np.ones(len(keep)), 0.0, True))
+    return runs, {"source": "traffic", "n_file": len(texts), "n": len(keep), "dropped_seen": len(texts) - len(keep)}
+
+
 def _label_free_runs(path, names: list[str], path_texts: list[str]) -> tuple[list[TierRun], dict]:
     """The evidence file's runs without the items the certified path is learnt on (the path must
     not depend on the items that test it), and what was used."""
@@ -229,14 +254,18 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
                     confidence: float | None = None, oos_threshold: bool = True,
                     oos_share: float | None = None, max_loss: float = 0.0, path_split: str | None = "train",
                     path_limit: int = 3000, learn_share: float = 0.3, seed: int = 0,
-                    unlabelled: list[TierRun] | None = None, label_free: str | Path | None = None) -> dict:
+                    unlabelled: list[TierRun] | None = None, label_free: str | Path | None = None,
+                    label_free_items: tuple[list[str], list[dict]] | None = None) -> dict:
     """Measure the configured tiers on `split`, choose thresholds (`calibrate_runs`), and (with
     `write`) store them in the config; the frontier goes beside it as `NAME.frontier.json` and
     `NAME.frontier.png`. `oos_share`: weight the items so the dataset's out-of-scope label is that
     share of traffic. With `confidence`, the certified path is learnt on up to `path_limit` items
     of `path_split` (the cheap tiers only; a seeded sample), else, when that split is absent or
     None, on a `learn_share` of `split`. `unlabelled`: label-free evidence (`certify`);
-    `label_free`: an evidence file of it (`cascade.evidence`), less the items the path learns on.
+    `label_free`: an evidence file of it (`cascade.evidence`), less the items the path learns on;
+    `label_free_items`: (texts, the large model's answers {"label", "fields"}), e.g. audited
+    traffic (`serving.traffic_log.audited_sample`): the configured cheap tiers are run on them
+    here, less the texts they may have learnt (the train split, the version's carried traffic).
     With label-free evidence the report's `evidence` compares the choice with val alone."""
     import json
 
@@ -252,7 +281,9 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     texts, gold = [ex.text for ex in examples], [answer_key(metric, ex.label, ex.fields) for ex in examples]
     use_path = (confidence is not None and max_llm_share is None and path_split not in (None, split)
                 and (Path(data_dir) / f"{path_split}.jsonl").exists() and len(config.tiers) > 1)
-    path_runs = path_gold = None
+    path_runs = path_gold = evidence = None
+    if label_free is not None and label_free_items is not None:
+        raise CalibrationError("--label-free: give one evidence source, a file or a traffic log")
     cascade = build_cascade(config, config_path.parent)
     try:
         is_llm = [spec.kind in LLM_KINDS for spec in config.tiers]
@@ -265,9 +296,11 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
             path_gold = [answer_key(metric, ex.label, ex.fields) for ex in path_examples]
             path_runs = measure_tiers(cascade, is_llm, [ex.text for ex in path_examples], progress=progress,
                                       tiers=len(config.tiers) - 1, metric=metric)
+        if label_free_items is not None:
+            unlabelled, evidence = _traffic_runs(cascade, is_llm, config_path, data_dir, label_free_items, metric,
+                                                 progress)
     finally:
         cascade.close()
-    evidence = None
     if label_free is not None:
         unlabelled, evidence = _label_free_runs(label_free, [r.name for r in runs],
                                                 [ex.text for ex in path_examples] if use_path else [])

@@ -195,3 +195,43 @@ def read_log(directory: str | Path) -> Iterator[dict]:
                     yield json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     continue
+
+
+def audited_sample(directory: str | Path, llm_tier: str, seed: int = 0) -> tuple[list[str], list[dict], dict]:
+    """Logged items whose large-model answer is known, as a uniform sample of all traffic: every
+    audited item (the cheap tiers' answers, each audited at random with the [audit] share) plus
+    the escalated items, each kept at the realised audit rate (audits / cheap-tier answers;
+    seeded), so the escalated part is not over-represented. Audits skipped for budget or load
+    lower that rate; they depend on when, not on what, so the sample stays uniform over texts.
+    Returns (texts, the large model's answers {"label", "fields"?}, counts); items logged
+    hashed or without text are skipped and counted."""
+    import random
+
+    counts = {"entries": 0, "cheap_answers": 0, "audits": 0, "escalated": 0, "escalated_kept": 0,
+              "no_text_skipped": 0}
+    audits, escalated = [], []
+    for entry in read_log(directory):
+        counts["entries"] += 1
+        llm = entry.get("llm")
+        if entry.get("audit"):
+            counts["audits"] += 1
+            audits.append(entry)
+        elif entry.get("tier") == llm_tier:
+            if isinstance(llm, dict) and not entry.get("degraded"):
+                counts["escalated"] += 1
+                escalated.append(entry)
+        elif not entry.get("degraded"):
+            counts["cheap_answers"] += 1
+    rate = counts["audits"] / counts["cheap_answers"] if counts["cheap_answers"] else 0.0
+    rng = random.Random(seed)
+    kept = [e for e in escalated if rng.random() < rate]
+    counts["escalated_kept"], counts["audit_rate"] = len(kept), rate
+    texts, answers = [], []
+    for entry in audits + kept:
+        text, llm = entry.get("text"), entry.get("llm")
+        if not isinstance(text, str) or not isinstance(llm, dict) or "label" not in llm:
+            counts["no_text_skipped"] += 1
+            continue
+        texts.append(text)
+        answers.append({"label": llm["label"], "fields": llm.get("fields")})
+    return texts, answers, counts

@@ -124,3 +124,51 @@ def test_crossfit_refuses_a_tier_it_cannot_fit_again(smoke, capsys):
                  "--out", str(smoke / "x"), "--no-progress"]) == 2
     assert "tier 'rules' is of kind 'majority'; cross-fitting can fit again rules, student tiers only" in \
         capsys.readouterr().err
+
+
+def _write_log(d, entries):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "traffic-0000000000001-000001.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_audited_sample_keeps_escalated_items_at_the_audit_rate(tmp_path):
+    from serving.traffic_log import audited_sample
+
+    cheap = [{"text": f"c{i}", "tier": "student", "label": "a", "confidence": 0.9} for i in range(300)]
+    audits = [{"text": f"c{i}", "tier": "student", "label": "a", "audit": True, "llm": {"label": "b"}}
+              for i in range(60)] + [{"text_sha256": "ff", "tier": "student", "audit": True, "llm": {"label": "a"}}]
+    escalated = [{"text": f"e{i}", "tier": "llm", "label": "b", "llm": {"label": "b", "confidence": 0.7}}
+                 for i in range(1000)]
+    degraded = [{"text": "d", "tier": "student", "degraded": True, "label": "a"}]
+    _write_log(tmp_path / "log", cheap + audits + escalated + degraded)
+    texts, answers, counts = audited_sample(tmp_path / "log", "llm", seed=0)
+    assert counts["cheap_answers"] == 300 and counts["audits"] == 61 and counts["escalated"] == 1000
+    assert counts["audit_rate"] == pytest.approx(61 / 300) and counts["no_text_skipped"] == 1
+    assert 150 <= counts["escalated_kept"] <= 260  # binomial(1000, 0.203): mean 203, sd 13
+    assert len(texts) == 60 + counts["escalated_kept"] and answers[0] == {"label": "b", "fields": None}
+    assert audited_sample(tmp_path / "log", "llm", seed=0)[0] == texts  # seeded
+
+
+def test_calibrate_takes_a_traffic_logs_audited_sample_without_the_texts_the_tiers_learnt(smoke, capsys):
+    from cascade.app.cli import main
+    from cascade.app.demo import make_demo
+    from cascade.data import load_split
+
+    qs = smoke / "qs"
+    make_demo(smoke / "new", per_label=(4, 0, 0), seed=7)
+    new = [ex.text for ex in load_split(smoke / "new", "train")]
+    train = {ex.text for ex in load_split(qs / "data", "train")}
+    seen = sorted(train)[:10]
+    unseen = [t for t in new if t not in train]  # the demo generator repeats itself: some new texts are in train
+    assert unseen
+    entries = [{"text": t, "tier": "student", "label": "x"} for t in new + seen]
+    entries += [{"text": t, "tier": "student", "label": "x", "audit": True, "llm": {"label": "x"}} for t in new + seen]
+    _write_log(smoke / "log", entries)
+    assert main(["calibrate", "--config", str(qs / "cascade.toml"), "--data", str(qs / "data"), "--target-accuracy",
+                 "llm", "--max-loss", "0.05", "--confidence", "0.9", "--dry-run", "--no-progress", "--path-split",
+                 "learn", "--label-free", str(smoke / "log")]) == 0
+    captured = capsys.readouterr()
+    assert f"{len(new) + 10} audited items" in captured.err
+    left_out = len(new) + 10 - len(unseen)
+    assert f"label-free evidence: {len(unseen)} items ({left_out} left out: texts the tiers may have learnt)" in \
+        captured.out

@@ -146,14 +146,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from cascade.progress import per_name
 
     progress = per_name("measuring", enabled=not args.no_progress)
+    label_free, label_free_items = args.label_free, None
+    if label_free is not None and Path(label_free).is_dir():  # a traffic log: its audited sample
+        from cascade.config import load_config
+        from serving.traffic_log import audited_sample
 
+        texts, answers, counts = audited_sample(label_free, load_config(args.config).tiers[-1].name, seed=args.seed)
+        print(f"traffic log {label_free}: {counts['audits']} audited items and {counts['escalated_kept']} of "
+              f"{counts['escalated']} escalated ones (kept at the audit rate {counts['audit_rate']:.4f}); "
+              f"{counts['no_text_skipped']} without text skipped", file=sys.stderr)
+        label_free, label_free_items = None, (texts, answers)
     try:
         report = run_calibration(args.config, args.data, args.target_accuracy, args.max_llm_share, args.split,
                                  args.candidates, args.limit, write=not args.dry_run, progress=progress,
                                  confidence=args.confidence, oos_threshold=not args.no_oos_threshold,
                                  oos_share=args.oos_share, max_loss=args.max_loss,
                                  path_split=None if args.path_split == "learn" else args.path_split,
-                                 learn_share=args.learn_share, seed=args.seed, label_free=args.label_free)
+                                 learn_share=args.learn_share, seed=args.seed, label_free=label_free,
+                                 label_free_items=label_free_items)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -169,7 +179,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"(the last tier alone: {report['last_tier_accuracy']:.4f}); plot {report['plot']}")
     if (ev := report.get("evidence")) is not None and "val_only" in ev:
         alone = ev["val_only"]
-        print(f"label-free evidence: {ev['n']} items ({ev.get('dropped_on_path', 0)} left out: on the path); "
+        left_out = (f"{ev['dropped_on_path']} left out: on the path" if "dropped_on_path" in ev
+                    else f"{ev.get('dropped_seen', 0)} left out: texts the tiers may have learnt")
+        print(f"label-free evidence: {ev['n']} items ({left_out}); "
               f"large-model share {ev['with_label_free']['llm_share']:.3f} with it, "
               + (f"{alone['llm_share']:.3f} with val alone" if "llm_share" in alone
                  else f"val alone: {alone['error']}"))
@@ -839,9 +851,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oos-share", type=float,
                    help="weight the split so out-of-scope items are this share of traffic (e.g. 0.2; default: "
                         "as they come)")
-    p.add_argument("--label-free", metavar="EVIDENCE.json",
+    p.add_argument("--label-free", metavar="EVIDENCE.json|LOG_DIR",
                    help="with --target-accuracy llm and --confidence: also certify on items with the large model's "
-                        "answer but no gold (written by `cascade train crossfit`; docs/calibration.md)")
+                        "answer but no gold: a file of `cascade train crossfit`, or a traffic log's audited sample "
+                        "(docs/calibration.md)")
     p.add_argument("--limit", type=int, help="first N items only")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
