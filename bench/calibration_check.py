@@ -105,6 +105,23 @@ def measure(run: Path, path_limit: int, seed: int) -> dict:
     return got
 
 
+def label_free_runs(path: Path, run: Path, names: list[str], path_limit: int, seed: int):
+    """The evidence file's runs less the train items `measure` put on the path (the same seeded sample)."""
+    from cascade.data import load_split
+    from cascade.evidence import drop_items, read_evidence, text_digest
+
+    runs, digests, meta = read_evidence(path, names)
+    train = load_split(run / "data", "train")
+    keep = (np.sort(np.random.default_rng(seed).choice(len(train), path_limit, replace=False))
+            if len(train) > path_limit else np.arange(len(train)))
+    on_path = {text_digest(train[i].text) for i in keep}
+    mask = np.array([d not in on_path for d in digests])
+    if not mask.any():
+        raise SystemExit(f"{path}: every evidence item is on the path; lower --path-limit")
+    return drop_items(runs, mask), {"file": str(path), "n_file": len(digests), "n": int(mask.sum()),
+                                    "folds": meta.get("folds")}
+
+
 def decode(rows: list[dict]) -> list[TierRun]:
     return [TierRun(r["name"], r["labels"], np.array(r["confidences"]), r["mean_ms"], r["is_llm"]) for r in rows]
 
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-n", type=int, help="validation items per resample (default: the run's val size)")
     ap.add_argument("--path-limit", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-free", metavar="EVIDENCE.json",
+                    help="also the new procedure with this label-free evidence (`cascade train crossfit`), less "
+                         "the path's train items")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_check.json"))
     args = ap.parse_args(argv)
     run = Path(args.run)
@@ -185,10 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         return certify(runs, gold, conf, max_loss=eps, label=label, path=path, path_gold=train_gold,
                        bounds=False).point
 
+    procedures = ["old", "new", "new_learn_split"]
+    unlabelled = None
+    if args.label_free:
+        unlabelled, lf = label_free_runs(Path(args.label_free), run, [r.name for r in pool], args.path_limit,
+                                         args.seed)
+        procedures.append("new_label_free")
+
+    def run_label_free(runs, gold):  # calibrate_runs with --label-free: the same path, the evidence beside val
+        return certify(runs, gold, conf, max_loss=eps, label=label, path=path, path_gold=train_gold,
+                       unlabelled=unlabelled, bounds=False).point
+
     rng = np.random.default_rng(args.seed)
     result = {"run": str(run), "max_loss": eps, "confidence": conf, "n_pool": n_pool, "n_val": n_val,
               "n_train_path": len(train_gold), "tiers": [r.name for r in pool],
-              "pool_llm_accuracy": llm_accuracy(pool, pool_gold), "measure_wall_s": m["measure_wall_s"]}
+              "pool_llm_accuracy": llm_accuracy(pool, pool_gold), "measure_wall_s": m["measure_wall_s"],
+              "label_free": lf if args.label_free else None}
 
     # the run's own split, once (the same decision `cascade calibrate` makes)
     val_idx, test_idx = np.arange(m["n_val"]), np.arange(m["n_val"], n_pool)
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     t, tg = subset(pool, test_idx), [pool_gold[i] for i in test_idx]
     own = {"old": old_choice(v, vg, eps, conf, label), "new": new_choice(v, vg),
            "new_learn_split": new_learn_split(v, vg, args.seed)}
+    if unlabelled is not None:
+        own["new_label_free"] = run_label_free(v, vg)
     result["own_split"] = {"oracle_llm_share_on_test": oracle_share(t, tg, eps, label)} | {
         k: dict(zip(("test_loss", "test_llm_share"), evaluate(t, tg, p, label)),
                 val_llm_share=p.llm_share, thresholds=list(p.thresholds)) for k, p in own.items()}
@@ -203,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_oracle = oracle_share(pool, pool_gold, eps, label)
     regimes = {}
     for regime in ("bootstrap", "split"):
-        rows = {"old": [], "new": [], "new_learn_split": []}
+        rows = {k: [] for k in procedures}
         oracles = []
         t0 = time.perf_counter()
         for r in range(args.resamples):
@@ -219,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             rows["old"].append(evaluate(ev, eg, old_choice(runs, gold, eps, conf, label), label))
             rows["new"].append(evaluate(ev, eg, run_new(runs, gold), label))
             rows["new_learn_split"].append(evaluate(ev, eg, new_learn_split(runs, gold, r), label))
+            if unlabelled is not None:
+                rows["new_label_free"].append(evaluate(ev, eg, run_label_free(runs, gold), label))
         regimes[regime] = {"oracle_llm_share_mean": float(np.mean(oracles)), "wall_s": time.perf_counter() - t0} | {
             k: summary(v, eps, oracles) for k, v in rows.items()}
         print(f"{regime}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -262,7 +262,8 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     share of traffic. With `confidence`, the certified path is learnt on up to `path_limit` items
     of `path_split` (the cheap tiers only; a seeded sample), else, when that split is absent or
     None, on a `learn_share` of `split`. `unlabelled`: label-free evidence (`certify`);
-    `label_free`: an evidence file of it (`cascade.evidence`), less the items the path learns on;
+    `label_free`: an evidence file of it (`cascade.evidence`), less the items the path learns on
+    (the path then takes at most half of `path_split`, so half of such a file is left);
     `label_free_items`: (texts, the large model's answers {"label", "fields"}), e.g. audited
     traffic (`serving.traffic_log.audited_sample`): the configured cheap tiers are run on them
     here, less the texts they may have learnt (the train split, the version's carried traffic).
@@ -290,6 +291,8 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         runs = measure_tiers(cascade, is_llm, texts, progress=progress, metric=metric)
         if use_path:
             path_examples = load_split(data_dir, path_split)
+            if label_free is not None:  # leave at least half of a train-split evidence file to test with
+                path_limit = min(path_limit, max(1, len(path_examples) // 2))
             if len(path_examples) > path_limit:
                 keep = np.sort(np.random.default_rng(seed).choice(len(path_examples), path_limit, replace=False))
                 path_examples = [path_examples[i] for i in keep]

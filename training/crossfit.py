@@ -41,19 +41,22 @@ def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(order, k)]
 
 
-def _student_recipe(student_dir: Path):
-    """(TrainConfig, distillation kwargs) of the deployed student, from its train_summary.json."""
+def _student_recipe(student_dir: Path, overrides: dict | None = None):
+    """(TrainConfig, distillation kwargs) of the deployed student, from its train_summary.json,
+    with `overrides` (TrainConfig fields) on top."""
     from training.recipes import STUDENT
     from training.trainer import TrainConfig
 
     summary = json.loads((student_dir / "train_summary.json").read_text())
     if summary.get("task", "classify") != "classify":
         raise ValueError(f"{student_dir}: cross-fitting covers classify tasks (the teacher cache holds labels)")
-    if summary.get("config") is None:
+    if summary.get("config") is None and not overrides:
         print(f"note: {student_dir}/train_summary.json has no recipe (an older student): out-of-fold students "
-              f"use the STUDENT recipe at its epochs", file=sys.stderr)
+              f"use the STUDENT recipe (give --lr/--epochs/--warmup-steps if it was trained otherwise)",
+              file=sys.stderr)
     known = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in (summary.get("config") or STUDENT).items() if k in known})
+    cfg = TrainConfig(**{k: v for k, v in {**(summary.get("config") or STUDENT), **(overrides or {})}.items()
+                         if k in known})
     kwargs = {"size": summary["size"], "from_teacher": summary.get("from_teacher_layers") is not None,
               "temperature": summary.get("temperature_kd", 2.0), "alpha": summary.get("alpha", 0.5),
               "max_len": summary.get("max_len", 64)}
@@ -61,12 +64,14 @@ def _student_recipe(student_dir: Path):
 
 
 def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path, *, folds: int = 3, seed: int = 0,
-             limit: int | None = None, toy_rules: bool = False, progress: bool = True) -> dict:
+             limit: int | None = None, toy_rules: bool = False, progress: bool = True,
+             recipe: dict | None = None) -> dict:
     """Write OUT/evidence.json: every cheap tier of the cascade at `config_path` re-fit on K - 1
     folds of train and run on the held-out fold, and the large model's cached answers, for
     `limit` train rows at most (a seeded sample; the rest of train still trains the students).
     Fold dirs (OUT/fold-J/) keep the out-of-fold models; a fold whose predictions exist is not
-    redone. Returns the evidence's summary."""
+    redone. `recipe`: TrainConfig fields replacing the deployed student's recorded ones.
+    Returns the evidence's summary."""
     from cascade.calibrate import measure_tiers
     from cascade.config import load_config
     from cascade.data import load_labels, load_split
@@ -112,7 +117,7 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
         fold_dir = out / f"fold-{j}"
         held_scored = np.intersect1d(held, scored)
         record = _fold(j, fold_dir, held, held_scored, train, val, texts, specs, base, label_set, data_dir,
-                       toy_rules, progress, build_tier, measure_tiers, Cascade)
+                       toy_rules, progress, recipe, build_tier, measure_tiers, Cascade)
         for t in range(n_cheap):
             for i, lab, c in zip(held_scored, record["labels"][t], record["confidence"][t]):
                 labels_by_tier[t][i], conf_by_tier[t][i] = lab, c
@@ -144,7 +149,7 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
 
 def _fold(j: int, fold_dir: Path, held: np.ndarray, held_scored: np.ndarray, train: list, val: list,
           texts: list[str], specs: list, base: Path, label_set, data_dir: Path, toy_rules: bool, progress: bool,
-          build_tier, measure_tiers, Cascade) -> dict:
+          recipe: dict | None, build_tier, measure_tiers, Cascade) -> dict:
     """One fold: the cheap tiers fit on train minus `held`, run on `held_scored`; cached in
     FOLD/predictions.json."""
     done = fold_dir / "predictions.json"
@@ -169,7 +174,7 @@ def _fold(j: int, fold_dir: Path, held: np.ndarray, held_scored: np.ndarray, tra
             fold_specs.append(spec.model_copy(update={"path": str(pack_path.resolve())}))
         else:  # student: the deployed recipe on the other folds, exported the same way
             deployed = spec.resolve_path(base)
-            cfg, kwargs = _student_recipe(deployed)
+            cfg, kwargs = _student_recipe(deployed, recipe)
             student_dir = fold_dir / spec.name
             if student_dir.exists() and not (student_dir / "model.int8.onnx").exists():
                 shutil.rmtree(student_dir)  # an unfinished fold student: train it again

@@ -316,7 +316,9 @@ def cmd_train_crossfit(args: argparse.Namespace) -> int:
 
     try:
         res = crossfit(args.config, args.data, args.out, folds=args.folds, seed=args.seed, limit=args.limit,
-                       toy_rules=args.toy_rules, progress=not args.no_progress)
+                       toy_rules=args.toy_rules, progress=not args.no_progress,
+                       recipe={k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
+                                                 ("warmup_steps", args.warmup_steps)) if v is not None})
     except ValueError as exc:  # a cascade or dataset it cannot cross-fit: said, not a traceback
         raise DataError(str(exc)) from exc
     agree = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in res["agreement_with_llm"].items())
@@ -682,6 +684,9 @@ def _add_train_crossfit(train: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="score at most N train texts (a seeded sample); all still train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy-rules", action="store_true", help="mine rules at toy-scale supports (tiny datasets)")
+    p.add_argument("--lr", type=float, help="the students' recipe, in place of the deployed student's recorded one")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_train_crossfit)
 
