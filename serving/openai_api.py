@@ -207,38 +207,53 @@ class EngineAdmission:
 
 def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | None = None,
                         limits: ServingConfig | None = None) -> APIRouter:
-    import jinja2
-
-    limits = limits or ServingConfig()
-    admission = EngineAdmission(limits.max_llm_requests)
+    """/v1/models, /v1/completions and /v1/chat/completions over `engine` (`OpenAIRoutes`)."""
+    routes = OpenAIRoutes(engine, model_name, model_dir, limits or ServingConfig())
     router = APIRouter()
-    env = jinja2.Environment(loader=jinja2.BaseLoader(), autoescape=False)
-    chat_template = env.from_string(load_chat_template(model_dir) if model_dir else CHATML)
-    tokenizer = engine.engine.tokenizer
-    created = int(time.time())
+    router.get("/v1/models")(routes.models)
+    router.post("/v1/completions")(routes.completions)
+    router.post("/v1/chat/completions")(routes.chat)
+    return router
 
-    max_len = engine.engine.max_model_len
 
-    def check_model(name: str | None) -> None:
-        if name not in (None, model_name):
+class OpenAIRoutes:
+    """The OpenAI-compatible handlers: the request checks they share, then one method per route."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, model_dir: Path | None, limits: ServingConfig):
+        import jinja2
+
+        self.engine, self.model_name, self.limits = engine, model_name, limits
+        self.admission = EngineAdmission(limits.max_llm_requests)
+        env = jinja2.Environment(loader=jinja2.BaseLoader(), autoescape=False)
+        self.chat_template = env.from_string(load_chat_template(model_dir) if model_dir else CHATML)
+        self.tokenizer = engine.engine.tokenizer
+        self.created = int(time.time())
+        self.max_len = engine.engine.max_model_len
+
+    # --- checks and pieces the routes share ---
+
+    def check_model(self, name: str | None) -> None:
+        if name not in (None, self.model_name):
             raise APIError(404, "model_not_found", f"model: {name!r} is not served here; this server has "
-                                                   f"{model_name!r}", "model")
+                                                   f"{self.model_name!r}", "model")
 
-    def check_max_tokens(value: int | None, field: str) -> None:
-        if value is not None and value > max_len:
+    def check_max_tokens(self, value: int | None, field: str) -> None:
+        if value is not None and value > self.max_len:
             raise APIError(422, "max_tokens_too_large", f"{field}: {value} is more than the model's length "
-                                                        f"{max_len}", field)
+                                                        f"{self.max_len}", field)
 
-    def logprobs_json(out: RequestOutput) -> dict | None:
+    def logprobs_json(self, out: RequestOutput) -> dict | None:
         if out.logprobs is None:
             return None
+        decode = self.tokenizer.decode
         # Decoded strings, as OpenAI returns them (not the byte-level BPE symbols).
-        toks = [tokenizer.decode([t], skip_special_tokens=False) for t in out.token_ids[: len(out.logprobs)]]
+        toks = [decode([t], skip_special_tokens=False) for t in out.token_ids[: len(out.logprobs)]]
         return {"tokens": toks, "token_logprobs": [lp for lp, _ in out.logprobs],
-                "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v for t, v in top.items()}
+                "top_logprobs": [{decode([t], skip_special_tokens=False): v for t, v in top.items()}
                                  for _, top in out.logprobs],
                 "text_offset": []}
 
+    @staticmethod
     def request_error(exc: RequestError, grammar_field: str | None) -> APIError:
         """The engine's refusal as the route's error: a grammar it cannot compile names the field
         the client used (`response_format.json_schema.schema`, `guided_json`, ...)."""
@@ -248,7 +263,7 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
             return APIError(400, "invalid_response_format", grammar_field + message[len(field):], grammar_field)
         return APIError(400, "invalid_prompt", message, "prompt")
 
-    async def check_structured(req: SamplingFields) -> str | None:
+    async def check_structured(self, req: SamplingFields) -> str | None:
         """Compile the request's grammar, if it has one, before anything is queued or streamed
         (off the event loop: a large schema must not stall other requests). Returns the field
         that asked for it."""
@@ -260,125 +275,131 @@ def build_openai_router(engine: AsyncEngine, model_name: str, model_dir: Path | 
             try:
                 await asyncio.to_thread(check_grammar, schema, regex)
             except ValueError as exc:
-                raise request_error(RequestError(str(exc)), field) from exc
+                raise self.request_error(RequestError(str(exc)), field) from exc
         return field
 
-    async def final(prompt, params: SamplingParams, grammar_field: str | None = None) -> RequestOutput:
+    @staticmethod
+    def sampling(req: SamplingFields, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling(default_max_tokens, logprobs)
+        except ValueError as exc:
+            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
+
+    async def final(self, prompt, params: SamplingParams, grammar_field: str | None = None) -> RequestOutput:
         last = None
         try:
-            async for out in engine.stream(prompt, params):
+            async for out in self.engine.stream(prompt, params):
                 last = out
         except RequestError as exc:
-            raise request_error(exc, grammar_field) from exc
+            raise self.request_error(exc, grammar_field) from exc
         return last
 
+    @staticmethod
     def usage(outs: list[RequestOutput]) -> dict:
         p, c = sum(o.prompt_tokens for o in outs), sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    @router.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+    def streamed(self, events) -> AdmittedStream:
+        """An SSE response holding one admission slot until the stream ends."""
+        return AdmittedStream(events, lambda: self.admission.give(1), media_type="text/event-stream")
+
+    # --- the routes ---
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "cascade"}]}
 
-    @router.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
         prompts = req.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise APIError(422, "empty_list", "prompt: empty list", "prompt")
-        if len(prompts) > limits.max_prompts:
+        if len(prompts) > self.limits.max_prompts:
             raise APIError(413, "too_many_prompts", f"prompt: {len(prompts)} prompts, the limit is "
-                                                    f"{limits.max_prompts}", "prompt")
-        check_max_tokens(req.max_tokens, "max_tokens")
-        grammar_field = await check_structured(req)
-        try:
-            params = req.sampling(16, req.logprobs)
-        except ValueError as exc:
-            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
+                                                    f"{self.limits.max_prompts}", "prompt")
+        self.check_max_tokens(req.max_tokens, "max_tokens")
+        grammar_field = await self.check_structured(req)
+        params = self.sampling(req, 16, req.logprobs)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             if len(prompts) != 1:
                 raise APIError(422, "stream_one_prompt", "prompt: streaming takes one prompt", "prompt")
-            admission.take(1)
+            self.admission.take(1)
+            return self.streamed(self._completion_events(prompts[0], params, grammar_field, cid, now))
+        outs = await self._complete_all(prompts, params, grammar_field)
+        return {"id": cid, "object": "text_completion", "created": now, "model": self.model_name,
+                "choices": [{"index": i, "text": o.text, "logprobs": self.logprobs_json(o),
+                             "finish_reason": o.finish_reason} for i, o in enumerate(outs)],
+                "usage": self.usage(outs)}
 
-            async def events():
-                try:
-                    async for out in engine.stream(prompts[0], params):
-                        if out.delta or out.finished:
-                            yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                                       "choices": [{"index": 0, "text": out.delta, "logprobs": None,
-                                                    "finish_reason": out.finish_reason}]})
-                except RequestError as exc:
-                    err = request_error(exc, grammar_field)
-                    yield sse(error_body(400, err.code, err.message, err.param))
-                yield sse("[DONE]")
-
-            return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
-        admission.take(len(prompts))
-        tasks = [asyncio.ensure_future(final(p, SamplingParams(**vars(params)), grammar_field)) for p in prompts]
+    async def _completion_events(self, prompt, params: SamplingParams, grammar_field: str | None, cid: str, now: int):
         try:
-            outs = await asyncio.gather(*tasks)
-        except BaseException:  # one prompt failed (or the client left): stop the others in the engine
+            async for out in self.engine.stream(prompt, params):
+                if out.delta or out.finished:
+                    yield sse({"id": cid, "object": "text_completion", "created": now, "model": self.model_name,
+                               "choices": [{"index": 0, "text": out.delta, "logprobs": None,
+                                            "finish_reason": out.finish_reason}]})
+        except RequestError as exc:
+            err = self.request_error(exc, grammar_field)
+            yield sse(error_body(400, err.code, err.message, err.param))
+        yield sse("[DONE]")
+
+    async def _complete_all(self, prompts: list, params: SamplingParams, grammar_field: str | None
+                            ) -> list[RequestOutput]:
+        """Every prompt to its end, concurrently; one that fails (or a client that leaves) stops
+        the others in the engine."""
+        self.admission.take(len(prompts))
+        tasks = [asyncio.ensure_future(self.final(p, SamplingParams(**vars(params)), grammar_field)) for p in prompts]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            admission.give(len(prompts))
-        return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "text": o.text, "logprobs": logprobs_json(o), "finish_reason": o.finish_reason}
-                            for i, o in enumerate(outs)],
-                "usage": usage(outs)}
+            self.admission.give(len(prompts))
 
-    @router.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        check_model(req.model)
-        prompt = chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in req.messages],
-                                      add_generation_prompt=True, bos_token="", eos_token="")
+    async def chat(self, req: ChatRequest):
+        self.check_model(req.model)
+        prompt = self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in req.messages],
+                                           add_generation_prompt=True, bos_token="", eos_token="")
         if req.logprobs:
             raise APIError(422, "unsupported", "logprobs: not served on chat completions; use /v1/completions "
                                                "with `logprobs`", "logprobs")
-        check_max_tokens(req.max_tokens, "max_tokens")
-        check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
-        grammar_field = await check_structured(req)
-        try:
-            params = req.sampling(min(256, max_len - 1), None)
-        except ValueError as exc:
-            raise APIError(422, "invalid_sampling", str(exc), str(exc).split(":")[0]) from exc
+        self.check_max_tokens(req.max_tokens, "max_tokens")
+        self.check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
+        grammar_field = await self.check_structured(req)
+        params = self.sampling(req, min(256, self.max_len - 1), None)
         if req.max_completion_tokens:
             params.max_tokens = req.max_completion_tokens
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        admission.take(1)
+        self.admission.take(1)
         if req.stream:
-            async def events():
-                head = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name}
-                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "finish_reason": None}]})
-                try:
-                    async for out in engine.stream(prompt, params):
-                        if out.delta:
-                            yield sse({**head, "choices": [{"index": 0, "delta": {"content": out.delta},
-                                                            "finish_reason": None}]})
-                        if out.finished:
-                            yield sse({**head, "choices": [{"index": 0, "delta": {},
-                                                            "finish_reason": out.finish_reason}]})
-                except RequestError as exc:
-                    err = request_error(exc, grammar_field)
-                    yield sse(error_body(400, err.code, err.message,
-                                         "messages" if err.param == "prompt" else err.param))
-                yield sse("[DONE]")
-
-            return AdmittedStream(events(), lambda: admission.give(1), media_type="text/event-stream")
+            return self.streamed(self._chat_events(prompt, params, grammar_field, cid, now))
         try:
-            out = await final(prompt, params, grammar_field)
+            out = await self.final(prompt, params, grammar_field)
         finally:
-            admission.give(1)
-        return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
+            self.admission.give(1)
+        return {"id": cid, "object": "chat.completion", "created": now, "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "logprobs": None, "finish_reason": out.finish_reason}],
-                "usage": usage([out])}
+                "usage": self.usage([out])}
 
-    return router
+    async def _chat_events(self, prompt: str, params: SamplingParams, grammar_field: str | None, cid: str, now: int):
+        head = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": self.model_name}
+        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]})
+        try:
+            async for out in self.engine.stream(prompt, params):
+                if out.delta:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": out.delta},
+                                                    "finish_reason": None}]})
+                if out.finished:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]})
+        except RequestError as exc:
+            err = self.request_error(exc, grammar_field)
+            yield sse(error_body(400, err.code, err.message, "messages" if err.param == "prompt" else err.param))
+        yield sse("[DONE]")
