@@ -117,71 +117,21 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
         raise FileNotFoundError(f"{input_path}: not found")
     errors_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".errors.jsonl")
     progress_path = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".progress.json")
-    done_line, done_rows = 0, 0
-    if resume and progress_path.exists():
-        done_line = json.loads(progress_path.read_text())["line"]
-        done_rows = _cut_back(out_path, done_line)
-        _cut_back(errors_path, done_line)
-    elif out_path.exists() and not resume:
-        raise DataError(f"{out_path}: exists; pass --resume to continue it, or remove it")
-    elif resume:  # nothing checkpointed yet: start clean
-        out_path.unlink(missing_ok=True)
-        errors_path.unlink(missing_ok=True)
-
+    done_line, done_rows = _resume_point(out_path, errors_path, progress_path, resume)
     config = load_config(config_path)
     cascade = build_cascade(config, config_path.parent)
-    llm_tiers = {spec.name for spec in config.tiers if spec.kind in LLM_KINDS}
-    log = None
+    log = llm_name = None
     if config.traffic_log is not None:  # the same log `cascade serve` writes
-        from serving.traffic_log import TrafficLog, entry_of
+        from serving.traffic_log import TrafficLog
 
         log = TrafficLog.from_config(config.traffic_log, config_path.parent)
         llm_name = config.tiers[-1].name if config.tiers[-1].kind in LLM_KINDS else None
-    shares: Counter = Counter()
-    n_rows = n_bad = n_gold = n_right = n_degraded = 0
     bar = Progress(None, "cascade batch", "item", enabled=progress, initial=done_rows)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
-            def flush(rows: list[Row], bad: list[Malformed], last_line: int) -> None:
-                nonlocal n_rows, n_bad, n_gold, n_right, n_degraded
-                answers = cascade.answer_batch([r.text for r in rows], explain=log is not None) if rows else []
-                failed = [(r, a) for r, a in zip(rows, answers) if isinstance(a, ItemFailure)]
-                for r, p in zip(rows, answers):
-                    if isinstance(p, ItemFailure):  # this row alone: to the errors file, the run goes on
-                        continue
-                    rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
-                           "degraded": p.degraded, "latency_ms": p.latency_ms}
-                    if p.fields is not None:  # an extraction task's answer (name -> spans of the text)
-                        rec["fields"] = p.fields
-                    if r.label is not None:
-                        rec["gold"] = r.label
-                        n_gold += 1
-                        n_right += r.label == p.label
-                    out.write(json.dumps(rec) + "\n")
-                    shares[p.tier] += 1
-                    n_degraded += p.degraded
-                for b in bad:
-                    errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(input_path)}) + "\n")
-                for r, f in failed:
-                    errs.write(json.dumps({"line": r.line, "id": r.id, "error": f.message, "code": f.code,
-                                           "file": str(input_path)}) + "\n")
-                for f in (out, errs):
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp = progress_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"line": last_line}))
-                tmp.replace(progress_path)  # the checkpoint moves only after the rows are on disk
-                if log is not None:  # after the checkpoint: a resumed run does not log these rows again
-                    for r, a in zip(rows, answers):
-                        if not isinstance(a, ItemFailure):
-                            log.put(entry_of(a, r.text, r.id, r.line, llm_name, log.text), block=True)
-                n_rows += len(rows) - len(failed)
-                n_bad += len(bad) + len(failed)
-                total = sum(shares.values()) or 1
-                bar.update(len(rows) - len(failed), **{k: f"{v / total:.0%}" for k, v in shares.items()}, bad=n_bad)
-
+            job = _BatchJob(cascade, input_path, out, errs, progress_path, bar, log, llm_name)
             rows: list[Row] = []
             bad: list[Malformed] = []
             last = done_line
@@ -191,30 +141,99 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
                 (rows if isinstance(item, Row) else bad).append(item)
                 last = item.line
                 if len(rows) + len(bad) >= batch_size:  # bad rows count too: a run of them still checkpoints
-                    flush(rows, bad, last)
+                    job.flush(rows, bad, last)
                     rows, bad = [], []
             if rows or bad:
-                flush(rows, bad, last)
+                job.flush(rows, bad, last)
     finally:  # also on errors: engine threads and HTTP pools are released, the bar closed, the log written
         cascade.close()
         bar.close()
         if log is not None:
             log.close()
     seconds = time.perf_counter() - t0
-    total = sum(shares.values())
+    total = sum(job.shares.values())
     counters = cascade.counters
     ms = {name: c.mean_ms for name, c in counters.items()}
     spent = sum(c.seconds for c in counters.values()) * 1000.0
+    llm_tiers = {spec.name for spec in config.tiers if spec.kind in LLM_KINDS}
     llm_ms = max((ms[n] for n in llm_tiers if counters[n].seen), default=None)
     summary = {
         "input": str(input_path), "out": str(out_path), "errors_file": str(errors_path),
-        "rows": n_rows, "malformed": n_bad, "resumed_after_line": done_line or None,
-        "shares": {k: v / total for k, v in shares.items()} if total else {},
-        "degraded": n_degraded, "items_per_s": n_rows / seconds if seconds else 0.0,
-        "accuracy": n_right / n_gold if n_gold else None, "labelled": n_gold,
+        "rows": job.n_rows, "malformed": job.n_bad, "resumed_after_line": done_line or None,
+        "shares": {k: v / total for k, v in job.shares.items()} if total else {},
+        "degraded": job.n_degraded, "items_per_s": job.n_rows / seconds if seconds else 0.0,
+        "accuracy": job.n_right / job.n_gold if job.n_gold else None, "labelled": job.n_gold,
         "cost_ms": spent,
         "traffic_log": log.stats() if log is not None else None,
         # what the same rows would have cost at the large model's measured ms per item
-        "all_llm_cost_ms": llm_ms * n_rows if llm_ms is not None else None,
+        "all_llm_cost_ms": llm_ms * job.n_rows if llm_ms is not None else None,
     }
     return summary
+
+
+def _resume_point(out_path: Path, errors_path: Path, progress_path: Path, resume: bool) -> tuple[int, int]:
+    """(the last input line already done, the answers already written); cuts the output files
+    back to the checkpoint, or refuses to overwrite a finished file without --resume."""
+    if resume and progress_path.exists():
+        done_line = json.loads(progress_path.read_text())["line"]
+        done_rows = _cut_back(out_path, done_line)
+        _cut_back(errors_path, done_line)
+        return done_line, done_rows
+    if out_path.exists() and not resume:
+        raise DataError(f"{out_path}: exists; pass --resume to continue it, or remove it")
+    if resume:  # nothing checkpointed yet: start clean
+        out_path.unlink(missing_ok=True)
+        errors_path.unlink(missing_ok=True)
+    return 0, 0
+
+
+class _BatchJob:
+    """One run's open files and tallies; `flush` answers a chunk of rows, writes it, then checkpoints."""
+
+    def __init__(self, cascade, input_path: Path, out, errs, progress_path: Path, bar, log, llm_name: str | None):
+        self.cascade, self.input_path, self.out, self.errs = cascade, input_path, out, errs
+        self.progress_path, self.bar, self.log, self.llm_name = progress_path, bar, log, llm_name
+        self.shares: Counter = Counter()
+        self.n_rows = self.n_bad = self.n_gold = self.n_right = self.n_degraded = 0
+
+    def flush(self, rows: list[Row], bad: list[Malformed], last_line: int) -> None:
+        answers = self.cascade.answer_batch([r.text for r in rows], explain=self.log is not None) if rows else []
+        failed = [(r, a) for r, a in zip(rows, answers) if isinstance(a, ItemFailure)]
+        for r, p in zip(rows, answers):
+            if not isinstance(p, ItemFailure):  # a failed row alone goes to the errors file, the run goes on
+                self._write_answer(r, p)
+        for b in bad:
+            self.errs.write(json.dumps({"line": b.line, "error": b.reason, "file": str(self.input_path)}) + "\n")
+        for r, f in failed:
+            self.errs.write(json.dumps({"line": r.line, "id": r.id, "error": f.message, "code": f.code,
+                                        "file": str(self.input_path)}) + "\n")
+        for f in (self.out, self.errs):
+            f.flush()
+            os.fsync(f.fileno())
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"line": last_line}))
+        tmp.replace(self.progress_path)  # the checkpoint moves only after the rows are on disk
+        if self.log is not None:  # after the checkpoint: a resumed run does not log these rows again
+            from serving.traffic_log import entry_of
+
+            for r, a in zip(rows, answers):
+                if not isinstance(a, ItemFailure):
+                    self.log.put(entry_of(a, r.text, r.id, r.line, self.llm_name, self.log.text), block=True)
+        self.n_rows += len(rows) - len(failed)
+        self.n_bad += len(bad) + len(failed)
+        total = sum(self.shares.values()) or 1
+        self.bar.update(len(rows) - len(failed), **{k: f"{v / total:.0%}" for k, v in self.shares.items()},
+                        bad=self.n_bad)
+
+    def _write_answer(self, r: Row, p) -> None:
+        rec = {"id": r.id, "line": r.line, "label": p.label, "confidence": p.confidence, "tier": p.tier,
+               "degraded": p.degraded, "latency_ms": p.latency_ms}
+        if p.fields is not None:  # an extraction task's answer (name -> spans of the text)
+            rec["fields"] = p.fields
+        if r.label is not None:
+            rec["gold"] = r.label
+            self.n_gold += 1
+            self.n_right += r.label == p.label
+        self.out.write(json.dumps(rec) + "\n")
+        self.shares[p.tier] += 1
+        self.n_degraded += p.degraded
