@@ -148,6 +148,14 @@ def evaluate(runs, gold, point, label) -> tuple[float, float]:
     return llm_accuracy(runs, gold) - q.accuracy, q.llm_share
 
 
+def test_cost(runs, gold, point, label) -> float:
+    """Expected ms per item at the point's thresholds (None: the large model alone)."""
+    if point is None:
+        return runs[-1].mean_ms
+    is_label = None if label is None else [np.array([lab == label for lab in r.labels]) for r in runs]
+    return simulate(runs, gold, point.thresholds, label_thresholds=point.label_thresholds, is_label=is_label).cost_ms
+
+
 def oracle_share(runs, gold, eps, label) -> float:
     llm = llm_accuracy(runs, gold)
     return min(p.llm_share for p in frontier(runs, gold, 48, label) if p.accuracy >= llm - eps - 1e-12)
@@ -230,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
            "new_learn_split": new_learn_split(v, vg, args.seed)}
     if unlabelled is not None:
         own["new_label_free"] = run_label_free(v, vg)
-    result["own_split"] = {"oracle_llm_share_on_test": oracle_share(t, tg, eps, label)} | {
+    result["own_split"] = {"oracle_llm_share_on_test": oracle_share(t, tg, eps, label),
+                           "llm_accuracy_on_test": llm_accuracy(t, tg)} | {
         k: dict(zip(("test_loss", "test_llm_share"), evaluate(t, tg, p, label)),
-                val_llm_share=p.llm_share, thresholds=list(p.thresholds)) for k, p in own.items()}
+                val_llm_share=p.llm_share, thresholds=list(p.thresholds),
+                # modelled from each tier's measured ms per item: the large model alone over this point
+                speedup_over_llm_modelled=test_cost(t, tg, None, label) / test_cost(t, tg, p, label))
+        for k, p in own.items()}
 
     pool_oracle = oracle_share(pool, pool_gold, eps, label)
     regimes = {}
@@ -267,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"own split (its val -> its test): oracle share on test {o['oracle_llm_share_on_test']:.3f}")
     for k in own:
         print(f"  {k:>16}: val share {o[k]['val_llm_share']:.3f}, test share {o[k]['test_llm_share']:.3f}, "
-              f"test loss {o[k]['test_loss']:+.4f}")
+              f"test loss {o[k]['test_loss']:+.4f}, {o[k]['speedup_over_llm_modelled']:.1f}x the large model "
+              f"(modelled from tier ms)")
     for regime, res in regimes.items():
         print(f"{regime} ({args.resamples} resamples; loss on "
               f"{'the pool' if regime == 'bootstrap' else 'the held-out rest'}): oracle share "

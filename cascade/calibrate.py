@@ -209,6 +209,24 @@ def calibrate_runs(runs: list[TierRun], gold: list[str], target_accuracy: float 
             "last_accuracy": last_accuracy, "against_last": against_last}
 
 
+def llm_agreement(runs: list[TierRun], point: Point, label: str | None) -> dict[str, float]:
+    """Per cheap tier, the share of the items it answers at `point` where the large model's answer
+    is the same: the figure audit sampling watches live (serving/audit.py). Tiers that answer no
+    validation item have none."""
+    from cascade.thresholds import correct_and_answered, label_masks, route_items
+
+    llm = runs[-1].labels
+    correct, answered = correct_and_answered(runs, llm)  # "correct" here: agrees with the large model
+    by = route_items(runs, len(llm), point.thresholds, correct, answered, point.label_thresholds,
+                     label_masks(runs, label))[4]
+    out = {}
+    for k, run in enumerate(runs[:-1]):
+        mine = by == k
+        if mine.any():
+            out[run.name] = round(float(correct[k][mine].mean()), 6)
+    return out
+
+
 def _traffic_runs(cascade, is_llm: list[bool], config_path: Path, data_dir, items, metric: str,
                   progress) -> tuple[list[TierRun], dict]:
     """The cheap tiers measured on label-free items with the large model's answers, leaving out
@@ -346,6 +364,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
         "frontier_by_cost": [p.to_json() for p in pareto(points, "cost_ms")],
         "frontier_by_llm_share": [p.to_json() for p in pareto(points, "llm_share")],
         "grid_points": len(points), "evidence": evidence,
+        "llm_agreement": llm_agreement(runs, chosen, label),
     }
     # The chosen point is shown even when it is not on this grid (a certified one is learnt elsewhere).
     rows = pareto(points, "cost_ms")
@@ -363,7 +382,10 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     plot_frontier(points, chosen, report["plot"], last_accuracy, title=title, certificate=cert)
     Path(str(stem) + ".frontier.json").write_text(json.dumps(
         {k: v for k, v in report.items() if k not in ("table", "certificate_table")}, indent=1) + "\n")
+    agreement = report["llm_agreement"]
     if write:
+        for spec in config.tiers[:-1]:  # what audit sampling's drift flag compares live traffic with
+            spec.llm_agreement = agreement.get(spec.name)
         for k, (spec, thr) in enumerate(zip(config.tiers[:-1], chosen.thresholds[:-1])):
             spec.threshold = thr  # NEVER (> 1) is stored as is: that tier never answers
             # the simulation knew only these label thresholds: any other stored one would route

@@ -98,6 +98,8 @@ def test_calibrate_command_writes_thresholds_frontier_and_plot(clinc_dir, tmp_pa
     report = __import__("json").loads((tmp_path / "cascade.frontier.json").read_text())
     assert report["chosen"]["accuracy"] >= 0.05 and report["n"] == 600
     assert load_config(config).tiers[0].threshold == pytest.approx(report["chosen"]["thresholds"][0])
+    # what audit sampling's drift flag compares with: the rules' agreement with the last tier, as calibrated
+    assert load_config(config).tiers[0].llm_agreement == report["llm_agreement"].get("rules")
     # an unreachable target fails with the reachable figure, and leaves the config alone
     before = config.read_text()
     assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.99",
@@ -450,3 +452,17 @@ def test_calibrate_command_certifies_against_the_large_model_with_a_tolerance(cl
     assert main(["calibrate", "--config", str(config), "--data", str(clinc_dir), "--target-accuracy", "0.5",
                  "--max-loss", "0.01", "--limit", "600"]) == 2
     assert "--max-loss" in capsys.readouterr().err
+
+
+def test_llm_agreement_is_each_cheap_tiers_agreement_on_the_items_it_answers():
+    from cascade.calibrate import llm_agreement
+    from cascade.thresholds import Point
+
+    rules = TierRun("rules", ["a", None, "b", None, None, None], np.array([1.0, 0, 1.0, 0, 0, 0]), 0.01)
+    student = TierRun("student", ["a", "a", "b", "c", "c", "a"], np.array([0.99, 0.95, 0.9, 0.5, 0.97, 0.2]), 1.0)
+    llm = TierRun("llm", ["a", "a", "c", "c", "b", "a"], np.ones(6), 50.0, is_llm=True)
+    point = Point((0.9, 0.9, 0.0), 0.0, 0.0, 0.0, ())
+    # rules answer items 0 and 2 (agree on 0); the student answers 1 and 4 (agrees on 1); the rest go on
+    assert llm_agreement([rules, student, llm], point, None) == {"rules": 0.5, "student": 0.5}
+    assert llm_agreement([rules, student, llm], Point((2.0, 0.9, 0.0), 0.0, 0.0, 0.0, ()), None) == {
+        "student": 0.5}  # rules off: they answer nothing, so they have no figure
