@@ -20,6 +20,10 @@ token cross-entropy of its BIO tags (gold fields, or the large model's extractio
 `--teacher-fields` for texts without gold), and training ends by fitting a tag temperature and
 choosing the item confidence estimate by val AUROC (docs/extraction.md, "Student tagger").
 `--teacher none` trains from gold alone, with a BPE tokenizer of the train texts.
+
+`--size minilm-l6` starts from a pre-trained encoder (training/student.py `EncoderStudent`) and
+reads texts with its own WordPiece tokenizer, not the teacher's: the teacher's labels are keyed
+by text, so the loss and the cache are the same.
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ from cascade.progress import Progress
 from cascade.tagging import tag_set
 from training.export import encode
 from training.recipes import STUDENT
-from training.student import STUDENT_SIZES, build_student, init_from_teacher, save_student
+from training.student import (
+    PRETRAINED_STUDENTS,
+    STUDENT_SIZES,
+    build_student,
+    check_student_size,
+    init_from_teacher,
+    pretrained_student,
+    save_student,
+    student_tokenizer_file,
+)
 from training.tagging import confidence_report, fit_tag_temperature, tag_rows, tagger_answers
 from training.task import label_distribution
 from training.temperature import calibration_report
@@ -226,6 +239,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     label_set = load_labels(data_dir)
     task = label_set.task
     tagger = task != "classify"
+    check_student_size(size, from_teacher, tagger)  # before the teacher labels anything
     if teacher_fields is not None and not tagger:
         raise ValueError(f"--teacher-fields: {data_dir} is a classify task (labels.json has no fields)")
     labels = label_set.labels if task != "extract" else [""]  # extract: one label the head never learns
@@ -251,7 +265,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
                                                                                    "row_weight")), dset.fields_info)
         teacher_probs = teacher_probs[keep] if teacher_probs is not None else None
         train = [train[i] for i in keep if i < len(train)]
-    tokenizer_file = _student_tokenizer(teacher_dir, out, dset.texts, resume, vocab_size)
+    tokenizer_file = _student_tokenizer(teacher_dir, out, dset.texts, resume, vocab_size, size)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     ids, mask = encode(tokenizer, dset.texts, max_len)
     id_rows = [[int(x) for x, m in zip(row, mrow) if m] for row, mrow in zip(ids, mask)]
@@ -346,11 +360,14 @@ def _distillation_set(train: list, labels: list[str], task: str, unlabeled, augm
 
 
 def _student_tokenizer(teacher_dir: Path | None, out: Path, texts: list[str], resume: bool,
-                       vocab_size: int) -> Path:
-    """The teacher's tokenizer (ids line up for initialising from the teacher), or without a
-    teacher a byte-level BPE of the train texts, kept in the student dir."""
+                       vocab_size: int, size: str = "small") -> Path:
+    """A pre-trained size's own tokenizer; else the teacher's (ids line up for initialising from
+    the teacher), or without a teacher a byte-level BPE of the train texts, kept in the student dir."""
     from training.large import train_bpe
 
+    own = student_tokenizer_file(size, teacher_dir)
+    if own is not None:
+        return own
     if teacher_dir is not None:
         return teacher_dir / "tokenizer.json"
     out.mkdir(parents=True, exist_ok=True)
@@ -373,9 +390,12 @@ def _tag_targets(tokenizer, dset: _DistillationSet, tags: list[str], max_len: in
 
 def _build_student(size: str, vocab: int, n_labels: int, max_len: int, tags: list[str] | None,
                    init_teacher: Path | None):
-    """The student of `size`; with `init_teacher`, its layers copied from the teacher's."""
+    """The student of `size`; with `init_teacher`, its layers copied from the teacher's. A
+    pre-trained size (checked by `check_student_size`: no teacher layers, no tags) loads its weights."""
     from training.large import load_large
 
+    if size in PRETRAINED_STUDENTS:
+        return pretrained_student(size, n_labels, max_len), None
     if size not in STUDENT_SIZES:
         raise ValueError(f"--size {size!r}: known student sizes are {', '.join(STUDENT_SIZES)}")
     student = build_student(size, vocab, n_labels, max_seq_len=max_len, **({"n_tags": len(tags)} if tags else {}))

@@ -186,25 +186,20 @@ class FixedOrderPool(torch.nn.Module):
     MatMul per text, the order is fixed and padded tokens add exact zeros. Costs B x max_len x C
     multiply-adds; inputs are at most `max_len` tokens (the tier and the tokenizer truncate).
     The parity check holds this forward to the student's own (training/student.py
-    `StudentClassifier.forward`); `export_onnx(fixed_order_pool=False)` exports that one. A
-    tagger's second output, the tag head on every token's hidden state, needs no reduction: it
-    is row-exact as it stands."""
+    `StudentClassifier.forward`, `EncoderStudent.forward`: both pool `encode`'s hidden states);
+    `export_onnx(fixed_order_pool=False)` exports that one. A tagger's second output, the tag
+    head on every token's hidden state, needs no reduction: it is row-exact as it stands."""
 
     def __init__(self, student):
         super().__init__()
         self.student = student
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from training.model import rope_tables
-
         m = self.student
-        x = m.embed_tokens(tokens)  # (B, T, C)
-        cos, sin = rope_tables(m.cfg.dim // m.cfg.n_heads, torch.arange(tokens.shape[1], device=tokens.device),
-                               m.cfg.rope_theta)
+        # (B, T, C): the student's own encoder, our blocks or a BERT (EncoderStudent, whose
+        # attention masks padded keys additively and takes token_type_ids of zeros)
+        x = m.encode(tokens, attention_mask)
         keep = attention_mask.bool()
-        for layer in m.layers:
-            x = layer(x, cos, sin, keep[:, None, None, :])
-        x = m.norm(x)
         fill = m.cfg.max_seq_len - tokens.shape[1]
         padded = torch.nn.functional.pad(x, (0, 0, 0, fill))  # (B, max_len, C)
         weights = torch.nn.functional.pad(keep.to(x.dtype), (0, fill)).unsqueeze(1)  # (B, 1, max_len)

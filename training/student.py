@@ -7,12 +7,20 @@ and an evenly spaced subset of its layers (which needs the student's width to eq
 teacher's). A tagging student (`StudentTagger`, for extraction tasks) adds a per-token BIO tag
 head on the same encoder (`cascade/tagging.py` has the tags).
 
+A pre-trained student (`EncoderStudent`, size `minilm-l6`) is instead a BERT encoder from
+transformers (`BertModel`) with the weights of all-MiniLM-L6-v2 (`cascade models import
+minilm-l6`), its own WordPiece tokenizer, the same mean pool over real tokens and a new linear
+label head. It is the one kind whose tokenizer is not the teacher's: the teacher's labels are
+cached by text, so distillation is the same. `StudentConfig.arch` says which kind a dir holds
+("cascade", the default, absent from older dirs, or "bert").
+
 Shapes: B batch, T tokens, C width, L labels, K tags.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +40,29 @@ class StudentConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     n_tags: int = 0  # > 0: a tagging student (BIO tags per token beside the label head)
+    arch: str = "cascade"  # "cascade": our blocks (StudentClassifier); "bert": EncoderStudent
+    # arch "bert": the pre-trained encoder's BERT config fields (its config.json, as imported);
+    # the fields above override their BERT names (dim -> hidden_size, ...) so one source is read.
+    encoder: dict | None = None
+
+    def __post_init__(self):
+        if self.arch not in STUDENT_ARCHS:
+            raise ValueError(f"StudentConfig.arch {self.arch!r}: expected one of {', '.join(STUDENT_ARCHS)}")
+        if self.arch == "bert" and (not self.encoder or self.n_tags):
+            raise ValueError("StudentConfig.arch 'bert' needs `encoder` (its BERT config) and n_tags 0: "
+                             "extraction students are the cascade kind")
+
+    def bert_config(self):
+        """transformers' BertConfig of an arch-"bert" student: `encoder` with our fields on top.
+        Eager attention: its additive padding mask is plain tensor ops, for the ONNX exporter too."""
+        from transformers import BertConfig
+
+        cfg = BertConfig(**{**self.encoder, "vocab_size": self.vocab_size, "hidden_size": self.dim,
+                            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                            "intermediate_size": self.hidden_dim, "layer_norm_eps": self.norm_eps,
+                            "pad_token_id": 0})
+        cfg._attn_implementation = "eager"
+        return cfg
 
     def block_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -42,7 +73,12 @@ class StudentConfig:
         d = asdict(self)
         if not d["n_tags"]:  # a classifier's config reads as it did before taggers existed
             del d["n_tags"]
+        if d["arch"] == "cascade":  # ... and as it did before pre-trained encoders
+            del d["arch"], d["encoder"]
         return d
+
+
+STUDENT_ARCHS = ("cascade", "bert")
 
 
 # Width/depth per named size; vocab and labels come from the teacher and the task.
@@ -52,6 +88,13 @@ STUDENT_SIZES: dict[str, dict] = {
     # the teacher's width (SmolLM2-135M), 2 of its 30 layers (7.5% of its non-embedding params)
     "distil-smollm2": dict(dim=576, n_layers=2, n_heads=9, hidden_dim=1536, rope_theta=100000.0),
 }
+
+# Pre-trained students: size -> the known model (training/importer.py) whose encoder and
+# tokenizer they start from. Kept apart from STUDENT_SIZES, which `--size auto` chooses among.
+PRETRAINED_STUDENTS: dict[str, str] = {"minilm-l6": "minilm-l6"}
+
+# Every name `cascade train student --size` takes (besides "auto").
+STUDENT_SIZE_NAMES = (*STUDENT_SIZES, *PRETRAINED_STUDENTS)
 
 
 class StudentClassifier(nn.Module):
@@ -108,8 +151,102 @@ class StudentTagger(StudentClassifier):
         return self.head(self.pool(x, attention_mask)), self.tag_head(x)
 
 
-def make_student(cfg: StudentConfig) -> StudentClassifier:
+class EncoderStudent(nn.Module):
+    """forward(tokens (B, T), attention_mask (B, T)) -> label logits (B, L), over a BERT encoder.
+
+    transformers' `BertModel` (no pooler: the [CLS] dense+tanh head is not used), mean-pooled
+    over real tokens like `StudentClassifier` (sentence-transformers pools all-MiniLM the same
+    way) and a linear label head. token_type_ids are all zeros, made here from `tokens`: a
+    student reads one segment, and the ONNX graph keeps the two inputs every student has."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        from transformers import BertModel
+
+        self.cfg = cfg
+        self.bert = BertModel(cfg.bert_config(), add_pooling_layer=False)
+        self.head = nn.Linear(cfg.dim, cfg.n_labels)
+
+    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, T, C); padded positions hold values nothing reads."""
+        return self.bert(input_ids=tokens, attention_mask=attention_mask,
+                         token_type_ids=torch.zeros_like(tokens)).last_hidden_state
+
+    pool = StudentClassifier.pool
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.encode(tokens, attention_mask), attention_mask))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; `non_embedding` leaves out the three lookup tables (word, position, segment)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not non_embedding:
+            return n
+        e = self.bert.embeddings
+        return n - sum(t.weight.numel() for t in (e.word_embeddings, e.position_embeddings, e.token_type_embeddings))
+
+
+def make_student(cfg: StudentConfig) -> nn.Module:
+    if cfg.arch == "bert":
+        return EncoderStudent(cfg)
     return StudentTagger(cfg) if cfg.n_tags else StudentClassifier(cfg)
+
+
+def check_student_size(size: str, from_teacher: bool = False, tagging: bool = False) -> None:
+    """Refuse what a size cannot do, before any teacher labelling: an unknown name,
+    `--from-teacher` (or a tagging task) with a pre-trained student."""
+    if size != "auto" and size not in STUDENT_SIZE_NAMES:
+        raise ValueError(f"--size {size!r}: known student sizes are {', '.join(STUDENT_SIZE_NAMES)} (or auto)")
+    if size in PRETRAINED_STUDENTS and from_teacher:
+        raise ValueError(f"--from-teacher copies the teacher's layers into a cascade student; {size!r} starts "
+                         "from its own pre-trained weights (and tokenizer): drop --from-teacher")
+    if size in PRETRAINED_STUDENTS and tagging:
+        raise ValueError(f"--size {size!r}: a tagging student cannot be {size!r}: extraction students are the "
+                         "cascade kind (--size debug | small | distil-smollm2)")
+
+
+def pretrained_dir(size: str) -> Path:
+    """The imported encoder of a pre-trained size (`$CASCADE_HOME/models/NAME`, imported once)."""
+    from training.importer import imported_dir
+
+    return imported_dir(PRETRAINED_STUDENTS[size])
+
+
+def student_tokenizer_file(size: str, teacher_dir: Path | None) -> Path | None:
+    """The tokenizer.json a student of `size` reads with: a pre-trained size's own, else the
+    teacher's (its ids line up for `init_from_teacher`); None without a teacher (the caller
+    trains a BPE of the task's texts)."""
+    if size in PRETRAINED_STUDENTS:
+        return pretrained_dir(size) / "tokenizer.json"
+    return Path(teacher_dir) / "tokenizer.json" if teacher_dir is not None else None
+
+
+def pretrained_student(size: str, n_labels: int, max_len: int) -> EncoderStudent:
+    """An `EncoderStudent` with the pre-trained encoder's weights and a fresh label head."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = pretrained_dir(size)
+    raw = json.loads((d / "config.json").read_text())
+    if raw.get("model_type") != "bert":
+        raise ValueError(f"{d / 'config.json'}: model_type {raw.get('model_type')!r}, expected 'bert'")
+    if max_len > raw["max_position_embeddings"]:
+        raise ValueError(f"--max-len {max_len}: {size} has {raw['max_position_embeddings']} positions")
+    drop = {"architectures", "model_type", "transformers_version", "_name_or_path", "gradient_checkpointing",
+            "use_cache", "torch_dtype", "dtype"}
+    cfg = StudentConfig(vocab_size=raw["vocab_size"], n_labels=n_labels, dim=raw["hidden_size"],
+                        n_layers=raw["num_hidden_layers"], n_heads=raw["num_attention_heads"],
+                        hidden_dim=raw["intermediate_size"], max_seq_len=max_len, norm_eps=raw["layer_norm_eps"],
+                        arch="bert", encoder={k: v for k, v in raw.items() if k not in drop})
+    model = EncoderStudent(cfg)
+    # position_ids is a buffer older transformers saved; the pooler is a head we do not use
+    state = {k: v for k, v in load_file(str(d / "model.safetensors")).items()
+             if k != "embeddings.position_ids" and not k.startswith("pooler.")}
+    missing, unexpected = model.bert.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d / 'model.safetensors'}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
 
 
 def build_student(size: str, vocab_size: int, n_labels: int, **overrides) -> StudentClassifier:
@@ -162,6 +299,8 @@ def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float 
     generation-named keys (`max_length`, `temperature`) from a loaded config, hence their copy
     under `cascade`. A tagging student's `tagging` ({"task", "fields", "tags"}) goes under
     `cascade` and its tags into `id2tag` (tag id -> "O" / "B-name" / "I-name")."""
+    if cfg.arch == "bert":
+        return _bert_student_hf_config(cfg, labels, temperature)
     out = {
         "architectures": ["CascadeStudentTagger" if cfg.n_tags else "CascadeStudentClassifier"],
         "model_type": "llama",
@@ -193,6 +332,29 @@ def student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float 
     return out
 
 
+def _bert_student_hf_config(cfg: StudentConfig, labels: list[str], temperature: float) -> dict:
+    """An `EncoderStudent`'s config.json: its BERT fields as transformers writes them (AutoConfig
+    loads a `BertConfig`; the weights are `BertModel`'s under `bert.` plus our `head.`), the same
+    label, length and temperature keys as the cascade kind, and our config under `cascade`."""
+    bert = {k: v for k, v in cfg.bert_config().to_dict().items()
+            if k not in ("architectures", "id2label", "label2id", "transformers_version", "dtype", "torch_dtype")}
+    return {
+        **bert,
+        "architectures": ["CascadeEncoderStudentClassifier"],
+        "model_type": "bert",
+        "torch_dtype": "float32",
+        "dtype": "float32",
+        "problem_type": "single_label_classification",
+        "id2label": {str(i): lab for i, lab in enumerate(labels)},
+        "label2id": {lab: i for i, lab in enumerate(labels)},
+        "pad_token_id": 0,  # [PAD]; right padding with attention_mask 0 (encode_texts)
+        "max_length": cfg.max_seq_len,  # tokens kept per text, from the left ([CLS] first)
+        "temperature": temperature,
+        "cascade": {"kind": "student", "max_length": cfg.max_seq_len, "temperature": temperature,
+                    "pooling": "mean over attention_mask", "token_type_ids": "zeros", "config": cfg.to_dict()},
+    }
+
+
 def is_student_config(raw: dict) -> bool:
     """A student's config.json, this layout or the old one (`model_type: cascade-student`)."""
     return raw.get("model_type") == "cascade-student" or (raw.get("cascade") or {}).get("kind") == "student"
@@ -216,7 +378,7 @@ def student_tokenizer_config(tokenizer_json, max_len: int) -> dict:
             "truncation_side": "right", "pad_token": pad, "model_input_names": ["input_ids", "attention_mask"]}
 
 
-def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None,
+def save_student(model: nn.Module, out_dir, tokenizer_json, labels: list[str], extra: dict | None = None,
                  temperature: float = 1.0, tagging: dict | None = None):
     """Student dir: model.safetensors, config.json (`student_hf_config`), tokenizer.json,
     tokenizer_config.json, cascade.json. Paths in `extra` under `data`/`teacher` are stored
@@ -250,7 +412,7 @@ def save_student(model: StudentClassifier, out_dir, tokenizer_json, labels: list
     return out
 
 
-def load_student(model_dir) -> StudentClassifier:
+def load_student(model_dir) -> nn.Module:
     import json
     from pathlib import Path
 

@@ -601,9 +601,12 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     """Add `models import`."""
     models = sub.add_parser("models", help="pre-trained models").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")
-    p = models.add_parser("import", help="turn a known model (smollm2-135m), a .gguf or an HF dir into a model dir")
-    p.add_argument("source", help="smollm2-135m | path to .gguf | Hugging Face Llama-family dir")
-    p.add_argument("--out", required=True)
+    p = models.add_parser("import", help="turn a known model (smollm2-135m, minilm-l6), a .gguf or an HF dir "
+                                         "into a model dir")
+    p.add_argument("source", help="smollm2-135m | minilm-l6 (the encoder of `--size minilm-l6` students) | "
+                                  "path to .gguf | Hugging Face Llama-family dir")
+    p.add_argument("--out", help="model dir to write; a known name defaults to $CASCADE_HOME/models/NAME "
+                                 "(where --init NAME and --size NAME look)")
     p.set_defaults(func=cmd_models_import)
 
 
@@ -747,7 +750,8 @@ def _add_train_student(train: argparse._SubParsersAction) -> None:
     p.add_argument("--tag-weight", type=float, default=1.0, help="weight of the tag term against the label term")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary with --teacher none")
     p.add_argument("--max-len", type=int, default=64, help="tokens the student reads per text")
-    p.add_argument("--size", default="small", help="debug | small | distil-smollm2 | auto (planner)")
+    p.add_argument("--size", default="small", help="debug | small | distil-smollm2 | minilm-l6 (pre-trained "
+                                                   "encoder, own tokenizer; docs/students.md) | auto (planner)")
     p.add_argument("--from-teacher", action="store_true", help="initialise from the teacher's embeddings and layers")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (1 - alpha on labels)")
