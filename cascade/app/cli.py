@@ -203,7 +203,8 @@ def cmd_flywheel(args: argparse.Namespace) -> int:
                              max_train=args.max_train, max_loss=args.max_loss, confidence=args.confidence,
                              label_batch=args.label_batch, min_agreement=args.min_agreement or None,
                              max_pool=args.max_pool)
-        train_cfg = TrainConfig(**{**STUDENT, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
+        lr = args.lr if args.lr is not None else STUDENT["lr"]
+        train_cfg = TrainConfig(**{**STUDENT, "lr": lr, "epochs": args.epochs, "max_steps": args.max_steps,
                                    "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
                                    "precision": args.precision, "seed": args.seed})
         m = run_flywheel(args.config, args.log, args.data, args.out, cfg, train_cfg, promote=args.promote,
@@ -283,9 +284,13 @@ def cmd_train_large(args: argparse.Namespace) -> int:
 
 def cmd_train_student(args: argparse.Namespace) -> int:
     from training.distill import train_student
+    from training.recipes import PRETRAINED_STUDENT, STUDENT
+    from training.student import PRETRAINED_STUDENTS
     from training.trainer import TrainConfig
 
-    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+    recipe = PRETRAINED_STUDENT if args.size in PRETRAINED_STUDENTS else STUDENT
+    lr = args.lr if args.lr is not None else recipe["lr"]
+    cfg = TrainConfig(lr=lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     teacher = None if args.teacher.lower() == "none" else args.teacher
@@ -529,12 +534,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _student_training_flags(p: argparse.ArgumentParser) -> None:
     """The student recipe's knobs, shared by `train student` and `flywheel`."""
-    from training.recipes import STUDENT
+    from training.recipes import PRETRAINED_STUDENT, STUDENT
 
     p.add_argument("--epochs", type=float, default=STUDENT["epochs"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=STUDENT["batch_size"])
-    p.add_argument("--lr", type=float, default=STUDENT["lr"])
+    p.add_argument("--lr", type=float, help=f"default {STUDENT['lr']:g} ({PRETRAINED_STUDENT['lr']:g} for a "
+                                            "pre-trained --size such as minilm-l6)")
     p.add_argument("--warmup-steps", type=int, default=STUDENT["warmup_steps"])
     p.add_argument("--precision", "--dtype", dest="precision", default=STUDENT["precision"],
                    choices=["auto", "bf16", "fp16", "fp32"], help="training's compute precision")
