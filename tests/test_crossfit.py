@@ -58,11 +58,31 @@ def test_train_rows_out_of_range_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The quickstart's smoke cascade (its large model learnt every train row), and a copy whose
+    large model learnt only the first half of train (`--limit-train`): the rest is evidence."""
+    import shutil
+
     from cascade.app.quickstart import run_quickstart
+    from training.large import train_large
+    from training.recipes import SMOKE_LARGE
+    from training.trainer import TrainConfig
 
     root = tmp_path_factory.mktemp("crossfit")
-    run_quickstart(root / "qs", smoke=True, progress=False)
+    run_quickstart(root / "full", smoke=True, progress=False)
+    shutil.copytree(root / "full", root / "qs", ignore=shutil.ignore_patterns("large", "large.*"))
+    train_large(root / "qs" / "data", root / "qs" / "large", size="debug", vocab_size=512, limit_train=120,
+                cfg=TrainConfig(**SMOKE_LARGE), progress=False)
     return root
+
+
+def test_crossfit_refuses_train_rows_the_large_model_learnt(smoke, capsys):
+    from cascade.app.cli import main
+
+    full = smoke / "full"
+    assert main(["train", "crossfit", "--config", str(full / "cascade.toml"), "--data", str(full / "data"),
+                 "--out", str(smoke / "refused"), "--no-progress"]) == 2
+    assert "learnt from all 240 train rows: there its answers are its training labels" in capsys.readouterr().err
+    assert not (smoke / "refused" / "evidence.json").exists()
 
 
 def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_uses_it(smoke, capsys):
@@ -78,20 +98,21 @@ def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_us
     assert "out-of-fold agreement with the large model" in capsys.readouterr().out
     ev = json.loads((out / "evidence.json").read_text())
     train = load_split(qs / "data", "train")
-    assert ev["format"] == EVIDENCE_FORMAT and ev["n"] == len(train) and ev["folds"] == 2
+    assert ev["format"] == EVIDENCE_FORMAT and ev["n"] == len(train) - 120 and ev["folds"] == 2
     assert [r["name"] for r in ev["runs"]] == ["rules", "student", "llm"]
-    # every text scored by exactly one fold, whose tiers learnt from the other fold only
-    held = [set(json.loads((out / f"fold-{j}" / "predictions.json").read_text())["held_scored"]) for j in (0, 1)]
-    assert not held[0] & held[1] and held[0] | held[1] == set(range(len(train)))
+    # every text the large model did not learn scored by exactly one fold, whose tiers learnt from the other fold only
+    records = [json.loads((out / f"fold-{j}" / "predictions.json").read_text()) for j in (0, 1)]
+    held = [set(r["held_scored"]) for r in records]
+    assert not held[0] & held[1] and held[0] | held[1] == set(range(120, len(train)))
     for j in (0, 1):
         summary = json.loads((out / f"fold-{j}" / "student" / "train_summary.json").read_text())
-        assert summary["train_texts"] == len(train) - len(held[j])
+        assert summary["train_texts"] == records[j]["train_rows"] and records[j]["train_rows"] < len(train)
         assert (out / f"fold-{j}" / "student" / "model.int8.onnx").exists()
         assert (out / f"fold-{j}" / "rules.toml").exists()
     # the large model's answers are its cached distribution's argmax, on every item
     probs, cached = teacher_distributions(qs / "large", [ex.text for ex in train], progress=False)
     labels = json.loads((qs / "large" / "cascade.json").read_text())["labels"]
-    assert cached and ev["runs"][-1]["labels"] == [labels[i] for i in probs.argmax(-1).tolist()]
+    assert cached and ev["runs"][-1]["labels"] == [labels[i] for i in probs.argmax(-1)[120:].tolist()]
     # a second run reuses the folds
     mtime = (out / "fold-0" / "predictions.json").stat().st_mtime_ns
     assert main(args) == 0 and (out / "fold-0" / "predictions.json").stat().st_mtime_ns == mtime
@@ -100,16 +121,19 @@ def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_us
     calibrate = ["calibrate", "--config", str(qs / "cascade.toml"), "--data", str(qs / "data"),
                  "--target-accuracy", "llm", "--max-loss", "0.05", "--confidence", "0.9", "--dry-run",
                  "--no-progress", "--label-free", str(out / "evidence.json")]
-    # the path is learnt on train: with evidence from train it takes half of it, the other half tests
+    # the path is learnt on train: with evidence from train it takes half of it, and none of it tests
     assert main(calibrate) == 0
-    half = len(train) - len(train) // 2
-    assert f"label-free evidence: {half} items ({len(train) // 2} left out: on the path)" in capsys.readouterr().out
+    frontier = json.loads((qs / "cascade.frontier.json").read_text())
+    on_path = frontier["evidence"]["dropped_on_path"]
+    assert 0 < on_path < ev["n"] and frontier["evidence"]["n"] == ev["n"] - on_path
+    printed = capsys.readouterr().out
+    assert f"label-free evidence: {ev['n'] - on_path} items ({on_path} left out: on the path)" in printed
     assert main([*calibrate, "--path-split", "learn"]) == 0
     printed = capsys.readouterr().out
-    assert f"label-free evidence: {len(train)} items (0 left out: on the path)" in printed
+    assert f"label-free evidence: {ev['n']} items (0 left out: on the path)" in printed
     assert "with val alone" in printed or "val alone:" in printed
     frontier = json.loads((qs / "cascade.frontier.json").read_text())
-    assert frontier["evidence"]["n"] == len(train) and "with_label_free" in frontier["evidence"]
+    assert frontier["evidence"]["n"] == ev["n"] and "with_label_free" in frontier["evidence"]
     assert "unlabelled" in frontier["guarantee"]["method"]
 
 

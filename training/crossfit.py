@@ -1,21 +1,23 @@
 """`cascade train crossfit`: label-free calibration evidence on the train split, cross-fitted.
 
 Calibration's labelled evidence is val (about 1,000 items on a new dataset), so its bound is
-wide. The large model has already answered every train text (the teacher-label cache), and on
-items a cheap tier answers, the loss against the large model is at most their disagreement,
-which needs no gold (`cascade.certify`, "label-free evidence"). But the deployed cheap tiers
-were fit to those very texts: the student learnt the teacher's answers there and the rules were
-mined there, so their agreement on train is optimistic. Cross-fitting removes that: train is
-cut into K folds; for each fold the rules are mined and the student distilled on the other
-K - 1 folds, with the deployed student's recipe and teacher, exported as it was (ONNX, int8),
-and run on the held-out fold through the same tier kinds and options. Each train text then has
-predictions from tiers that never saw it, and the large model's answer (the argmax of its
-cached distribution: the same label scoring its tier answers with).
+wide. On items a cheap tier answers, the loss against the large model is at most their
+disagreement, which needs no gold (`cascade.certify`, "label-free evidence"), and the
+teacher-label cache holds the large model's answer on every train text. Two biases stand in the
+way. The large model's answers on the texts it was fine-tuned on are its training labels, not
+its behaviour on traffic, so only the train rows past its `train_rows` are scored (a model that
+learnt all of train is refused; docs/calibration.md has the measurement that shows why). And
+the deployed cheap tiers were fit to all of train, so train is cut into K folds: for each, the
+rules are mined and the student distilled on the other K - 1 folds, with the deployed student's
+recipe and teacher, exported as it was (ONNX, int8), and run on the held-out fold through the
+same tier kinds and options. Each scored text then has predictions from tiers that never saw it
+and the large model's answer (the argmax of its cached distribution: the same label scoring its
+tier answers with).
 
 The out-of-fold tiers stand for the deployed ones: they use 1 - 1/K of the data, so they are a
 little weaker (the evidence is conservative there), and their thresholds are assumed to mean
 what the deployed tiers' do (same recipe, temperature fitted on val the same way). Written as
-one JSON file (`EVIDENCE_FORMAT`) that `cascade calibrate --label-free FILE` reads; classify
+one JSON file (`cascade.evidence`) that `cascade calibrate --label-free FILE` reads; classify
 tasks only (the cache holds labels, not fields).
 """
 
@@ -39,6 +41,29 @@ def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
         raise ValueError(f"--folds {k}: need 2 <= K <= {n} (the train rows)")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(f) for f in np.array_split(order, k)]
+
+
+def _teacher_unseen_rows(teacher: Path, n_train: int) -> np.ndarray:
+    """The train rows the large model did not learn from (it trains on the first `train_rows`).
+
+    Its answers on the texts it was fine-tuned on are its training labels, near-gold, not how it
+    answers traffic: on the quickstart demo its out-of-fold students agreed with it on 99.2% of
+    train but the deployed student on only 91.6% of val, and the evidence certified a point that
+    lost 0.7 pt (bench/results/calibration_check-label-free-quickstart.json). Those rows cannot be
+    evidence whatever the students do."""
+    summary_file = teacher / "train_summary.json"
+    seen = json.loads(summary_file.read_text()).get("train_rows") if summary_file.exists() else None
+    if seen is None:
+        raise ValueError(f"{teacher}: its train_summary.json does not say which train rows it learnt from (a model "
+                         f"trained before this was recorded): its answers on its own training texts would stand for "
+                         f"its answers on traffic, which they are not. Train it again, or use audited traffic "
+                         f"(`cascade calibrate --label-free LOG_DIR`)")
+    if seen >= n_train:
+        raise ValueError(f"{teacher} learnt from all {n_train} train rows: there its answers are its training labels, "
+                         f"not evidence of how it answers traffic. Cross-fitted evidence needs train rows the large "
+                         f"model did not see (`cascade train large --limit-train N` leaves the rest), or use audited "
+                         f"traffic (`cascade calibrate --label-free LOG_DIR`)")
+    return np.arange(seen, n_train)
 
 
 def _student_recipe(student_dir: Path, overrides: dict | None = None):
@@ -103,11 +128,12 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
                          f"`teacher`), so its answers on train are not cached")
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     texts = [ex.text for ex in train]
+    unseen = _teacher_unseen_rows(teacher, len(train))
     probs, _ = teacher_distributions(teacher, texts, progress=progress)  # the cache the student filled
     probs = probs.float().numpy()
     folds_idx = folds_of(len(train), folds, seed)
-    scored = (np.sort(np.random.default_rng(seed + 1).choice(len(train), limit, replace=False))
-              if limit is not None and limit < len(train) else np.arange(len(train)))
+    scored = (np.sort(np.random.default_rng(seed + 1).choice(unseen, limit, replace=False))
+              if limit is not None and limit < len(unseen) else unseen)
     out.mkdir(parents=True, exist_ok=True)
     n_cheap = len(specs)
     labels_by_tier: list[list] = [[None] * len(train) for _ in specs]

@@ -188,6 +188,9 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     state = trainer.model_state()  # collective under FSDP
     summary = _large_summary(trainer, result, state if rank == 0 else None, model_cfg, n_params, cfg, world_size,
                              save_dtype, os.path.relpath(ckpt_dir.resolve(), out.resolve()), base.extra)
+    # which texts it learnt: its answers there are its training labels, not how it answers traffic
+    # (training/crossfit.py scores only the train rows past these)
+    summary["train_rows"] = len(train)
     if world_size > 1:
         _write_shard_record(out, rank, trainer, result)
     if rank == 0:
