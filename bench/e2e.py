@@ -415,6 +415,7 @@ def build_result(cfg: E2EConfig, done: dict) -> dict:
                              "label_thresholds": {t: v for t, v in zip(cal["tiers"], label_thr) if v is not None},
                              "val_accuracy": cal["chosen"]["accuracy"], "val_llm_share": cal["chosen"]["llm_share"],
                              "target_accuracy": cal["target_accuracy"], "confidence": cal["confidence"],
+                             "max_loss": cal.get("max_loss"), "llm_val_accuracy": cal.get("last_tier_accuracy"),
                              "target_met": cal["target_met"], "n_val": cal["n"],
                              "oos_share": cal.get("oos_share"), "val_oos_share": cal.get("split_oos_share")}
     result["stages"] = {k: done[k] for k in ("prepare", "rules", "large", "student", "export")}
@@ -567,7 +568,10 @@ def markdown_report(result: dict, plot_name: str | None) -> str:
         + (f"; pass by pass {', '.join(f'{x:.2f}×' for x in t['speedup_per_pass'])}." if t.get("speedup_per_pass")
            else "."),
         f"- Calibrated on {cal['n_val']} val items: thresholds {thr}; val accuracy {cal['val_accuracy']:.4f} "
-        f"against the large model's {cal['target_accuracy']:.4f}, large-model share {cal['val_llm_share']:.1%}"
+        f"against the target {cal['target_accuracy']:.4f}"
+        + (f" (the large model's {cal['llm_val_accuracy']:.4f} - {cal['max_loss'] * 100:g} pt)"
+           if cal.get("max_loss") and cal.get("llm_val_accuracy") is not None else "")
+        + f", large-model share {cal['val_llm_share']:.1%}"
         + (f", {cal['confidence']:.0%} one-sided confidence" if cal["confidence"] else "")
         + (f"; val items weighted so out-of-scope requests are {cal['oos_share']:.0%} of traffic (val holds "
            f"{cal['val_oos_share']:.1%}, test {result['n_test_oos_share']:.1%})." if cal.get("oos_share") else "."),
