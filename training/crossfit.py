@@ -97,12 +97,9 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
     Fold dirs (OUT/fold-J/) keep the out-of-fold models; a fold whose predictions exist is not
     redone. `recipe`: TrainConfig fields replacing the deployed student's recorded ones.
     Returns the evidence's summary."""
-    from cascade.calibrate import measure_tiers
     from cascade.config import load_config
     from cascade.data import load_labels, load_split
     from cascade.evaluate import LLM_KINDS
-    from cascade.router import Cascade
-    from cascade.tiers import build_tier
     from training.distill import teacher_distributions
     from training.flywheel import teacher_dir_of
 
@@ -143,7 +140,7 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
         fold_dir = out / f"fold-{j}"
         held_scored = np.intersect1d(held, scored)
         record = _fold(j, fold_dir, held, held_scored, train, val, texts, specs, base, label_set, data_dir,
-                       toy_rules, progress, recipe, build_tier, measure_tiers, Cascade)
+                       toy_rules, progress, recipe)
         for t in range(n_cheap):
             for i, lab, c in zip(held_scored, record["labels"][t], record["confidence"][t]):
                 labels_by_tier[t][i], conf_by_tier[t][i] = lab, c
@@ -175,7 +172,7 @@ def crossfit(config_path: str | Path, data_dir: str | Path, out_dir: str | Path,
 
 def _fold(j: int, fold_dir: Path, held: np.ndarray, held_scored: np.ndarray, train: list, val: list,
           texts: list[str], specs: list, base: Path, label_set, data_dir: Path, toy_rules: bool, progress: bool,
-          recipe: dict | None, build_tier, measure_tiers, Cascade) -> dict:
+          recipe: dict | None) -> dict:
     """One fold: the cheap tiers fit on train minus `held`, run on `held_scored`; cached in
     FOLD/predictions.json."""
     done = fold_dir / "predictions.json"
@@ -183,7 +180,10 @@ def _fold(j: int, fold_dir: Path, held: np.ndarray, held_scored: np.ndarray, tra
         record = json.loads(done.read_text())
         if record.get("held_scored") == held_scored.tolist():
             return record
+    from cascade.calibrate import measure_tiers
+    from cascade.router import Cascade
     from cascade.rules.mine import mine_for_task, write_pack
+    from cascade.tiers import build_tier
     from training.distill import train_student
     from training.flywheel import export_student, teacher_dir_of
 
