@@ -234,11 +234,12 @@ def _traffic_runs(cascade, is_llm: list[bool], config_path: Path, data_dir, item
     import json
 
     from cascade.data import load_split
+    from cascade.evidence import CARRIED_TRAFFIC
     from cascade.metrics import answer_key
 
     texts, answers = items
     seen = {ex.text for ex in load_split(data_dir, "train")} if (Path(data_dir) / "train.jsonl").exists() else set()
-    carried = config_path.parent / "flywheel_data.jsonl"
+    carried = config_path.parent / CARRIED_TRAFFIC
     if carried.exists():
         seen |= {json.loads(line)["text"] for line in carried.read_text(encoding="utf-8").splitlines() if line}
     keep = [i for i, t in enumerate(texts) if t not in seen]

@@ -19,6 +19,9 @@ import numpy as np
 from cascade.thresholds import CalibrationError, TierRun
 
 EVIDENCE_FORMAT = "cascade-label-free-evidence/1"
+# A flywheel version's file of the traffic texts its student learnt (written by training/flywheel.py):
+# calibration leaves them out of label-free evidence.
+CARRIED_TRAFFIC = "flywheel_data.jsonl"
 
 
 def text_digest(text: str) -> str:

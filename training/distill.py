@@ -396,8 +396,6 @@ def _build_student(size: str, vocab: int, n_labels: int, max_len: int, tags: lis
 
     if size in PRETRAINED_STUDENTS:
         return pretrained_student(size, n_labels, max_len), None
-    if size not in STUDENT_SIZES:
-        raise ValueError(f"--size {size!r}: known student sizes are {', '.join(STUDENT_SIZES)}")
     student = build_student(size, vocab, n_labels, max_seq_len=max_len, **({"n_tags": len(tags)} if tags else {}))
     layers = None
     if init_teacher is not None:

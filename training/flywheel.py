@@ -49,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cascade.evidence import CARRIED_TRAFFIC
 from training.selection import STRATEGIES, el2n, normalize_text, prune_easy, select
 
 MANIFEST = "manifest.json"
-CARRIED = "flywheel_data.jsonl"  # every traffic text learnt so far, with its soft label
+CARRIED = CARRIED_TRAFFIC  # every traffic text learnt so far, with its soft label
 VERSION_RE = re.compile(r"^\.?v(\d{3,})(\.partial)?$")
 NEVER = 1.000001  # a threshold no confidence reaches (cascade.calibrate's NEVER)
 # the log's counts a manifest keeps as they are
