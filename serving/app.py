@@ -29,6 +29,7 @@ from cascade.types import ItemFailure, Prediction
 from serving.http import ERROR_RESPONSES, APIError, EdgeMiddleware, api_keys_from_env, install_error_handlers
 from serving.observability import AccessLog, EngineCollector, HTTPMetrics
 from serving.startup import Startup, exit_on_load_error, load_in_background, warm_up
+from serving.traffic_log import version_id
 
 # An item without an answer: the status its request gets.
 FAILURE_STATUS = {"item_failed": 422, "deadline_exceeded": 504, "overloaded": 429, "tier_failed": 503}
@@ -188,8 +189,8 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
                 startup.state[name] = "ready"
             await loaded(service)
         else:
-            task = await load_in_background(startup, lambda: CascadeService.from_config(load(), config,
-                                                                                        config_path.parent), loaded,
+            task = await load_in_background(startup, lambda: CascadeService.from_config(
+                load(), config, config_path.parent, version_id(config_path)), loaded,
                                             on_load_error or exit_on_load_error)
         yield
         if task is not None and not task.done():
@@ -205,8 +206,10 @@ def create_app(config_path: str | Path | None = None, service=None, on_load_erro
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
               responses={404: ERROR_RESPONSES[422], 504: ERROR_RESPONSES[422]})
-    async def classify(body: ClassifyRequest, request: Request):
+    async def classify(body: ClassifyRequest, request: Request, response: Response):
         svc = request.app.state.service  # this request finishes on it, even if a reload comes meanwhile
+        if svc.version is not None:  # the version that answers, as its traffic-log entries record it
+            response.headers["X-Cascade-Version"] = svc.version
         model_name = request.app.state.version[0].task.name
         if body.model is not None and body.model != model_name:
             raise APIError(404, "model_not_found", f"model: {body.model!r} is not served here (this is "
@@ -334,7 +337,7 @@ async def _reload(app: FastAPI, path: Path | None, limits: ServingConfig) -> Rel
     def load():
         config = load_config(path)
         return config, CascadeService.from_config(build_cascade(config, path.parent, make_tier=make_tier), config,
-                                                  path.parent)
+                                                  path.parent, version_id(path))
 
     def close_built() -> None:
         for tier in built:  # what a failed or refused reload loaded: engine threads, pools, models

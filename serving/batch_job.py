@@ -120,18 +120,18 @@ def run_batch(input_path: str | Path, config_path: str | Path, out_path: str | P
     done_line, done_rows = _resume_point(out_path, errors_path, progress_path, resume)
     config = load_config(config_path)
     cascade = build_cascade(config, config_path.parent)
-    log = llm_name = None
+    log = llm_name = version = None
     if config.traffic_log is not None:  # the same log `cascade serve` writes
-        from serving.traffic_log import TrafficLog
+        from serving.traffic_log import TrafficLog, version_id
 
-        log = TrafficLog.from_config(config.traffic_log, config_path.parent)
+        log, version = TrafficLog.from_config(config.traffic_log, config_path.parent), version_id(config_path)
         llm_name = config.tiers[-1].name if config.tiers[-1].kind in LLM_KINDS else None
     bar = Progress(None, "cascade batch", "item", enabled=progress, initial=done_rows)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with out_path.open("a", encoding="utf-8") as out, errors_path.open("a", encoding="utf-8") as errs:
-            job = _BatchJob(cascade, input_path, out, errs, progress_path, bar, log, llm_name)
+            job = _BatchJob(cascade, input_path, out, errs, progress_path, bar, log, llm_name, version)
             rows: list[Row] = []
             bad: list[Malformed] = []
             last = done_line
@@ -190,9 +190,11 @@ def _resume_point(out_path: Path, errors_path: Path, progress_path: Path, resume
 class _BatchJob:
     """One run's open files and tallies; `flush` answers a chunk of rows, writes it, then checkpoints."""
 
-    def __init__(self, cascade, input_path: Path, out, errs, progress_path: Path, bar, log, llm_name: str | None):
+    def __init__(self, cascade, input_path: Path, out, errs, progress_path: Path, bar, log, llm_name: str | None,
+                 version: str | None = None):
         self.cascade, self.input_path, self.out, self.errs = cascade, input_path, out, errs
         self.progress_path, self.bar, self.log, self.llm_name = progress_path, bar, log, llm_name
+        self.version = version  # serving.traffic_log.version_id: which version answered, in the log
         self.shares: Counter = Counter()
         self.n_rows = self.n_bad = self.n_gold = self.n_right = self.n_degraded = 0
 
@@ -218,7 +220,8 @@ class _BatchJob:
 
             for r, a in zip(rows, answers):
                 if not isinstance(a, ItemFailure):
-                    self.log.put(entry_of(a, r.text, r.id, r.line, self.llm_name, self.log.text), block=True)
+                    self.log.put(entry_of(a, r.text, r.id, r.line, self.llm_name, self.log.text, self.version),
+                                 block=True)
         self.n_rows += len(rows) - len(failed)
         self.n_bad += len(bad) + len(failed)
         total = sum(self.shares.values()) or 1

@@ -275,7 +275,7 @@ class CascadeService:
                  tier_timeout_s: float, metrics: Metrics | None = None, request_timeout_s: float = 10.0,
                  max_queue_wait_s: float = 1.0, overload: str = "degrade", retry_after_s: int = 1,
                  max_loop_lag_s: float = 0.05, tier_queue_wait_s: list[float | None] | None = None,
-                 traffic_log=None, llm_tier: str | None = None, auditor=None):
+                 traffic_log=None, llm_tier: str | None = None, auditor=None, version: str | None = None):
         if overload not in ("degrade", "reject"):
             raise ValueError(f"overload: {overload!r} is not 'degrade' or 'reject'")
         self.cascade = cascade
@@ -298,13 +298,15 @@ class CascadeService:
         if traffic_log is not None:
             self.metrics.registry.register(TrafficLogCounters(traffic_log))
         self.auditor = auditor  # serving.audit.Auditor: cheap answers also asked of the last tier
+        self.version = version  # serving.traffic_log.version_id of the config: logged, and sent back
         if auditor is not None:
             self.metrics.registry.register(auditor)
 
     @classmethod
-    def from_config(cls, cascade: Cascade, config, base_dir=None) -> CascadeService:
+    def from_config(cls, cascade: Cascade, config, base_dir=None, version: str | None = None) -> CascadeService:
         """From a cascade.config.CascadeConfig: its [serving] table, each tier's own
-        `max_queue_wait_s`, and its [traffic_log] (paths against `base_dir`, the config's dir)."""
+        `max_queue_wait_s`, and its [traffic_log] (paths against `base_dir`, the config's dir).
+        `version`: the config's `version_id`, recorded with each answer."""
         from pathlib import Path
 
         limits = config.serving
@@ -323,7 +325,7 @@ class CascadeService:
                    request_timeout_s=limits.request_timeout_s, max_queue_wait_s=limits.max_queue_wait_s,
                    overload=limits.overload, retry_after_s=limits.retry_after_s, max_loop_lag_s=limits.max_loop_lag_s,
                    tier_queue_wait_s=[spec.max_queue_wait_s for spec in config.tiers], traffic_log=log,
-                   llm_tier=llm, auditor=auditor)
+                   llm_tier=llm, auditor=auditor, version=version)
 
     async def start(self) -> None:
         for w in self.workers:
@@ -400,7 +402,7 @@ class CascadeService:
             if isinstance(pred, ItemFailure):
                 continue
             if log is not None:
-                log.put(entry_of(pred, text, request_id, i, self.llm_tier, log.text))
+                log.put(entry_of(pred, text, request_id, i, self.llm_tier, log.text, self.version))
                 if not explain:
                     pred.trail = None
             if self.auditor is not None and pred.tier != self.workers[-1].tier.name and not pred.degraded:
@@ -438,7 +440,7 @@ class CascadeService:
         # an extraction answer agrees when its fields do too (classification: both None)
         auditor.record(pred.tier, answer.label == pred.label and same_fields(answer.fields, pred.fields))
         if self.traffic_log is not None:
-            entry = entry_of(pred, text, request_id, index, None, self.traffic_log.text)
+            entry = entry_of(pred, text, request_id, index, None, self.traffic_log.text, self.version)
             entry["audit"] = True
             entry["llm"] = {"tier": answer.tier, "label": answer.label, "confidence": round(answer.confidence, 6)}
             self.traffic_log.put(entry)

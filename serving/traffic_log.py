@@ -33,9 +33,21 @@ from pathlib import Path
 from cascade.config import TrafficLogConfig
 
 
-def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str | None, text_mode: str) -> dict:
-    """The log line for one answered item (a Prediction whose trail was asked for)."""
+def version_id(config_path: str | Path) -> str:
+    """Which cascade version answers: its config's dir name and the first 10 hex digits of the
+    config's sha256 (`v002@3f9c0a1b2c`), so two versions never share an id even when their dirs
+    do. Each log entry records it, and `cascade serve` sends it as `X-Cascade-Version`."""
+    path = Path(config_path).resolve()
+    return f"{path.parent.name}@{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
+
+
+def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str | None, text_mode: str,
+             version: str | None = None) -> dict:
+    """The log line for one answered item (a Prediction whose trail was asked for), with the
+    version that answered it (`version_id`)."""
     out: dict = {"ts": round(time.time(), 3), "request_id": request_id, "index": index}
+    if version is not None:
+        out["version"] = version
     if text_mode == "keep":
         out["text"] = text
     elif text_mode == "hash":

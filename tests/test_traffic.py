@@ -56,6 +56,8 @@ def test_every_answer_is_logged_with_its_trail(tmp_path, serve_app, clinc_dir):
     assert first["text"] == RULE_TEXT and first["label"] == "are_you_a_bot" and first["trail"][0]["tier"] == "rules"
     assert [t["tier"] for t in second["trail"]] == ["fallback"] and "llm" not in second  # no large model here
     assert len(entries) == 3 and "cascade_traffic_log_written_total" in metrics
+    assert {e["version"] for e in entries} == {r.headers["X-Cascade-Version"]} and r.headers[
+        "X-Cascade-Version"].startswith("v1@")  # which version answered, in the log and in the response
 
 
 def test_hashed_text_and_the_batch_command_write_the_same_log(tmp_path, clinc_dir):
@@ -113,23 +115,23 @@ def test_a_broken_writer_drops_entries_not_requests(tmp_path, serve_app, clinc_d
 
 
 def test_hot_swap_under_load_loses_nothing_and_rollback_is_the_same_call(tmp_path, serve_app, clinc_dir):
-    v1 = versioned_config(tmp_path / "v1", clinc_dir, "oos")
-    v2 = versioned_config(tmp_path / "v2", clinc_dir, "balance")
+    v1 = versioned_config(tmp_path / "v1", clinc_dir, "oos", log="{ dir = 'traffic' }")
+    v2 = versioned_config(tmp_path / "v2", clinc_dir, "balance", log="{ dir = 'traffic' }")
     broken = tmp_path / "broken.toml"
     broken.write_text(v2.read_text().replace('kind = "majority"', 'kind = "majority"\npath_typo = 1', 1))
 
     async def load(url, stop):
-        labels, failures = [], []
+        answers, failures = {i: [] for i in range(4)}, []  # per client, in its order: (version, label)
         async with httpx.AsyncClient(timeout=30) as client:
             async def one(i):
                 while not stop.is_set():
                     r = await client.post(url + "/v1/classify", json={"text": f"zzz {i}"})
                     if r.status_code == 200:
-                        labels.append(r.json()["results"][0]["label"])
+                        answers[i].append((r.headers["X-Cascade-Version"], r.json()["results"][0]["label"]))
                     else:
                         failures.append(r.text)
             await asyncio.gather(*(one(i) for i in range(4)))
-        return labels, failures
+        return answers, failures
 
     async def scenario(url):
         stop = asyncio.Event()
@@ -146,12 +148,23 @@ def test_hot_swap_under_load_loses_nothing_and_rollback_is_the_same_call(tmp_pat
         return bad, swap, back, await task
 
     with serve_app(create_app(v1)) as url:
-        bad, swap, back, (labels, failures) = asyncio.run(scenario(url))
+        bad, swap, back, (answers, failures) = asyncio.run(scenario(url))
     assert bad.status_code == 422 and "path_typo" in bad.json()["error"]["message"]  # v1 kept serving
     assert swap.status_code == 200 and swap.json()["drained"] and back.status_code == 200, (swap.text, back.text)
-    assert failures == [] and len(labels) > 30
-    runs = [labels[0]] + [b for a, b in zip(labels, labels[1:]) if a != b]  # oos..., balance..., oos...
-    assert runs == ["oos", "balance", "oos"], runs
+    every = [a for client in answers.values() for a in client]
+    assert failures == [] and len(every) > 30
+    ids = {label: version for version, label in every}
+    assert set(ids) == {"oos", "balance"} and ids["oos"].startswith("v1@") and ids["balance"].startswith("v2@")
+    assert all(ids[label] == version for version, label in every)  # each answer is its version's
+    # Responses of different clients interleave (a request v1 accepted may finish after one v2
+    # answered: in-flight requests finish on their version), but one client's requests follow
+    # each other, so each client sees v1, then v2, then v1 again, never out of that order.
+    for client in answers.values():
+        runs = [client[0][1]] + [b[1] for a, b in zip(client, client[1:]) if a[1] != b[1]]
+        assert runs == ["oos", "balance", "oos"][:len(runs)], runs
+    assert any(label == "balance" for _, label in every)
+    logged = list(read_log(tmp_path / "v1" / "traffic")) + list(read_log(tmp_path / "v2" / "traffic"))
+    assert {e["version"] for e in logged} == {ids["oos"], ids["balance"]}
 
 
 def test_audit_sampling_measures_agreement_and_flags_drift(tmp_path, serve_app, clinc_dir):
