@@ -1,0 +1,146 @@
+"""Chained students against the best single student, at the same accuracy target (issue 16
+item 2): does a second student between the first and the large model keep more traffic?
+
+    python bench/chain.py --run runs/e2e-banking77        # RUN/student and RUN/student-minilm-l6
+
+A finished run (`bench/e2e.py`, with `bench/students.py` for the second student) holds rules,
+two students and the large model. Each variant is a cascade.toml written into the run dir —
+rules → one student → large, and rules → student A → student B → large in both orders — and
+calibrated the same way (`run_calibration`: the large model's val accuracy minus 0.5 pt,
+certified at 90%; one threshold per cheap tier, searched jointly). Then every variant routes the
+whole test split `--repeats` times, round robin (this machine is shared: a drift hits all
+alike), the best pass kept: accuracy, large-model share, items/s and that as a multiple of the
+large model alone measured in the same passes. Writes bench/results/chain-DATASET.json with the
+CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TIER = '''
+[[tiers]]
+name = "{name}"
+kind = "{kind}"
+path = "{path}"
+threshold = 0.0
+{options}
+'''
+
+
+def write_variant(run: Path, name: str, students: list[str], task: str, kind: str) -> Path:
+    """RUN/cascade-chain-NAME.toml: rules, the students in order, the large model."""
+    tiers = [TIER.format(name="rules", kind="rules", path="rules.toml", options="options = { timeout_ms = 20 }")]
+    tiers += [TIER.format(name=s.removeprefix("student-") if s != "student" else "student", kind="student", path=s,
+                          options="") for s in students]
+    tiers.append(TIER.format(name="llm", kind="llm", path="large",
+                             options='options = { backend = "builtin", memory_gb = 0.5 }'))
+    path = run / f"cascade-chain-{name}.toml"
+    path.write_text(f'# Written by bench/chain.py\n[task]\nname = "{task}"\nkind = "{kind}"\n' + "".join(tiers))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cascade.calibrate import CalibrationError, run_calibration
+    from cascade.config import build_cascade, load_config
+    from cascade.cpu import cpu_report
+    from cascade.data import load_labels, load_split
+    from cascade.evaluate import as_predictions, predict_timed
+    from cascade.metrics import classification_report
+    from cascade.router import Cascade
+    from training.trainer import matmul_peak
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--students", default="student,student-minilm-l6", help="two student dirs in the run")
+    p.add_argument("--max-loss", type=float, default=0.005)
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    run = args.run
+    a, b = args.students.split(",")
+    for s in (a, b):
+        if not (run / s / "model.int8.onnx").exists():
+            p.error(f"--students: {run / s} has no model.int8.onnx (export it with `cascade export --int8`)")
+    data = run / "data"
+    labels = load_labels(data)
+    dataset = args.dataset or run.name.removeprefix("e2e-")
+    variants = {f"single-{a}": [a], f"single-{b}": [b], f"chain-{a}-{b}": [a, b], f"chain-{b}-{a}": [b, a]}
+
+    results, t0 = {}, time.perf_counter()
+    for name, students in variants.items():
+        path = write_variant(run, name, students, dataset, labels.task)
+        try:
+            cal = run_calibration(path, data, "llm", max_loss=args.max_loss, confidence=args.confidence)
+        except CalibrationError as exc:
+            results[name] = {"students": students, "calibration_error": str(exc)}
+            continue
+        print(f"[chain] {name}: chosen {cal['chosen']}", flush=True)
+        results[name] = {"students": students, "config": str(path), "calibration": {
+            "chosen": cal["chosen"], "llm_val_accuracy": cal["last_tier_accuracy"], "guarantee": cal.get("guarantee"),
+            "tier_mean_ms": cal.get("tier_mean_ms")}}
+
+    test = load_split(data, "test")
+    texts, gold = [ex.text for ex in test], [ex.label for ex in test]
+    systems = {n: build_cascade(load_config(Path(r["config"])), run) for n, r in results.items() if "config" in r}
+    first = next(iter(systems.values()))
+    systems["large_only"] = Cascade([first.tiers[-1]], [0.0])
+    try:
+        for cascade in systems.values():
+            for tier in cascade.tiers:  # lazy init is not the steady state
+                tier.predict_batch(texts[:64])
+        walls = {n: [] for n in systems}
+        for r in range(args.repeats):
+            for name, cascade in systems.items():
+                answers, seconds = predict_timed(cascade, texts)
+                walls[name].append(seconds)
+                preds, failed = as_predictions(answers)
+                rep = classification_report(gold, preds, [t.name for t in cascade.tiers], min(walls[name]),
+                                            labels.oos_label, ["llm"])
+                results.setdefault(name, {}).update({"test": {**rep, "all_wall_s": list(walls[name]),
+                                                              "failed": len(failed)}})
+                print(f"[chain] {name:<40} accuracy {rep['accuracy']:.4f} share {rep['llm_share']:.3f} "
+                      f"{len(texts) / seconds:.0f} items/s (pass {r + 1})", flush=True)
+    finally:
+        for name, cascade in systems.items():
+            if name != "large_only":
+                cascade.close()
+    large = results["large_only"]["test"]
+    for name, res in results.items():
+        if "test" in res:
+            res["test"]["speedup_vs_large"] = res["test"]["items_per_s"] / large["items_per_s"]
+            res["test"]["gap_pt_vs_large"] = 100 * (res["test"]["accuracy"] - large["accuracy"])
+    singles = [n for n in results if n.startswith("single-") and "test" in results[n]]
+    chains = [n for n in results if n.startswith("chain-") and "test" in results[n]]
+    best_single = min(singles, key=lambda n: results[n]["test"]["llm_share"]) if singles else None
+    best_chain = min(chains, key=lambda n: results[n]["test"]["llm_share"]) if chains else None
+    verdict = None
+    if best_single and best_chain:
+        s, c = results[best_single]["test"], results[best_chain]["test"]
+        verdict = {"best_single": best_single, "best_chain": best_chain,
+                   "chain_share_minus_single": c["llm_share"] - s["llm_share"],
+                   "chain_speedup_over_single": c["items_per_s"] / s["items_per_s"],
+                   "chain_wins": c["llm_share"] < s["llm_share"] and c["items_per_s"] > s["items_per_s"]}
+    out = {"dataset": dataset, "run": str(run), "cpu": cpu_report(), "threads": os.cpu_count(),
+           "fp32_matmul_peak_flops": matmul_peak("fp32", repeats=5),
+           "command": "python bench/chain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "max_loss": args.max_loss, "confidence": args.confidence, "n_test": len(texts), "variants": results,
+           "verdict": verdict, "wall_s": round(time.perf_counter() - t0, 1)}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / f"chain-{dataset}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(verdict, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
