@@ -36,6 +36,11 @@ threshold = 0.0
 '''
 
 
+def scalars(record: dict) -> dict:
+    """A report's figures without its per-item and per-candidate lists (kept in the frontier file)."""
+    return {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+
+
 def write_variant(run: Path, name: str, students: list[str], task: str, kind: str) -> Path:
     """RUN/cascade-chain-NAME.toml: rules, the students in order, the large model."""
     tiers = [TIER.format(name="rules", kind="rules", path="rules.toml", options="options = { timeout_ms = 20 }")]
@@ -87,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[chain] {name}: chosen {cal['chosen']}", flush=True)
         results[name] = {"students": students, "config": str(path), "calibration": {
-            "chosen": cal["chosen"], "llm_val_accuracy": cal["last_tier_accuracy"], "guarantee": cal.get("guarantee"),
-            "tier_mean_ms": cal.get("tier_mean_ms")}}
+            "chosen": cal["chosen"], "llm_val_accuracy": cal["last_tier_accuracy"],
+            "guarantee": scalars(cal.get("guarantee") or {}), "tier_mean_ms": cal.get("tier_mean_ms")}}
 
     test = load_split(data, "test")
     texts, gold = [ex.text for ex in test], [ex.label for ex in test]
