@@ -344,19 +344,17 @@ def summarize(result: dict, alone: dict) -> dict:
     rows = result["rounds"]
     out = {}
     for s in result["strategies"]:
-        per = [result["round0"]["test"]] + [rows[f"{s}-r{r}"]["test"] for r in range(1, result["rounds_n"] + 1)
-                                            if f"{s}-r{r}" in rows]
+        done_rounds = [f"{s}-r{r}" for r in range(1, result["rounds_n"] + 1) if f"{s}-r{r}" in rows]
+        per = [result["round0"]["test"]] + [rows[k]["test"] for k in done_rounds]
+        versions = ["version0"] + done_rounds
         first, last = per[0]["llm_share"], per[-1]["llm_share"]
         out[s] = {"shares": [p["llm_share"] for p in per], "accuracies": [p["accuracy"] for p in per],
                   "items_per_s_vs_large": [p["items_per_s"] / large["items_per_s"] for p in per],
                   "share_fall": first / last if last > 0 else float("inf"),
                   "worst_gap_pt": 100 * min(p["accuracy"] - large["accuracy"] for p in per),
-                  "student_accuracies": [alone[k]["accuracy"] for k in
-                                         ["version0"] + [f"{s}-r{r}" for r in range(1, len(per))]],
-                  "oracle_shares": [alone[k]["oracle_share"] for k in
-                                    ["version0"] + [f"{s}-r{r}" for r in range(1, len(per))]],
-                  "llm_calls_total": sum(rows[f"{s}-r{r}"]["llm_calls"]["total"]
-                                         for r in range(1, result["rounds_n"] + 1) if f"{s}-r{r}" in rows)}
+                  "student_accuracies": [alone[k]["accuracy"] for k in versions],
+                  "oracle_shares": [alone[k]["oracle_share"] for k in versions],
+                  "llm_calls_total": sum(rows[k]["llm_calls"]["total"] for k in done_rounds)}
     done = [s for s in out if len(out[s]["shares"]) == result["rounds_n"] + 1]
     targets = {s: {"share_falls_3x": out[s]["share_fall"] >= 3, "within_0.5pt_every_round": out[s]["worst_gap_pt"]
                    >= -0.5} for s in out}
