@@ -56,10 +56,35 @@ def test_train_rows_out_of_range_is_refused(tmp_path):
         train_student(tmp_path / "d", None, tmp_path / "s", size="debug", train_rows=[0, 10000], progress=False)
 
 
+def test_limit_train_is_a_seeded_sample_not_the_head():
+    """Split files are often grouped by label (CLINC150's first 6,000 rows hold 60 of its 151
+    labels): `--limit-train` samples, the same rows for the same seed."""
+    from training.large import learnt_train_rows
+
+    rows = learnt_train_rows(15_100, 6_000, 0)
+    assert rows == sorted(set(rows)) and len(rows) == 6_000 and rows == learnt_train_rows(15_100, 6_000, 0)
+    assert rows != list(range(6_000)) and rows[-1] > 14_000  # spans the file
+    assert learnt_train_rows(15_100, 6_000, 1) != rows
+    assert learnt_train_rows(100, None, 0) == learnt_train_rows(100, 500, 0) == list(range(100))
+    with pytest.raises(ValueError, match="--limit-train 0"):
+        learnt_train_rows(100, 0, 0)
+
+
+def test_crossfit_refuses_a_sample_of_another_train_split(tmp_path):
+    from training.crossfit import _teacher_unseen_rows
+    from training.large import learnt_train_rows
+
+    (tmp_path / "train_summary.json").write_text(json.dumps({"train_rows": 50, "train_sample": {"of": 200, "seed": 0}}))
+    with pytest.raises(ValueError, match="sampled its 50 train rows from 200 rows, but this data dir.s train split"):
+        _teacher_unseen_rows(tmp_path, 180)
+    unseen = _teacher_unseen_rows(tmp_path, 200)
+    assert len(unseen) == 150 and not set(unseen.tolist()) & set(learnt_train_rows(200, 50, 0))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The quickstart's smoke cascade (its large model learnt every train row), and a copy whose
-    large model learnt only the first half of train (`--limit-train`): the rest is evidence."""
+    large model learnt only a seeded half of train (`--limit-train`): the rest is evidence."""
     import shutil
 
     from cascade.app.quickstart import run_quickstart
@@ -89,6 +114,9 @@ def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_us
     from cascade.app.cli import main
     from cascade.data import load_split
     from training.distill import teacher_distributions
+    from training.large import learnt_train_rows
+    from training.recipes import SMOKE_LARGE
+    from training.trainer import TrainConfig
 
     qs = smoke / "qs"
     out = smoke / "evidence"
@@ -98,12 +126,13 @@ def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_us
     assert "out-of-fold agreement with the large model" in capsys.readouterr().out
     ev = json.loads((out / "evidence.json").read_text())
     train = load_split(qs / "data", "train")
+    unseen = sorted(set(range(len(train))) - set(learnt_train_rows(len(train), 120, TrainConfig(**SMOKE_LARGE).seed)))
     assert ev["format"] == EVIDENCE_FORMAT and ev["n"] == len(train) - 120 and ev["folds"] == 2
     assert [r["name"] for r in ev["runs"]] == ["rules", "student", "llm"]
     # every text the large model did not learn scored by exactly one fold, whose tiers learnt from the other fold only
     records = [json.loads((out / f"fold-{j}" / "predictions.json").read_text()) for j in (0, 1)]
     held = [set(r["held_scored"]) for r in records]
-    assert not held[0] & held[1] and held[0] | held[1] == set(range(120, len(train)))
+    assert not held[0] & held[1] and held[0] | held[1] == set(unseen)
     for j in (0, 1):
         summary = json.loads((out / f"fold-{j}" / "student" / "train_summary.json").read_text())
         assert summary["train_texts"] == records[j]["train_rows"] and records[j]["train_rows"] < len(train)
@@ -112,7 +141,7 @@ def test_crossfit_scores_each_text_with_tiers_that_never_saw_it_and_calibrate_us
     # the large model's answers are its cached distribution's argmax, on every item
     probs, cached = teacher_distributions(qs / "large", [ex.text for ex in train], progress=False)
     labels = json.loads((qs / "large" / "cascade.json").read_text())["labels"]
-    assert cached and ev["runs"][-1]["labels"] == [labels[i] for i in probs.argmax(-1)[120:].tolist()]
+    assert cached and ev["runs"][-1]["labels"] == [labels[i] for i in probs.argmax(-1)[unseen].tolist()]
     # a second run reuses the folds
     mtime = (out / "fold-0" / "predictions.json").stat().st_mtime_ns
     assert main(args) == 0 and (out / "fold-0" / "predictions.json").stat().st_mtime_ns == mtime

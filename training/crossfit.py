@@ -5,7 +5,7 @@ wide. On items a cheap tier answers, the loss against the large model is at most
 disagreement, which needs no gold (`cascade.certify`, "label-free evidence"), and the
 teacher-label cache holds the large model's answer on every train text. Two biases stand in the
 way. The large model's answers on the texts it was fine-tuned on are its training labels, not
-its behaviour on traffic, so only the train rows past its `train_rows` are scored (a model that
+its behaviour on traffic, so only the train rows it did not learn are scored (a model that
 learnt all of train is refused; docs/calibration.md has the measurement that shows why). And
 the deployed cheap tiers were fit to all of train, so train is cut into K folds: for each, the
 rules are mined and the student distilled on the other K - 1 folds, with the deployed student's
@@ -44,15 +44,19 @@ def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def _teacher_unseen_rows(teacher: Path, n_train: int) -> np.ndarray:
-    """The train rows the large model did not learn from (it trains on the first `train_rows`).
+    """The train rows the large model did not learn from (`training.large.learnt_train_rows` names
+    the ones it did).
 
     Its answers on the texts it was fine-tuned on are its training labels, near-gold, not how it
     answers traffic: on the quickstart demo its out-of-fold students agreed with it on 99.2% of
     train but the deployed student on only 91.6% of val, and the evidence certified a point that
     lost 0.7 pt (bench/results/calibration_check-label-free-quickstart.json). Those rows cannot be
     evidence whatever the students do."""
+    from training.large import learnt_train_rows
+
     summary_file = teacher / "train_summary.json"
-    seen = json.loads(summary_file.read_text()).get("train_rows") if summary_file.exists() else None
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    seen, sample = summary.get("train_rows"), summary.get("train_sample")
     if seen is None:
         raise ValueError(f"{teacher}: its train_summary.json does not say which train rows it learnt from (a model "
                          f"trained before this was recorded): its answers on its own training texts would stand for "
@@ -63,7 +67,13 @@ def _teacher_unseen_rows(teacher: Path, n_train: int) -> np.ndarray:
                          f"not evidence of how it answers traffic. Cross-fitted evidence needs train rows the large "
                          f"model did not see (`cascade train large --limit-train N` leaves the rest), or use audited "
                          f"traffic (`cascade calibrate --label-free LOG_DIR`)")
-    return np.arange(seen, n_train)
+    if sample is None:  # trained before the sample was recorded: it learnt the first `train_rows`
+        return np.arange(seen, n_train)
+    if sample["of"] != n_train:
+        raise ValueError(f"{teacher} sampled its {seen} train rows from {sample['of']} rows, but this data dir's "
+                         f"train split has {n_train}: not the data it was trained on, so which rows it saw is unknown")
+    learnt = set(learnt_train_rows(n_train, seen, sample["seed"]))
+    return np.array([i for i in range(n_train) if i not in learnt], dtype=np.int64)
 
 
 def _student_recipe(student_dir: Path, overrides: dict | None = None):

@@ -731,7 +731,8 @@ def _add_train_large(train: argparse._SubParsersAction) -> None:
     p.add_argument("--spike-factor", type=float, default=LARGE["spike_factor"],
                    help="skip steps whose loss exceeds this x mean")
     p.add_argument("--seed", type=int, default=LARGE["seed"])
-    p.add_argument("--limit-train", type=int, help="first N training rows only")
+    p.add_argument("--limit-train", type=int,
+                   help="a seeded sample of N training rows only (the rest stay unseen: crossfit evidence)")
     p.add_argument("--limit-eval", "--eval-limit", dest="eval_limit", type=int, default=300,
                    help="val rows sampled for periodic accuracy")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when pretraining")
