@@ -314,3 +314,44 @@ def test_the_gate_refuses_a_version_that_raises_the_share_and_keeps_current(smok
     assert os.readlink(versions / "current") == os.path.relpath(smoke / "qs", versions)
     assert json.loads((smoke / "refused.json").read_text())["version"] == "v001"
     assert m["selection"]["embedding"] == "pooled hidden state"
+
+
+def test_a_round_holds_the_audited_sample_out_of_training_and_calibrates_on_it(smoke, capsys):
+    """`--calibrate-on-audits`: the log's audited sample (audits, as the service writes them, by
+    the real large-model tier, plus escalated items at the audit rate) is never trained on, and
+    calibration takes it as label-free evidence beside val."""
+    import shutil
+
+    from cascade.app.cli import main
+    from cascade.config import load_config
+    from cascade.tiers import build_tier
+    from serving.traffic_log import read_log
+    from training.selection import normalize_text
+
+    qs = smoke / "qs"
+    log = smoke / "traffic-audited"
+    shutil.copytree(qs / "traffic", log)
+    config = load_config(qs / "serving.toml")
+    llm_name = config.tiers[-1].name
+    cheap = [e for e in read_log(log) if isinstance(e.get("text"), str) and e["tier"] != llm_name][::2]
+    answers = build_tier(config.tiers[-1], qs).predict_batch([e["text"] for e in cheap])
+    write_segment(log, [{**e, "audit": True, "llm": {"tier": llm_name, "label": a.label,
+                                                     "confidence": round(a.confidence, 6)}}
+                        for e, a in zip(cheap, answers)], name="traffic-9999999999998-000001.jsonl")
+    args = ["flywheel", "--config", str(qs / "serving.toml"), "--log", str(log), "--data", str(qs / "data"),
+            "--out", str(smoke / "versions-audits"), "--max-steps", "2", "--batch-size", "32", "--warmup-steps",
+            "1", "--min-agreement", "0", "--no-progress", "--calibrate-on-audits"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    v = smoke / "versions-audits" / "v001"
+    m = json.loads((v / "manifest.json").read_text())
+    ev = m["counts"]["audit_evidence"]
+    assert ev["audits"] == len(cheap) and ev["evidence_texts"] > 0 and ev["free_labels_held_out"] > 0
+    assert f"audited sample: {ev['evidence_texts']} texts held out of training" in out
+    held = {normalize_text(t) for t in json.loads((v / "selection.json").read_text())["evidence"]["texts"]}
+    assert len(held) == ev["evidence_texts"]
+    carried = [json.loads(line)["text"] for line in (v / "flywheel_data.jsonl").read_text().splitlines()]
+    assert carried and not {normalize_text(t) for t in carried} & held  # learnt nothing it is tested on
+    used = m["calibration"]["evidence"]
+    assert used["source"] == "traffic" and 0 < used["n"] <= ev["evidence_texts"] and "val_only" in used
+    assert used["n"] + used["dropped_seen"] == ev["evidence_texts"]

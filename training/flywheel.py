@@ -10,7 +10,9 @@
    answered by the cheap tiers, are the pool a labelling budget picks from. Texts in the val or
    test split are dropped (training on them would void the calibration's certificate and the
    gate), and so are texts already in train or learnt by an earlier round; hashed or dropped
-   texts cannot be trained on and are counted.
+   texts cannot be trained on and are counted. With `--calibrate-on-audits`, `audit_evidence`
+   first takes the log's audited sample (`serving.traffic_log.audited_sample`) out of the free
+   labels and the pool: those texts are never trained on, so they can test the new version.
 2. `pick_budget`: `--budget N` texts of the pool by a strategy of `training/selection.py`, on
    the current student's probabilities (its serving tier) and embeddings (`student_embeddings`).
 3. `label_texts`: the config's large-model tier, built from its spec with `build_tier` (builtin
@@ -25,7 +27,8 @@
    this is the one hook, here rather than there). Then export, int8 and a new temperature.
 6. `write_version_config` + `recalibrate`: the version's cascade.toml (paths relative to it;
    the other tiers' models referenced, not copied; rule packs copied), thresholds chosen by
-   `cascade.calibrate.run_calibration` ("llm" target, `--max-loss`, `--confidence`).
+   `cascade.calibrate.run_calibration` ("llm" target, `--max-loss`, `--confidence`), on val and,
+   with `--calibrate-on-audits`, the held-out audited sample as label-free evidence.
 7. `gate_verdict`: on val, measured for both versions by the same code (`measure`: `cascade
    eval`'s `evaluate`), the new one must be certified and reach the large model's accuracy minus
    `--max-loss`, and must not raise the large-model share. `point_current` swaps the `current`
@@ -84,6 +87,9 @@ class FlywheelConfig:
     diversity_train_centres: int = 2000  # train texts (seeded sample) counted as covered
     max_pool: int = 10_000  # candidates scored at most (a seeded uniform sample of a larger pool):
     # importance's density is O(pool^2 x dim), diversity O(budget x pool x dim)
+    # the log's audited sample (a uniform sample of traffic with the large model's answers) held
+    # out of training and added to val as label-free calibration evidence (docs/flywheel.md)
+    audit_evidence: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -512,23 +518,44 @@ def write_version_config(config_path: Path, version_dir: Path, student_tier: str
     return out
 
 
-def recalibrate(config_path: Path, data_dir: Path, cfg: FlywheelConfig, progress: bool = True) -> dict:
+def recalibrate(config_path: Path, data_dir: Path, cfg: FlywheelConfig, progress: bool = True,
+                evidence: tuple[list[str], list[dict]] | None = None) -> dict:
     """`run_calibration` on val for "within max_loss of the large model at confidence"; its
-    thresholds go into the version's cascade.toml, its frontier beside it. Returns the figures
+    thresholds go into the version's cascade.toml, its frontier beside it. `evidence`: label-free
+    items (texts, the large model's answers) the new version never learnt. Returns the figures
     the manifest keeps, `certified` False with the `error` when no thresholds could be chosen."""
     from cascade.calibrate import CalibrationError, run_calibration
     from cascade.progress import per_name
 
     try:
         report = run_calibration(config_path, data_dir, "llm", max_loss=cfg.max_loss, confidence=cfg.confidence,
-                                 progress=per_name("measuring", enabled=progress), seed=cfg.seed)
+                                 progress=per_name("measuring", enabled=progress), seed=cfg.seed,
+                                 label_free_items=evidence if evidence and evidence[0] else None)
     except CalibrationError as exc:
         return {"certified": False, "error": str(exc)}
     g = report.get("guarantee") or {}
     return {"certified": bool(report.get("guarantee")), "chosen": report["chosen"],
             "last_tier_accuracy": report["last_tier_accuracy"], "n": report["n"],
             "guarantee": {k: g.get(k) for k in ("goal", "level", "confidence", "method", "test_n", "path_from")},
-            "frontier": "cascade.frontier.json", "table": report["table"]}
+            "evidence": report.get("evidence"), "frontier": "cascade.frontier.json", "table": report["table"]}
+
+
+def audit_evidence(log_dir: Path, llm_tier: str, held_out: set[str], seed: int) -> tuple[list[str], list[dict], dict]:
+    """The log's audited sample (a uniform sample of traffic with the large model's answers;
+    `serving.traffic_log.audited_sample`), deduplicated by normalised text, less val and test
+    texts (val is the other, independent evidence). Returns (texts, answers, counts); the round
+    must not train on these texts, or they would not test the version it builds."""
+    from serving.traffic_log import audited_sample
+
+    texts, answers, counts = audited_sample(log_dir, llm_tier, seed=seed)
+    keep_t, keep_a, seen = [], [], set()
+    for t, a in zip(texts, answers):
+        key = normalize_text(t)
+        if key not in held_out and key not in seen:
+            seen.add(key)
+            keep_t.append(t)
+            keep_a.append(a)
+    return keep_t, keep_a, {**counts, "evidence_texts": len(keep_t)}
 
 
 def measure(config_path: Path, data_dir: Path, llm_alone: bool = False) -> dict:
@@ -671,6 +698,22 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     carried = read_carried(config_path.resolve().parent, labels)
     known = {normalize_text(ex.text) for ex in train} | {normalize_text(r.text) for r in carried}
     traffic = read_traffic(log_dir, labels, held_out, known)
+    evidence = None
+    if cfg.audit_evidence:
+        ev_texts, ev_answers, ev_counts = audit_evidence(log_dir, llm_spec(config).name, held_out, cfg.seed)
+        keys = {normalize_text(t) for t in ev_texts}
+        before = len(traffic.free), len(traffic.pool)
+        traffic.free = [r for r in traffic.free if normalize_text(r.text) not in keys]
+        traffic.pool = [t for t in traffic.pool if normalize_text(t) not in keys]
+        evidence = {"texts": ev_texts, "answers": ev_answers, "counts": {
+            **ev_counts, "free_labels_held_out": before[0] - len(traffic.free),
+            "pool_held_out": before[1] - len(traffic.pool)}}
+        for k in ("escalated_labels", "audit_labels"):
+            traffic.counts[k] = sum(r.source == k.split("_")[0] for r in traffic.free)
+        traffic.counts["pool"] = len(traffic.pool)
+        log(f"      audited sample: {len(ev_texts)} texts held out of training as calibration evidence "
+            f"(audit rate {ev_counts['audit_rate']:.3f}; {evidence['counts']['free_labels_held_out']} free labels "
+            f"and {evidence['counts']['pool_held_out']} pool texts among them)")
     c = traffic.counts
     log(f"      {c['entries']} entries, {c['unique_texts']} texts: {c['escalated_labels']} escalated and "
         f"{c['audit_labels']} audited answers (free labels), {c['pool']} answered by the cheap tiers; skipped "
@@ -689,7 +732,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
             + (f"; embeddings: {picks['embedding']}" if picks["embedding"] else ""))
     selection = {"counts": c, "segments": traffic.segments, "picks": picks,
                  "free": [{"text": r.text, "source": r.source, "target": r.target.round(6).tolist()}
-                          for r in traffic.free]}
+                          for r in traffic.free], "evidence": evidence}
     if dry_run:
         log("      --dry-run: no labels asked, nothing trained or written")
         return {"dry_run": True, **selection}
@@ -706,6 +749,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     else:  # resumed: the texts of the interrupted round, not a new read of a log that may have grown
         saved = json.loads((work / "selection.json").read_text())
         picks, c, traffic.segments = saved["picks"], saved["counts"], saved["segments"]
+        evidence = saved.get("evidence")
         traffic.free = [Row(r["text"], np.array(r["target"]), IGNORE, r["source"]) for r in saved["free"]]
 
     step("label", f"label {len(picks['texts'])} texts with the large-model tier {llm_spec(config).name!r}")
@@ -744,9 +788,11 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         export = export_student(out, data_dir, cfg.min_agreement)
     log(f"      parity {export['parity_max_abs_diff']:.1e}; int8 agreement {export['int8']['top1_agreement']:.4f}")
 
-    step("calibrate", "write the version's cascade.toml and recalibrate on val")
+    step("calibrate", "write the version's cascade.toml and recalibrate on val"
+         + (f" and {len(evidence['texts'])} audited texts" if evidence else ""))
     version_config = write_version_config(config_path, work, student_spec.name)
-    calibration = recalibrate(version_config, data_dir, cfg, progress)
+    calibration = recalibrate(version_config, data_dir, cfg, progress,
+                              (evidence["texts"], evidence["answers"]) if evidence else None)
     if calibration["certified"]:
         log(calibration.pop("table"))
     else:
@@ -766,6 +812,8 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
               "audit_labels_used": c["audit_labels"], "budget_labels": len(bought), "budget_abstained": abstained,
               "carried": len(carried), "train": len(train), "pruned": prune_report["pruned"],
               "distillation_rows": len(rows)}
+    if evidence:
+        counts["audit_evidence"] = evidence["counts"]
     manifest = {
         "version": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parent": {"version": parent_version(config_path, versions_dir), "config": str(config_path.resolve())},
