@@ -197,32 +197,53 @@ class TrafficLog:
                 "segments_deleted": self.segments_deleted}
 
 
-def read_log(directory: str | Path) -> Iterator[dict]:
+def read_log(directory: str | Path, since: dict | None = None, end: dict | None = None) -> Iterator[dict]:
     """Every entry of every segment, oldest first; a torn line (a writer killed mid-line) is
-    skipped, not fatal."""
-    for path in sorted(Path(directory).glob("traffic-*.jsonl")):
+    skipped, not fatal. `since`: a cursor `{"segment", "offset"}` (the entries before it are skipped);
+    `end`: if a dict, filled with the cursor just past the last entry read (pass it as `since`
+    next time to read only what came after). The newest segment may be being written: its
+    unfinished last line (no newline yet) is neither read nor passed, so it is read next time."""
+    segments = sorted(Path(directory).glob("traffic-*.jsonl"))
+    start_seg, start_off = (since["segment"], int(since["offset"])) if since else ("", 0)
+    if end is not None and since:
+        end.update(since)  # nothing new: the cursor stays
+    for n, path in enumerate(segments):
+        if path.name < start_seg:
+            continue  # read before (or deleted by the size cap: then the next one starts)
+        newest = n == len(segments) - 1
+        offset = start_off if path.name == start_seg else 0
         with path.open("rb") as f:
+            f.seek(offset)
             for raw in f:
+                if newest and not raw.endswith(b"\n"):
+                    break  # being written: next time
+                offset += len(raw)
+                if end is not None:
+                    end.update(segment=path.name, offset=offset)
                 try:
                     yield json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     continue
+        if end is not None and not end:  # an empty first segment
+            end.update(segment=path.name, offset=offset)
 
 
-def audited_sample(directory: str | Path, llm_tier: str, seed: int = 0) -> tuple[list[str], list[dict], dict]:
+def audited_sample(directory: str | Path, llm_tier: str, seed: int = 0,
+                   since: dict | None = None) -> tuple[list[str], list[dict], dict]:
     """Logged items whose large-model answer is known, as a uniform sample of all traffic: every
     audited item (the cheap tiers' answers, each audited at random with the [audit] share) plus
     the escalated items, each kept at the realised audit rate (audits / cheap-tier answers;
     seeded), so the escalated part is not over-represented. Audits skipped for budget or load
     lower that rate; they depend on when, not on what, so the sample stays uniform over texts.
     Returns (texts, the large model's answers {"label", "fields"?}, counts); items logged
-    hashed or without text are skipped and counted."""
+    hashed or without text are skipped and counted. `since`: only the entries after this cursor
+    (`read_log`)."""
     import random
 
     counts = {"entries": 0, "cheap_answers": 0, "audits": 0, "escalated": 0, "escalated_kept": 0,
               "no_text_skipped": 0}
     audits, escalated = [], []
-    for entry in read_log(directory):
+    for entry in read_log(directory, since):
         counts["entries"] += 1
         llm = entry.get("llm")
         if entry.get("audit"):

@@ -285,9 +285,15 @@ def test_a_round_end_to_end_resumes_after_a_kill_and_promotes(smoke, monkeypatch
     assert 'path = "student"' in toml and 'path = "../../qs/large"' in toml
     report, _ = run_eval(smoke / "versions" / "current" / "cascade.toml", smoke / "qs" / "data", "val")
     assert report["llm_share"] == g["new"]["llm_share"] and report["accuracy"] == g["new"]["accuracy"]
-    # the next round starts from it: what it learnt is carried, not labelled again
+    # the next round reads the same log from where this one stopped: nothing new yet
+    assert m["log"]["since"] is None and m["log"]["cursor"]["segment"] == m["log"]["segments"][-1]
     assert main(flywheel(smoke, "versions", smoke / "versions" / "current" / "cascade.toml", "--budget", "5",
                          "--dry-run", "--json")) == 0
+    nothing = json.loads(capsys.readouterr().out)
+    assert nothing["counts"]["entries"] == 0 and nothing["since"] == m["log"]["cursor"] and not nothing["free"]
+    # from the start, what it learnt is carried, not labelled again
+    assert main(flywheel(smoke, "versions", smoke / "versions" / "current" / "cascade.toml", "--budget", "5",
+                         "--dry-run", "--json", "--from-start")) == 0
     nxt = json.loads(capsys.readouterr().out)
     bought = {json.loads(line)["text"] for line in (v / "labels.jsonl").read_text().splitlines()}
     assert nxt["dry_run"] and nxt["counts"]["escalated_labels"] == 0 and not nxt["free"]

@@ -95,6 +95,36 @@ def test_the_log_survives_a_kill_and_a_torn_line(tmp_path):
     # the page cache, so this checks order and the reader, not fsync)
 
 
+def test_a_cursor_reads_each_entry_once_while_the_log_grows_and_rotates(tmp_path):
+    """`read_log(since, end)`: the newest segment's unfinished line is left for the next read,
+    a later read returns exactly what came after, and a segment deleted by the size cap does not
+    stop it."""
+    from serving.traffic_log import read_log
+
+    def line(i: int) -> bytes:
+        return json.dumps({"i": i}).encode() + b"\n"
+
+    a, b = tmp_path / "traffic-0000000000001-000001.jsonl", tmp_path / "traffic-0000000000002-000002.jsonl"
+    a.write_bytes(line(0) + line(1) + b'{"i": 2, "to')  # a killed writer's torn line: the segment is closed
+    b.write_bytes(line(3) + b'{"i": 4')  # being written
+    cursor: dict = {}
+    assert [e["i"] for e in read_log(tmp_path, None, cursor)] == [0, 1, 3]
+    assert cursor == {"segment": b.name, "offset": len(line(3))}
+    with b.open("ab") as f:
+        f.write(b'}\n' + line(5))
+    c = tmp_path / "traffic-0000000000003-000003.jsonl"
+    c.write_bytes(line(6))
+    a.unlink()  # the size cap
+    nxt: dict = {}
+    assert [e["i"] for e in read_log(tmp_path, cursor, nxt)] == [4, 5, 6]
+    assert nxt == {"segment": c.name, "offset": len(line(6))}
+    same: dict = {}
+    assert list(read_log(tmp_path, nxt, same)) == [] and same == nxt  # nothing new: the cursor stays
+    b.unlink()
+    c.unlink()
+    assert list(read_log(tmp_path, nxt, same)) == [] and same == nxt
+
+
 def test_a_broken_writer_drops_entries_not_requests(tmp_path, serve_app, clinc_dir):
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "not-a-dir").write_text("a file where the log dir should be")

@@ -5,7 +5,8 @@
     on val -> gate against the current version -> write VERSIONS/vNNN -> (--promote) point
     VERSIONS/current at it
 
-1. `read_traffic`: every logged text, deduplicated after `training.selection.normalize_text`.
+1. `read_traffic`: every text logged since the parent round's cursor (the whole log for a first
+   round, another log, or `--from-start`), deduplicated after `training.selection.normalize_text`.
    Texts the large model already answered (escalated, or audited) are free labels; the rest,
    answered by the cheap tiers, are the pool a labelling budget picks from. Texts in the val or
    test split are dropped (training on them would void the calibration's certificate and the
@@ -90,6 +91,7 @@ class FlywheelConfig:
     # the log's audited sample (a uniform sample of traffic with the large model's answers) held
     # out of training and added to val as label-free calibration evidence (docs/flywheel.md)
     audit_evidence: bool = False
+    from_start: bool = False  # read the whole log, not only what came after the parent round's cursor
 
     def __post_init__(self) -> None:
         checks = {
@@ -125,6 +127,7 @@ class Traffic:
     pool: list[str]  # texts only the cheap tiers answered: the budget's candidates
     segments: list[str]
     counts: dict = field(default_factory=dict)
+    cursor: dict = field(default_factory=dict)  # just past the last entry read (`read_log`'s `end`)
 
 
 def _sha(text: str) -> str:
@@ -148,7 +151,8 @@ def answer_distribution(label: str, confidence: float, labels: list[str]) -> np.
 # --- 1. the log ----------------------------------------------------------------------------
 
 
-def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: set[str]) -> Traffic:
+def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: set[str],
+                 since: dict | None = None) -> Traffic:
     """Group the log's entries by normalised text: free labels and the budget's pool.
 
     Args:
@@ -156,6 +160,7 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
         labels: the task's labels (a large-model answer outside them is skipped, counted).
         held_out: normalised val and test texts: never trained on.
         known: normalised texts already learnt (train, earlier rounds): skipped.
+        since: a log cursor (the parent round's): only the entries after it.
     """
     from serving.traffic_log import read_log
 
@@ -164,7 +169,8 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
     counts = {"entries": 0, "audit_entries": 0, "hashed_texts_skipped": 0, "dropped_texts_skipped": 0,
               "duplicates": 0, "held_out_skipped": 0, "known_skipped": 0, "unknown_label_skipped": 0}
     by_key: dict[str, dict] = {}
-    for entry in read_log(log_dir):
+    cursor: dict = {}
+    for entry in read_log(log_dir, since, cursor):
         counts["entries"] += 1
         counts["audit_entries"] += bool(entry.get("audit"))
         text = entry.get("text")
@@ -197,7 +203,7 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
     counts["escalated_labels"] = sum(r.source == "escalated" for r in free)
     counts["audit_labels"] = sum(r.source == "audit" for r in free)
     counts["pool"] = len(pool)
-    return Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts)
+    return Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts, cursor)
 
 
 # --- 2. the budget -------------------------------------------------------------------------
@@ -540,14 +546,15 @@ def recalibrate(config_path: Path, data_dir: Path, cfg: FlywheelConfig, progress
             "evidence": report.get("evidence"), "frontier": "cascade.frontier.json", "table": report["table"]}
 
 
-def audit_evidence(log_dir: Path, llm_tier: str, held_out: set[str], seed: int) -> tuple[list[str], list[dict], dict]:
+def audit_evidence(log_dir: Path, llm_tier: str, held_out: set[str], seed: int,
+                   since: dict | None = None) -> tuple[list[str], list[dict], dict]:
     """The log's audited sample (a uniform sample of traffic with the large model's answers;
     `serving.traffic_log.audited_sample`), deduplicated by normalised text, less val and test
     texts (val is the other, independent evidence). Returns (texts, answers, counts); the round
     must not train on these texts, or they would not test the version it builds."""
     from serving.traffic_log import audited_sample
 
-    texts, answers, counts = audited_sample(log_dir, llm_tier, seed=seed)
+    texts, answers, counts = audited_sample(log_dir, llm_tier, seed=seed, since=since)
     keep_t, keep_a, seen = [], [], set()
     for t, a in zip(texts, answers):
         key = normalize_text(t)
@@ -619,6 +626,17 @@ def version_numbers(versions_dir: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in versions_dir.iterdir() if p.is_dir() and not p.is_symlink()
              and (m := VERSION_RE.match(p.name))]
     return sorted(found)
+
+
+def parent_cursor(config_path: Path, log_dir: Path) -> dict | None:
+    """Where the round that built `config_path` stopped reading `log_dir` (its manifest's log
+    cursor), so this round reads only what came after; None for another log or no such round."""
+    manifest = config_path.resolve().parent / MANIFEST
+    if not manifest.exists():
+        return None
+    log = json.loads(manifest.read_text()).get("log") or {}
+    same = log.get("dir") == str(log_dir.resolve())
+    return log.get("cursor") or None if same else None
 
 
 def parent_version(config_path: Path, versions_dir: Path) -> str | None:
@@ -697,10 +715,13 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     train = load_split(data_dir, "train")
     carried = read_carried(config_path.resolve().parent, labels)
     known = {normalize_text(ex.text) for ex in train} | {normalize_text(r.text) for r in carried}
-    traffic = read_traffic(log_dir, labels, held_out, known)
+    since = None if cfg.from_start else parent_cursor(config_path, log_dir)
+    if since:
+        log(f"      from the parent round's cursor: {since['segment']} at byte {since['offset']} (--from-start: all)")
+    traffic = read_traffic(log_dir, labels, held_out, known, since)
     evidence = None
     if cfg.audit_evidence:
-        ev_texts, ev_answers, ev_counts = audit_evidence(log_dir, llm_spec(config).name, held_out, cfg.seed)
+        ev_texts, ev_answers, ev_counts = audit_evidence(log_dir, llm_spec(config).name, held_out, cfg.seed, since)
         keys = {normalize_text(t) for t in ev_texts}
         before = len(traffic.free), len(traffic.pool)
         traffic.free = [r for r in traffic.free if normalize_text(r.text) not in keys]
@@ -730,7 +751,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         log(f"      student confidence: picked {picks['picked_mean_confidence']:.3f} vs pool "
             f"{picks['pool_mean_confidence']:.3f} on average"
             + (f"; embeddings: {picks['embedding']}" if picks["embedding"] else ""))
-    selection = {"counts": c, "segments": traffic.segments, "picks": picks,
+    selection = {"counts": c, "segments": traffic.segments, "since": since, "cursor": traffic.cursor, "picks": picks,
                  "free": [{"text": r.text, "source": r.source, "target": r.target.round(6).tolist()}
                           for r in traffic.free], "evidence": evidence}
     if dry_run:
@@ -750,6 +771,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         saved = json.loads((work / "selection.json").read_text())
         picks, c, traffic.segments = saved["picks"], saved["counts"], saved["segments"]
         evidence = saved.get("evidence")
+        since, traffic.cursor = saved.get("since"), saved.get("cursor") or {}
         traffic.free = [Row(r["text"], np.array(r["target"]), IGNORE, r["source"]) for r in saved["free"]]
 
     step("label", f"label {len(picks['texts'])} texts with the large-model tier {llm_spec(config).name!r}")
@@ -817,7 +839,8 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     manifest = {
         "version": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parent": {"version": parent_version(config_path, versions_dir), "config": str(config_path.resolve())},
-        "log": {"dir": str(log_dir.resolve()), "segments": traffic.segments},
+        "log": {"dir": str(log_dir.resolve()), "segments": traffic.segments, "since": since,
+                "cursor": traffic.cursor},
         "data": str(data_dir.resolve()), "strategy": cfg.strategy, "budget": cfg.budget, "flywheel": asdict(cfg),
         "counts": counts, "selection": {k: v for k, v in picks.items() if k not in ("texts", "indices")},
         "prune": prune_report, "data_texts": "texts.sha256", "traffic_texts": CARRIED, "training": training,

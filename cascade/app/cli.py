@@ -202,7 +202,8 @@ def cmd_flywheel(args: argparse.Namespace) -> int:
         cfg = FlywheelConfig(budget=args.budget, strategy=args.strategy, measure=args.uncertainty, seed=args.seed,
                              max_train=args.max_train, max_loss=args.max_loss, confidence=args.confidence,
                              label_batch=args.label_batch, min_agreement=args.min_agreement or None,
-                             max_pool=args.max_pool, audit_evidence=args.calibrate_on_audits)
+                             max_pool=args.max_pool, audit_evidence=args.calibrate_on_audits,
+                             from_start=args.from_start)
         lr = args.lr if args.lr is not None else STUDENT["lr"]
         train_cfg = TrainConfig(**{**STUDENT, "lr": lr, "epochs": args.epochs, "max_steps": args.max_steps,
                                    "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
@@ -897,6 +898,8 @@ def _add_flywheel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="calibration certifies the tolerance with this")
     p.add_argument("--calibrate-on-audits", action="store_true",
                    help="hold the log's audited sample out of training; recalibrate on val plus it (label-free)")
+    p.add_argument("--from-start", action="store_true",
+                   help="read the whole log, not only what came after the parent round's cursor")
     p.add_argument("--promote", action="store_true", help="point OUT/current at the new version if the gate passes")
     p.add_argument("--dry-run", action="store_true", help="read and pick only: no large-model call, nothing written")
     p.add_argument("--resume", action="store_true", help="continue an interrupted round (OUT/.vNNN.partial)")
