@@ -65,7 +65,7 @@ class E2EConfig:
     large_lr: float = 1e-4
     large_train: int | None = None  # train rows the large model sees (the first N; None: all)
     large_precision: str = "auto"  # fp32 where bf16 is slower (an AVX512-BF16 CPU without AMX, say)
-    calibrate_limit: int | None = None  # val items calibration measures (the first N; None: all)
+    calibrate_limit: int | None = None  # val items calibration measures (a seeded sample; None: all)
     student_epochs: float = 6.0
     student_lr: float = 5e-4
     student_augment: int = 0  # perturbed copies per train text, labelled by the teacher (training/augment.py)
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-train", type=int, help="train rows the large model sees (default: all)")
     ap.add_argument("--large-lr", type=float, default=1e-4)
     ap.add_argument("--large-precision", default="auto", choices=("auto", "bf16", "fp32"))
-    ap.add_argument("--calibrate-limit", type=int, help="val items calibration measures (default: all)")
+    ap.add_argument("--calibrate-limit", type=int, help="val items calibration measures (seeded sample; default: all)")
     ap.add_argument("--student-epochs", type=float, default=6.0)
     ap.add_argument("--student-augment", type=int, default=0, help="perturbed copies per train text for distillation")
     ap.add_argument("--confidence", type=float, default=0.9,

@@ -297,7 +297,11 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     config_path = Path(config_path)
     config = load_config(config_path)
     metric = config.task.target_metric
-    examples = load_split(data_dir, split)[:limit]
+    examples = load_split(data_dir, split)
+    if limit is not None and limit < len(examples):  # a seeded sample, not the head: splits are often
+        # grouped by label (CLINC150's first 1,000 val rows hold 50 of its 151 labels)
+        keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+        examples = [examples[i] for i in keep]
     texts, gold = [ex.text for ex in examples], [answer_key(metric, ex.label, ex.fields) for ex in examples]
     use_path = (confidence is not None and max_llm_share is None and path_split not in (None, split)
                 and (Path(data_dir) / f"{path_split}.jsonl").exists() and len(config.tiers) > 1)

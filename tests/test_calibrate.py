@@ -204,6 +204,23 @@ def test_calibrate_writes_the_out_of_scope_threshold_into_the_config(tmp_path, m
     assert load_config(tmp_path / "c.toml").tiers[0].label_thresholds == {}
 
 
+def test_calibrate_limit_is_a_seeded_sample_not_the_head(tmp_path, make_dataset):
+    """Splits are often grouped by label (CLINC150's first 1,000 val rows hold 50 of 151 labels):
+    `--limit N` measures a seeded sample of the split, the same for the same seed."""
+    from cascade.calibrate import run_calibration
+
+    rows = [(f"hello {i}", "greet") for i in range(30)] + [(f"weather {i}", "oos") for i in range(30)]
+    data = make_dataset({"train": rows, "val": rows, "test": rows}, oos_label="oos")
+    (tmp_path / "c.toml").write_text("[task]\nname='t'\n[[tiers]]\nname='last'\nkind='majority'\npath='ds'\n"
+                                     "options={label='greet'}\n")
+    first = run_calibration(tmp_path / "c.toml", data, max_llm_share=1.0, limit=20, write=False)
+    again = run_calibration(tmp_path / "c.toml", data, max_llm_share=1.0, limit=20, write=False)
+    other = run_calibration(tmp_path / "c.toml", data, max_llm_share=1.0, limit=20, write=False, seed=1)
+    assert first["n"] == 20 and 0.2 < first["split_oos_share"] < 0.8  # the head would be all greet
+    assert again["split_oos_share"] == first["split_oos_share"]
+    assert other["n"] == 20
+
+
 def test_traffic_weights_make_out_of_scope_the_asked_share():
     from cascade.thresholds import confidence_of, traffic_weights
 

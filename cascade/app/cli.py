@@ -872,7 +872,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="with --target-accuracy llm and --confidence: also certify on items with the large model's "
                         "answer but no gold: a file of `cascade train crossfit`, or a traffic log's audited sample "
                         "(docs/calibration.md)")
-    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--limit", type=int, help="at most N items (a seeded sample: --seed)")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_calibrate)
