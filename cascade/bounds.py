@@ -11,7 +11,8 @@ outcomes (tests/test_calibrate.py). The core has no scipy, so the binomial is su
   the paired loss against the large model, l = correct_llm - correct_cascade in {-1, 0, 1}, on
   the trinomial of worse, better and neither; `paired_loss_bound`: the bound it implies.
 - `betting_pvalue`: testing by betting (Waudby-Smith & Ramdas), for weighted losses where no
-  binomial applies; `fisher_pvalue`: two independent p-values combined.
+  binomial applies; `bonferroni_pvalue`: two p-values combined by a split of the level
+  fixed beforehand (a weak source costs at most its share, not the test).
 - `least_rejected`: any such p-value turned into its confidence bound, by bisection.
 """
 
@@ -168,10 +169,15 @@ def betting_pvalue(x: np.ndarray, max_mean: float, hi: float, prior_mean: float 
     return float(min(1.0, np.exp(-top - np.log(np.mean(np.exp(np.array(log_wealth) - top))))))
 
 
-def fisher_pvalue(p1: float, p2: float) -> float:
-    """Fisher's combination of two independent p-values: P(chi2_4 >= -2 ln(p1 p2))."""
-    t = p1 * p2
-    return 0.0 if t <= 0 else float(min(1.0, t * (1.0 - np.log(t))))
+def bonferroni_pvalue(p_a: float, p_b: float, share_b: float) -> float:
+    """Two p-values of one hypothesis combined by weighted Bonferroni: `share_b` of the level goes
+    to `p_b`, the rest to `p_a`, so P(min(p_a / (1 - share_b), p_b / share_b) <= alpha) <= alpha
+    with no assumption on their dependence. Fisher's combination (which needs independence) is
+    stronger when both are small but weaker than `p_a` alone when `p_b` is near 1, which is what
+    disagreement evidence gives where a student answers much (docs/calibration.md)."""
+    if not 0.0 < share_b < 1.0:
+        raise ValueError(f"share_b {share_b}: must be in (0, 1)")
+    return float(min(1.0, p_a / (1.0 - share_b), p_b / share_b))
 
 
 def least_rejected(pvalue, alpha: float, lo: float, hi: float) -> float:

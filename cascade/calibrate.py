@@ -166,7 +166,8 @@ def calibrate_runs(runs: list[TierRun], gold: list[str], target_accuracy: float 
                    max_llm_share: float | None = None, *, confidence: float | None = None, max_loss: float = 0.0,
                    candidates: int = 24, label: str | None = None, weights: np.ndarray | None = None,
                    path_runs: list[TierRun] | None = None, path_gold: list[str] | None = None,
-                   learn_share: float = 0.3, seed: int = 0, unlabelled: list[TierRun] | None = None) -> dict:
+                   learn_share: float = 0.3, seed: int = 0, unlabelled: list[TierRun] | None = None,
+                   unlabelled_share: float = 0.2) -> dict:
     """The decision of `cascade calibrate` on measured tiers, no model run: `target_accuracy` (a
     number, or "llm" for the large model's own minus `max_loss`) at the least cost — with
     `confidence`, certified by `certify`; without, the cheapest point reaching it on these items
@@ -191,7 +192,7 @@ def calibrate_runs(runs: list[TierRun], gold: list[str], target_accuracy: float 
         cert = certify(runs, gold, confidence, max_loss=max_loss if against_last else None,
                        min_accuracy=None if against_last else target_accuracy, candidates=candidates, label=label,
                        weights=weights, path_runs=path_runs, path_gold=path_gold, learn_share=learn_share,
-                       seed=seed, unlabelled=unlabelled)
+                       seed=seed, unlabelled=unlabelled, unlabelled_share=unlabelled_share)
         if cert.point is None:
             first = cert.steps[0].test if cert.steps else {}
             raise CalibrationError(
@@ -274,7 +275,8 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
                     oos_share: float | None = None, max_loss: float = 0.0, path_split: str | None = "train",
                     path_limit: int = 3000, learn_share: float = 0.3, seed: int = 0,
                     unlabelled: list[TierRun] | None = None, label_free: str | Path | None = None,
-                    label_free_items: tuple[list[str], list[dict]] | None = None) -> dict:
+                    label_free_items: tuple[list[str], list[dict]] | None = None,
+                    label_free_share: float = 0.2) -> dict:
     """Measure the configured tiers on `split`, choose thresholds (`calibrate_runs`), and (with
     `write`) store them in the config; the frontier goes beside it as `NAME.frontier.json` and
     `NAME.frontier.png`. `oos_share`: weight the items so the dataset's out-of-scope label is that
@@ -286,6 +288,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     `label_free_items`: (texts, the large model's answers {"label", "fields"}), e.g. audited
     traffic (`serving.traffic_log.audited_sample`): the configured cheap tiers are run on them
     here, less the texts they may have learnt (the train split, the version's carried traffic).
+    `label_free_share`: the share of 1 - confidence the label-free test gets (`certify`).
     With label-free evidence the report's `evidence` compares the choice with val alone."""
     import json
 
@@ -336,7 +339,8 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     label = oos_label if oos_threshold else None
     decision = calibrate_runs(runs, gold, target_accuracy, max_llm_share, confidence=confidence, max_loss=max_loss,
                               candidates=candidates, label=label, weights=weights, path_runs=path_runs,
-                              path_gold=path_gold, learn_share=learn_share, seed=seed, unlabelled=unlabelled)
+                              path_gold=path_gold, learn_share=learn_share, seed=seed, unlabelled=unlabelled,
+                              unlabelled_share=label_free_share)
     if unlabelled is not None and confidence is not None:
         evidence = evidence or {"n": len(unlabelled[0].labels)}
         try:

@@ -40,7 +40,7 @@ from cascade.bounds import (
     betting_pvalue,
     binom_cdf,
     binom_upper,
-    fisher_pvalue,
+    bonferroni_pvalue,
     least_rejected,
     paired_loss_bound,
     paired_loss_pvalue,
@@ -74,7 +74,7 @@ class Step:
     tested: bool = False
     p_value: float | None = None
     certified: bool = False
-    source: str = ""  # "val", "unlabelled", "val+unlabelled" (Fisher), "definition" (the large model alone)
+    source: str = ""  # "val", "unlabelled", "val+unlabelled" (weighted Bonferroni), "definition" (the large model)
     test: dict = field(default_factory=dict)  # its figures on the test split (and the unlabelled items)
 
     def to_json(self) -> dict:
@@ -225,8 +225,8 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             min_accuracy: float | None = None, candidates: int = 24, label: str | None = None,
             weights: np.ndarray | None = None, path_runs: list[TierRun] | None = None,
             path_gold: list[str] | None = None, path: list[Point] | None = None, learn_share: float = 0.3,
-            seed: int = 0, unlabelled: list[TierRun] | None = None, nuisance_share: float = 0.05,
-            bounds: bool = True) -> Certificate:
+            seed: int = 0, unlabelled: list[TierRun] | None = None, unlabelled_share: float = 0.2,
+            nuisance_share: float = 0.05, bounds: bool = True) -> Certificate:
     """Learn then Test (module docstring): the cheapest point whose loss against the large model
     is <= `max_loss`, or whose accuracy is >= `min_accuracy`, with probability >= `confidence`.
 
@@ -254,13 +254,17 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             the last run's labels being the large model's answers (its teacher-label cache, or
             audited traffic). On them the loss against the large model is at most how often a
             cheap tier answers and disagrees with it (that count is binomial: an exact test of
-            "disagreement >= max_loss", which H0 implies). With a learn split, per point the learn
-            items pick the evidence expected to give the smaller p-value: val alone, unlabelled
-            alone, or both by Fisher's combination; with `path_runs` there is nothing to predict
-            from and Fisher's combination is used (valid: the two sets are independent). The
-            guarantee then holds for the tiers that produced those predictions: a student's own
-            training texts need cross-fitted (out-of-fold) predictions, and their thresholds must
-            mean what the deployed student's do. Only with `max_loss`, without weights.
+            "disagreement >= max_loss", which H0 implies). The two p-values are combined by
+            weighted Bonferroni (`bonferroni_pvalue`): `unlabelled_share` of delta goes to the
+            label-free test, the rest to val's, a split fixed before either is seen, so a weak
+            source costs at most its share of delta (Fisher's combination, used before, fell below
+            val alone wherever the student's disagreement was a few percent). With a learn split,
+            per point the learn items pick the evidence expected to give the smaller p-value: val
+            alone, unlabelled alone (each at the whole delta), or both. The guarantee then holds
+            for the tiers that produced those predictions: a student's own training texts need
+            cross-fitted (out-of-fold) predictions, and their thresholds must mean what the
+            deployed student's do. Only with `max_loss`, without weights.
+        unlabelled_share: the share of delta the label-free test gets, in (0, 1).
         nuisance_share: the share of delta that bounds the discordance (`paired_loss_pvalue`).
         bounds: also compute each tested point's confidence bound (for reports; slower).
 
@@ -280,6 +284,8 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             raise CalibrationError("label-free evidence with traffic weights: the weights need gold labels")
         if [r.name for r in unlabelled] != [r.name for r in runs]:
             raise CalibrationError("the unlabelled evidence must measure the same tiers, in the same order")
+        if not 0.0 < unlabelled_share < 1.0:
+            raise CalibrationError(f"--label-free-share {unlabelled_share}: must be in (0, 1)")
     delta = 1.0 - confidence
     nuisance = nuisance_share * delta
     n, last = len(gold), len(runs) - 1
@@ -374,10 +380,12 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
                         ld = float(((l_by < last) & ~l_agrees).mean()) * extra.n
                         guess = {"val": paired_loss_pvalue(round(lw), round(lb), test.n, max_loss, nuisance),
                                  "unlabelled": binom_cdf(round(ld), extra.n, max_loss)}
-                        guess["val+unlabelled"] = fisher_pvalue(guess["val"], guess["unlabelled"])
+                        guess["val+unlabelled"] = bonferroni_pvalue(guess["val"], guess["unlabelled"],
+                                                                    unlabelled_share)
                         step.source = min(guess, key=guess.get)
                     step.p_value = {"val": p_val, "unlabelled": p_unl,
-                                    "val+unlabelled": fisher_pvalue(p_val, p_unl)}[step.source]
+                                    "val+unlabelled": bonferroni_pvalue(p_val, p_unl, unlabelled_share)}[step.source]
+                    step.test.update({"p_val": p_val, "p_unlabelled": p_unl})
         else:
             errors = ~right
             step.source = "val"

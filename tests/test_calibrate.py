@@ -447,6 +447,42 @@ def test_label_free_evidence_buys_share_where_val_is_small_and_keeps_the_level()
     assert bad <= 6  # 30 draws: at most 10% + slack
 
 
+def test_weak_label_free_evidence_costs_at_most_its_share_of_delta():
+    """With the path learnt on other items, val's and the label-free test share delta by a split
+    fixed beforehand: evidence whose disagreement is far above the tolerance (a student agreeing
+    90% on its sure items) leaves exactly what val alone certifies at 1 - 0.8 delta, where
+    Fisher's combination fell below val alone; strong evidence still buys share."""
+    from cascade.bounds import bonferroni_pvalue
+    from cascade.certify import certify
+
+    rng = np.random.default_rng(3)
+    path_runs, path_gold = distilled(2000, rng)
+    val, val_gold = distilled(3000, rng)
+    weak, _ = distilled(6000, rng, agree=0.9)
+    both = certify(val, val_gold, 0.9, max_loss=0.005, path_runs=path_runs[:1], path_gold=path_gold,
+                   unlabelled=weak, unlabelled_share=0.2)
+    val_at_share = certify(val, val_gold, 1 - 0.8 * 0.1, max_loss=0.005, path_runs=path_runs[:1],
+                           path_gold=path_gold)
+    alone = certify(val, val_gold, 0.9, max_loss=0.005, path_runs=path_runs[:1], path_gold=path_gold)
+    assert val_at_share.point.llm_share < 1.0  # val alone certifies something: the case is not trivial
+    assert both.point == val_at_share.point and alone.point.llm_share <= both.point.llm_share
+    tested = [s for s in both.steps if s.tested and s.source != "definition"]
+    assert tested and all(s.source == "val+unlabelled" for s in tested)
+    assert tested[-1].test["p_unlabelled"] > 0.02  # where the walk stopped, the label-free test did not reject
+    # strong evidence (99.5% agreement on the sure items) with only 300 labelled items
+    small, small_gold = distilled(300, rng)
+    strong, _ = distilled(20_000, rng)
+    lf = certify(small, small_gold, 0.9, max_loss=0.005, path_runs=path_runs[:1], path_gold=path_gold,
+                 unlabelled=strong)
+    assert lf.point.llm_share < certify(small, small_gold, 0.9, max_loss=0.005, path_runs=path_runs[:1],
+                                        path_gold=path_gold).point.llm_share - 0.3
+    # the combination: the smaller p-value over its share, whichever source it is
+    assert bonferroni_pvalue(0.08, 1.0, 0.2) == pytest.approx(0.1)
+    assert bonferroni_pvalue(1.0, 0.01, 0.2) == pytest.approx(0.05)
+    with pytest.raises(CalibrationError, match="label-free-share"):
+        certify(val, val_gold, 0.9, max_loss=0.005, unlabelled=weak, unlabelled_share=1.0)
+
+
 def test_calibrate_command_certifies_against_the_large_model_with_a_tolerance(clinc_dir, tmp_path, capsys):
     """`--target-accuracy llm --max-loss --confidence`: the path learnt on train (the cheap tiers
     only), every val item testing it; the certificate in the report, its table printed, and the

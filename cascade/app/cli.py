@@ -163,7 +163,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                  oos_share=args.oos_share, max_loss=args.max_loss,
                                  path_split=None if args.path_split == "learn" else args.path_split,
                                  learn_share=args.learn_share, seed=args.seed, label_free=label_free,
-                                 label_free_items=label_free_items)
+                                 label_free_items=label_free_items, label_free_share=args.label_free_share)
     except CalibrationError as exc:
         raise DataError(str(exc)) from exc
     c = report["chosen"]
@@ -872,6 +872,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="with --target-accuracy llm and --confidence: also certify on items with the large model's "
                         "answer but no gold: a file of `cascade train crossfit`, or a traffic log's audited sample "
                         "(docs/calibration.md)")
+    p.add_argument("--label-free-share", type=float, default=0.2,
+                   help="with --label-free: the share of 1 - confidence its test gets, the rest going to val's "
+                        "(weighted Bonferroni, fixed before either is seen; default 0.2)")
     p.add_argument("--limit", type=int, help="at most N items (a seeded sample: --seed)")
     p.add_argument("--dry-run", action="store_true", help="report, but leave the config as it is")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
