@@ -206,6 +206,13 @@ def greedy_path(runs: list[TierRun], gold: list[str], candidates: int = 24, labe
         path.append(point(pos))
 
 
+def answers_nothing(point: Point, last: int) -> bool:
+    """No tier before `last` can answer at this point on any items: each threshold, its
+    out-of-scope label's too, is above every confidence (<= 1)."""
+    labels = point.label_thresholds or (None,) * last
+    return all(t > 1.0 and (lt is None or lt > 1.0) for t, lt in zip(point.thresholds[:last], labels))
+
+
 def path_from_other_items(path_runs: list[TierRun], path_gold: list[str], runs: list[TierRun], candidates: int = 24,
                           label: str | None = None) -> list[Point]:
     """`greedy_path` learnt on other labelled items than the validation ones (`certify`'s
@@ -315,11 +322,11 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
 
     w_test = None if weights is None else weights[test_idx]
     test = _Split(subset(runs, test_idx), [gold[i] for i in test_idx], label, w_test)
-    if max_loss is not None and not (path and path[0].thresholds[:last] == (NEVER,) * last
-                                     and not path[0].label_thresholds):
-        # fixed a priori, so its figures may come from the test items
+    if max_loss is not None:
+        # fixed a priori, so its figures may come from the test items; points that route as it does
+        # on any items (no cheap tier can answer) go: the test could only fail to tell them from it
         alone = simulate(test.runs, [gold[i] for i in test_idx], (NEVER,) * last + (0.0,), weights=w_test)
-        path = [alone] + [p for p in path if (p.thresholds, p.label_thresholds) != (alone.thresholds, ())]
+        path = [alone] + [p for p in path if not answers_nothing(p, last)]
     steps = [Step(p) for p in path]
     method = ("betting on the weighted loss" if weights is not None else
               "exact unconditional test on the paired loss" if max_loss is not None else "binomial on the errors")

@@ -519,3 +519,21 @@ def test_llm_agreement_is_each_cheap_tiers_agreement_on_the_items_it_answers():
     assert llm_agreement([rules, student, llm], point, None) == {"rules": 0.5, "student": 0.5}
     assert llm_agreement([rules, student, llm], Point((2.0, 0.9, 0.0), 0.0, 0.0, 0.0, ()), None) == {
         "student": 0.5}  # rules off: they answer nothing, so they have no figure
+
+
+def test_the_walk_skips_points_where_no_cheap_tier_can_answer():
+    """A path point whose thresholds (the out-of-scope label's too) are all above 1 routes
+    everything to the large model, as the walk's first point does; the betting test of weighted
+    losses cannot reject its zero loss at this size, so it would end the walk there."""
+    from cascade.certify import answers_nothing, certify, greedy_path
+    from cascade.thresholds import NEVER, Point, traffic_weights
+
+    runs, gold = oos_synthetic()
+    w = traffic_weights(gold, "oos", 0.4)
+    path = greedy_path(runs, gold, 24, "oos", weights=w)
+    noop = Point((NEVER, 0.0), 0.0, 1.0, 50.0, (0.0, 1.0), (NEVER, None))
+    assert answers_nothing(noop, 1) and not answers_nothing(Point((NEVER, 0.0), 0, 1, 50, (0, 1), (0.9, None)), 1)
+    plain = certify(runs, gold, 0.9, max_loss=0.01, label="oos", weights=w, path=path, bounds=False)
+    padded = certify(runs, gold, 0.9, max_loss=0.01, label="oos", weights=w, path=[noop] + path, bounds=False)
+    assert plain.point.llm_share < 1.0 and padded.point == plain.point
+    assert all(not answers_nothing(s.point, 1) for s in padded.steps[1:])
