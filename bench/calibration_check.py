@@ -60,7 +60,7 @@ def measure(run: Path, path_limit: int, seed: int) -> dict:
     """Every tier on val + test, the cheap tiers on (a sample of) train; cached by the tier
     specs and the data and model files' sizes and times."""
     from cascade.config import build_cascade, load_config
-    from cascade.data import load_labels, load_split
+    from cascade.data import load_labels, load_split, seeded_sample
     from cascade.evaluate import LLM_KINDS
 
     config_path, data = run / "cascade.toml", run / "data"
@@ -77,9 +77,7 @@ def measure(run: Path, path_limit: int, seed: int) -> dict:
         print(f"measurements from {cache}", file=sys.stderr)
         return got
     val, test, train = (load_split(data, s) for s in ("val", "test", "train"))
-    if len(train) > path_limit:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train), path_limit, replace=False))
-        train = [train[i] for i in keep]
+    train = seeded_sample(train, path_limit, seed)
     is_llm = [spec.kind in LLM_KINDS for spec in config.tiers]
     cascade = build_cascade(config, config_path.parent)
 

@@ -293,18 +293,14 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
     import json
 
     from cascade.config import build_cascade, dump_config, load_config
-    from cascade.data import load_labels, load_split
+    from cascade.data import load_labels, load_split, seeded_sample
     from cascade.evaluate import LLM_KINDS
     from cascade.metrics import answer_key
 
     config_path = Path(config_path)
     config = load_config(config_path)
     metric = config.task.target_metric
-    examples = load_split(data_dir, split)
-    if limit is not None and limit < len(examples):  # a seeded sample, not the head: splits are often
-        # grouped by label (CLINC150's first 1,000 val rows hold 50 of its 151 labels)
-        keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
-        examples = [examples[i] for i in keep]
+    examples = seeded_sample(load_split(data_dir, split), limit, seed)
     texts, gold = [ex.text for ex in examples], [answer_key(metric, ex.label, ex.fields) for ex in examples]
     use_path = (confidence is not None and max_llm_share is None and path_split not in (None, split)
                 and (Path(data_dir) / f"{path_split}.jsonl").exists() and len(config.tiers) > 1)
@@ -319,9 +315,7 @@ def run_calibration(config_path, data_dir, target_accuracy: float | str | None =
             path_examples = load_split(data_dir, path_split)
             if label_free is not None:  # leave at least half of a train-split evidence file to test with
                 path_limit = min(path_limit, max(1, len(path_examples) // 2))
-            if len(path_examples) > path_limit:
-                keep = np.sort(np.random.default_rng(seed).choice(len(path_examples), path_limit, replace=False))
-                path_examples = [path_examples[i] for i in keep]
+            path_examples = seeded_sample(path_examples, path_limit, seed)
             path_gold = [answer_key(metric, ex.label, ex.fields) for ex in path_examples]
             path_runs = measure_tiers(cascade, is_llm, [ex.text for ex in path_examples], progress=progress,
                                       tiers=len(config.tiers) - 1, metric=metric)

@@ -426,6 +426,17 @@ def load_labels(dataset_dir: str | Path) -> LabelSet:
     return LabelSet([str(x) for x in raw["labels"]], raw.get("oos_label"), task, list(fields))
 
 
+def seeded_sample(items: list, limit: int | None, seed: int = 0) -> list:
+    """At most `limit` of `items`, a seeded uniform sample kept in their order: not the head,
+    because split files are often grouped by label (CLINC150's first 1,000 val rows hold 50 of
+    its 151 labels)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    import numpy as np
+
+    return [items[i] for i in np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))]
+
+
 def load_split(dataset_dir: str | Path, split: str) -> list[Example]:
     """Read one split of a dataset dir; any bad row is an error naming its line."""
     file = Path(dataset_dir) / f"{split}.jsonl"

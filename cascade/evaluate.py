@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from cascade.config import CascadeConfig, build_cascade, load_config
-from cascade.data import load_labels, load_split
+from cascade.data import load_labels, load_split, seeded_sample
 from cascade.metrics import classification_report, item_correct, span_scores
 from cascade.progress import Progress
 from cascade.router import Cascade
@@ -135,15 +135,14 @@ def evaluate(cascade: Cascade, config: CascadeConfig, texts: list[str], gold: li
 
 
 def run_eval(config_path: str | Path, data_dir: str | Path, split: str = "test",
-             baseline: bool = False, batch_size: int = 256, limit: int | None = None, progress: bool = False
-             ) -> tuple[dict, list[dict]]:
+             baseline: bool = False, batch_size: int = 256, limit: int | None = None, progress: bool = False,
+             seed: int = 0) -> tuple[dict, list[dict]]:
     """Evaluate the configured cascade; with `baseline`, also its last tier alone (its report
-    under "baseline"). Returns the report and the cascade's per-item rows."""
+    under "baseline"). `limit`: at most that many items, a seeded sample (`seed`). Returns the
+    report and the cascade's per-item rows."""
     config_path = Path(config_path)
     config = load_config(config_path)
-    examples = load_split(data_dir, split)
-    if limit is not None:
-        examples = examples[:limit]
+    examples = seeded_sample(load_split(data_dir, split), limit, seed)
     label_set = load_labels(data_dir)
     texts = [ex.text for ex in examples]
     gold = [ex.label or "" for ex in examples]

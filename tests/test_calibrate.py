@@ -219,6 +219,13 @@ def test_calibrate_limit_is_a_seeded_sample_not_the_head(tmp_path, make_dataset)
     assert first["n"] == 20 and 0.2 < first["split_oos_share"] < 0.8  # the head would be all greet
     assert again["split_oos_share"] == first["split_oos_share"]
     assert other["n"] == 20
+    # `cascade eval --limit` samples the same way: the report's label counts show it
+    from cascade.evaluate import run_eval
+
+    report, items = run_eval(tmp_path / "c.toml", data, "test", limit=20)
+    golds = [row["gold"] for row in items]
+    assert len(items) == 20 and 0 < golds.count("oos") < 20
+    assert [row["gold"] for row in run_eval(tmp_path / "c.toml", data, "test", limit=20)[1]] == golds
 
 
 def test_traffic_weights_make_out_of_scope_the_asked_share():

@@ -130,7 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cascade.evaluate import format_report, run_eval, write_reports
 
     report, items = run_eval(args.config, args.data, args.split, baseline=args.baseline,
-                             batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+                             batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
+                             seed=args.seed)
     if args.json == "-":
         print(json.dumps(report, indent=1))
         return 0
@@ -928,7 +929,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--baseline", action="store_true", help="also evaluate the last tier alone")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--limit", type=int, help="at most N items (a seeded sample: --seed)")
+    p.add_argument("--seed", type=int, default=0, help="the --limit sample's seed")
     p.set_defaults(func=cmd_eval)
 
 
