@@ -200,10 +200,15 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
             target = answer_distribution(rec["llm"]["label"], float(rec["llm"].get("confidence", 1.0)), labels)
             free.append(Row(rec["text"], target, IGNORE, rec["source"]))
     counts["unique_texts"] = len(by_key)
-    counts["escalated_labels"] = sum(r.source == "escalated" for r in free)
-    counts["audit_labels"] = sum(r.source == "audit" for r in free)
-    counts["pool"] = len(pool)
-    return Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts, cursor)
+    return recount(Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts, cursor))
+
+
+def recount(traffic: Traffic) -> Traffic:
+    """Its counts of free labels by source and of pool texts, from what it holds now."""
+    traffic.counts["escalated_labels"] = sum(r.source == "escalated" for r in traffic.free)
+    traffic.counts["audit_labels"] = sum(r.source == "audit" for r in traffic.free)
+    traffic.counts["pool"] = len(traffic.pool)
+    return traffic
 
 
 # --- 2. the budget -------------------------------------------------------------------------
@@ -729,9 +734,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         evidence = {"texts": ev_texts, "answers": ev_answers, "counts": {
             **ev_counts, "free_labels_held_out": before[0] - len(traffic.free),
             "pool_held_out": before[1] - len(traffic.pool)}}
-        for k in ("escalated_labels", "audit_labels"):
-            traffic.counts[k] = sum(r.source == k.split("_")[0] for r in traffic.free)
-        traffic.counts["pool"] = len(traffic.pool)
+        recount(traffic)
         log(f"      audited sample: {len(ev_texts)} texts held out of training as calibration evidence "
             f"(audit rate {ev_counts['audit_rate']:.3f}; {evidence['counts']['free_labels_held_out']} free labels "
             f"and {evidence['counts']['pool_held_out']} pool texts among them)")

@@ -165,7 +165,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
     ckpt_dir = resolve_checkpoint_dir(out, checkpoint_dir, resume)
-    label_set, train, val = _task_examples(data_dir, limit_train, eval_limit, cfg.seed)
+    label_set, train, val, n_train = _task_examples(data_dir, limit_train, eval_limit, cfg.seed)
     base = _base_model(init, size, train, vocab_size, inference_tokens, announce=rank == 0)
     fmt, data = _task_sequences(base, label_set, train, template, Path(data_dir).name)
     n_params, model_cfg = base.model.num_params(), base.model.cfg
@@ -191,7 +191,7 @@ def train_large(data_dir: str | Path, out_dir: str | Path, *, init: str | None =
     # which texts it learnt: its answers there are its training labels, not how it answers traffic
     # (training/crossfit.py scores only the other rows; `learnt_train_rows` names them again)
     summary["train_rows"] = len(train)
-    summary["train_sample"] = {"of": _n_train(data_dir), "seed": cfg.seed}
+    summary["train_sample"] = {"of": n_train, "seed": cfg.seed}
     if world_size > 1:
         _write_shard_record(out, rank, trainer, result)
     if rank == 0:
@@ -223,22 +223,19 @@ def learnt_train_rows(n_train: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_train), limit))
 
 
-def _n_train(data_dir) -> int:
-    return len(load_split(data_dir, "train"))
-
-
 def _task_examples(data_dir, limit_train: int | None, eval_limit: int, seed: int):
-    """(labels, train, a seeded val sample of `eval_limit`), refusing labels not in labels.json."""
+    """(labels, the learnt train rows, a seeded val sample of `eval_limit`, the train split's size),
+    refusing labels not in labels.json."""
     label_set = load_labels(data_dir)
-    train = load_split(data_dir, "train")
-    train = [train[i] for i in learnt_train_rows(len(train), limit_train, seed)]
+    all_train = load_split(data_dir, "train")
+    train = [all_train[i] for i in learnt_train_rows(len(all_train), limit_train, seed)]
     val = load_split(data_dir, "val")
     # A seeded sample, not the head: split files are often grouped by label.
     val = random.Random(seed).sample(val, min(eval_limit, len(val)))
     unknown = {ex.label for ex in train + val} - set(label_set.labels)
     if unknown:
         raise ValueError(f"{data_dir}: labels {sorted(unknown)[:5]} are not in labels.json")
-    return label_set, train, val
+    return label_set, train, val, len(all_train)
 
 
 def _base_model(init: str | None, size: str, train: list, vocab_size: int, inference_tokens: float,
