@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from cascade.calibrate import calibrate_runs  # noqa: E402
 from cascade.certify import certify, path_from_other_items  # noqa: E402
+from cascade.data import seeded_sample  # noqa: E402
 from cascade.thresholds import (  # noqa: E402
     CalibrationError,
     TierRun,
@@ -60,7 +61,7 @@ def measure(run: Path, path_limit: int, seed: int) -> dict:
     """Every tier on val + test, the cheap tiers on (a sample of) train; cached by the tier
     specs and the data and model files' sizes and times."""
     from cascade.config import build_cascade, load_config
-    from cascade.data import load_labels, load_split, seeded_sample
+    from cascade.data import load_labels, load_split
     from cascade.evaluate import LLM_KINDS
 
     config_path, data = run / "cascade.toml", run / "data"
@@ -228,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
               "pool_llm_accuracy": llm_accuracy(pool, pool_gold), "measure_wall_s": m["measure_wall_s"],
               "label_free": lf if args.label_free else None}
 
-    # the run's own split, once (the same decision `cascade calibrate` makes)
+    # the run's own split, once (the same decision `cascade calibrate` makes; with --val-n below the
+    # run's val size, on the seeded sample `cascade calibrate --limit N --seed S` measures)
     val_idx, test_idx = np.arange(m["n_val"]), np.arange(m["n_val"], n_pool)
+    val_idx = np.array(seeded_sample(list(val_idx), n_val, args.seed))
     v, vg = subset(pool, val_idx), [pool_gold[i] for i in val_idx]
     t, tg = subset(pool, test_idx), [pool_gold[i] for i in test_idx]
     own = {"old": old_choice(v, vg, eps, conf, label), "new": new_choice(v, vg),
