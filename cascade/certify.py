@@ -209,8 +209,8 @@ def greedy_path(runs: list[TierRun], gold: list[str], candidates: int = 24, labe
 def answers_nothing(point: Point, last: int) -> bool:
     """No tier before `last` can answer at this point on any items: each threshold, its
     out-of-scope label's too, is above every confidence (<= 1)."""
-    labels = point.label_thresholds or (None,) * last
-    return all(t > 1.0 and (lt is None or lt > 1.0) for t, lt in zip(point.thresholds[:last], labels))
+    labels = tuple(point.label_thresholds) + (None,) * last
+    return all(t >= NEVER and (lt is None or lt >= NEVER) for t, lt in zip(point.thresholds[:last], labels))
 
 
 def path_from_other_items(path_runs: list[TierRun], path_gold: list[str], runs: list[TierRun], candidates: int = 24,

@@ -457,7 +457,7 @@ def test_label_free_evidence_buys_share_where_val_is_small_and_keeps_the_level()
 def test_weak_label_free_evidence_costs_at_most_its_share_of_delta():
     """With the path learnt on other items, val's and the label-free test share delta by a split
     fixed beforehand: evidence whose disagreement is far above the tolerance (a student agreeing
-    90% on its sure items) leaves exactly what val alone certifies at 1 - 0.8 delta, where
+    90% on its sure items) leaves what val alone certifies at 1 - 0.8 delta, where
     Fisher's combination fell below val alone; strong evidence still buys share."""
     from cascade.bounds import bonferroni_pvalue
     from cascade.certify import certify
