@@ -267,7 +267,7 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             source costs at most its share of delta (Fisher's combination, used before, fell below
             val alone wherever the student's disagreement was a few percent). With a learn split,
             per point the learn items pick the evidence expected to give the smaller p-value: val
-            alone, unlabelled alone (each at the whole delta), or both. The guarantee then holds
+            alone or unlabelled alone, each at the whole delta. The guarantee then holds
             for the tiers that produced those predictions: a student's own training texts need
             cross-fitted (out-of-fold) predictions, and their thresholds must mean what the
             deployed student's do. Only with `max_loss`, without weights.
@@ -387,8 +387,7 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
                         ld = float(((l_by < last) & ~l_agrees).mean()) * extra.n
                         guess = {"val": paired_loss_pvalue(round(lw), round(lb), test.n, max_loss, nuisance),
                                  "unlabelled": binom_cdf(round(ld), extra.n, max_loss)}
-                        guess["val+unlabelled"] = bonferroni_pvalue(guess["val"], guess["unlabelled"],
-                                                                    unlabelled_share)
+                        # the split is never below the smaller of the two, so it is not a choice here
                         step.source = min(guess, key=guess.get)
                     step.p_value = {"val": p_val, "unlabelled": p_unl,
                                     "val+unlabelled": bonferroni_pvalue(p_val, p_unl, unlabelled_share)}[step.source]
