@@ -111,9 +111,7 @@ def label_free_runs(path: Path, run: Path, names: list[str], path_limit: int, se
 
     runs, digests, meta = read_evidence(path, names)
     train = load_split(run / "data", "train")
-    keep = (np.sort(np.random.default_rng(seed).choice(len(train), path_limit, replace=False))
-            if len(train) > path_limit else np.arange(len(train)))
-    on_path = {text_digest(train[i].text) for i in keep}
+    on_path = {text_digest(ex.text) for ex in seeded_sample(train, path_limit, seed)}
     mask = np.array([d not in on_path for d in digests])
     if not mask.any():
         raise SystemExit(f"{path}: every evidence item is on the path; lower --path-limit")
