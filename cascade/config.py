@@ -159,6 +159,9 @@ class TrafficLogConfig(BaseModel):
     fsync_s: float = Field(default=1.0, ge=0.0, le=3600.0, description="how often written entries are fsynced")
     queue_items: int = Field(default=100_000, ge=1, le=100_000_000,
                              description="entries waiting for the writer before new ones are dropped")
+    llm_top_k: int = Field(default=5, ge=0, le=1000, description="the large model's most probable labels logged "
+                                                                  "with their probabilities (the flywheel's soft "
+                                                                  "label); 0: its answer only")
 
 
 class AuditConfig(BaseModel):

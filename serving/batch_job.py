@@ -220,7 +220,8 @@ class _BatchJob:
 
             for r, a in zip(rows, answers):
                 if not isinstance(a, ItemFailure):
-                    self.log.put(entry_of(a, r.text, r.id, r.line, self.llm_name, self.log.text, self.version),
+                    self.log.put(entry_of(a, r.text, r.id, r.line, self.llm_name, self.log.text, self.version,
+                                          self.log.llm_top_k),
                                  block=True)
         self.n_rows += len(rows) - len(failed)
         self.n_bad += len(bad) + len(failed)

@@ -42,7 +42,7 @@ from cascade.fields import same_fields
 from cascade.router import Cascade, predict_isolated
 from cascade.types import DeadlineExceeded, ItemFailure, Prediction, TierBusy
 from serving.http import LoopLag, cancel_task
-from serving.traffic_log import entry_of
+from serving.traffic_log import entry_of, llm_answer
 
 
 class Overloaded(RuntimeError):
@@ -402,7 +402,7 @@ class CascadeService:
             if isinstance(pred, ItemFailure):
                 continue
             if log is not None:
-                log.put(entry_of(pred, text, request_id, i, self.llm_tier, log.text, self.version))
+                log.put(entry_of(pred, text, request_id, i, self.llm_tier, log.text, self.version, log.llm_top_k))
                 if not explain:
                     pred.trail = None
             if self.auditor is not None and pred.tier != self.workers[-1].tier.name and not pred.degraded:
@@ -442,7 +442,7 @@ class CascadeService:
         if self.traffic_log is not None:
             entry = entry_of(pred, text, request_id, index, None, self.traffic_log.text, self.version)
             entry["audit"] = True
-            entry["llm"] = {"tier": answer.tier, "label": answer.label, "confidence": round(answer.confidence, 6)}
+            entry["llm"] = llm_answer(answer, self.traffic_log.llm_top_k)
             self.traffic_log.put(entry)
 
     async def _drive(self, steps, deadline: float) -> list[Prediction | ItemFailure]:

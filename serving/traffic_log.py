@@ -15,7 +15,8 @@ a background thread writes, fsyncs every `fsync_s` and rotates. A full queue, a 
 broken writer drops entries — counted (`cascade_traffic_log_dropped_total{reason}`), never a
 request. Each entry: time, request id, item index, the text (or its hash), the answer (label,
 confidence, tier, degraded), every tier's prediction on the way (`trail`), and the large
-model's answer where it gave one (`llm`).
+model's answer where it gave one (`llm`), with its `llm_top_k` most probable labels (`top`,
+[[label, probability], ...]): the soft label the flywheel distils from.
 """
 
 from __future__ import annotations
@@ -41,8 +42,27 @@ def version_id(config_path: str | Path) -> str:
     return f"{path.parent.name}@{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
 
 
+def _answer(t) -> dict:
+    """A tier's answer in the log: label, confidence, and fields if it extracts."""
+    a = {"label": t.label, "confidence": round(float(t.confidence), 6)}
+    if t.fields is not None:
+        a["fields"] = t.fields
+    return a
+
+
+def llm_answer(pred, top_k: int) -> dict:
+    """The large model's answer in the log: `_answer` plus its `top_k` most probable labels with
+    their probabilities (`top`, most probable first) when it gave a distribution. The flywheel
+    learns escalated texts from it; the top label alone would teach a one-hot-like target."""
+    a = {"tier": pred.tier, **_answer(pred)}
+    if top_k and pred.scores:
+        best = sorted(pred.scores.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+        a["top"] = [[label, round(float(p), 6)] for label, p in best]
+    return a
+
+
 def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str | None, text_mode: str,
-             version: str | None = None) -> dict:
+             version: str | None = None, llm_top_k: int = 5) -> dict:
     """The log line for one answered item (a Prediction whose trail was asked for), with the
     version that answered it (`version_id`)."""
     out: dict = {"ts": round(time.time(), 3), "request_id": request_id, "index": index}
@@ -56,20 +76,13 @@ def entry_of(pred, text: str, request_id: str | None, index: int, llm_tier: str 
                 "degraded": pred.degraded, "latency_ms": round(pred.latency_ms, 3)})
     if pred.fields is not None:
         out["fields"] = pred.fields
-
-    def answer(t) -> dict:  # a tier's answer in the log: label, confidence, and fields if it extracts
-        a = {"label": t.label, "confidence": round(float(t.confidence), 6)}
-        if t.fields is not None:
-            a["fields"] = t.fields
-        return a
-
     trail = pred.trail or []
-    out["trail"] = [{"tier": t.tier, **answer(t)} for t in trail]
+    out["trail"] = [{"tier": t.tier, **_answer(t)} for t in trail]
     llm = next((t for t in trail if t.tier == llm_tier), None)
     if llm is None and pred.tier == llm_tier and not pred.degraded:
         llm = pred
     if llm is not None:
-        out["llm"] = answer(llm)
+        out["llm"] = llm_answer(llm, llm_top_k)
     return out
 
 
@@ -77,12 +90,13 @@ class TrafficLog:
     """The background writer. `put` never blocks and never raises."""
 
     def __init__(self, directory: str | Path, segment_mb: float = 64.0, max_total_mb: float = 4096.0,
-                 fsync_s: float = 1.0, queue_items: int = 100_000, text: str = "keep"):
+                 fsync_s: float = 1.0, queue_items: int = 100_000, text: str = "keep", llm_top_k: int = 5):
         self.dir = Path(directory)
         self.segment_bytes = int(segment_mb * 2**20)
         self.max_total_bytes = int(max_total_mb * 2**20)
         self.fsync_s = fsync_s
         self.text = text
+        self.llm_top_k = llm_top_k
         self.queue: queue.Queue = queue.Queue(maxsize=queue_items)
         self.written = 0
         self.dropped: Counter = Counter()  # reason -> entries
@@ -99,7 +113,7 @@ class TrafficLog:
     def from_config(cls, cfg: TrafficLogConfig, base_dir: Path) -> TrafficLog:
         d = Path(cfg.dir)
         return cls(d if d.is_absolute() else base_dir / d, cfg.segment_mb, cfg.max_total_mb, cfg.fsync_s,
-                   cfg.queue_items, cfg.text)
+                   cfg.queue_items, cfg.text, cfg.llm_top_k)
 
     def put(self, entry: dict, block: bool = False) -> None:
         """Queue an entry; a full queue drops it (counted) — or, with `block` (`cascade batch`,

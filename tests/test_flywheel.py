@@ -123,6 +123,8 @@ def test_read_traffic_dedupes_and_counts_what_it_cannot_use(tmp_path):
         {"text": "hello", "tier": "llm", "label": "c", "confidence": 0.6, "llm": {"label": "c", "confidence": 0.6}},
         {"text": "open question", **cheap},
         {"text": "another open one", **cheap},
+        {"text": "soft one", "tier": "llm", "label": "b", "confidence": 0.5,  # its top labels, as logged
+         "llm": {"label": "b", "confidence": 0.5, "top": [["b", 0.5], ["c", 0.3], ["zzz", 0.1], ["a"]]}},
         {"text_sha256": hashlib.sha256(b"x").hexdigest(), **cheap},
         {"text_sha256": hashlib.sha256(b"y").hexdigest(), **cheap},
         {**cheap},  # text = "drop"
@@ -134,15 +136,19 @@ def test_read_traffic_dedupes_and_counts_what_it_cannot_use(tmp_path):
     write_segment(tmp_path / "log", entries)
     t = read_traffic(tmp_path / "log", labels, held_out={"a val text"}, known={"a train text"})
     c = t.counts
-    assert c["entries"] == 12 and c["audit_entries"] == 1 and c["unique_texts"] == 7 and c["duplicates"] == 2
+    assert c["entries"] == 13 and c["audit_entries"] == 1 and c["unique_texts"] == 8 and c["duplicates"] == 2
     assert (c["hashed_texts_skipped"], c["dropped_texts_skipped"]) == (2, 1)
     assert (c["held_out_skipped"], c["known_skipped"], c["unknown_label_skipped"]) == (1, 1, 1)
     assert sorted(t.pool) == ["another open one", "open question"]
     free = {r.text: r for r in t.free}
-    assert set(free) == {"Refund  please", "hello"} and c["escalated_labels"] == 1 and c["audit_labels"] == 1
+    assert set(free) == {"Refund  please", "hello", "soft one"} and c["escalated_labels"] == 2
+    assert c["audit_labels"] == 1
     assert free["Refund  please"].source == "audit"  # the audited answer labels the cheap-answered text
     assert np.allclose(free["Refund  please"].target, [0.1, 0.8, 0.1])  # top answer + the rest spread evenly
     assert free["hello"].source == "escalated" and free["hello"].target.argmax() == 2
+    # the logged top labels kept; a label outside the task's and a malformed pair left out, their
+    # mass spread over the labels the log does not name
+    assert np.allclose(free["soft one"].target, [0.2, 0.5, 0.3])
 
 
 # --- the gate and the pointer ----------------------------------------------------------------
@@ -238,6 +244,34 @@ def flywheel(root: Path, versions: str, config: Path, *extra: str) -> list[str]:
     return ["flywheel", "--config", str(config), "--log", str(root / "qs" / "traffic"),
             "--data", str(root / "qs" / "data"), "--out", str(root / versions), "--max-steps", "4",
             "--batch-size", "32", "--warmup-steps", "1", "--min-agreement", "0", "--no-progress", *extra]
+
+
+def test_the_log_keeps_the_large_models_top_labels_and_a_round_learns_them(smoke):
+    """What `cascade batch` logged for the escalated texts: the real large-model tier's answer with
+    its most probable labels (`llm_top_k`, 5 by default), most probable first, which
+    `read_traffic` turns into the soft target; an audit's answer (`llm_answer`) the same."""
+    from cascade.config import load_config
+    from cascade.data import load_labels
+    from cascade.tiers import build_tier
+    from serving.traffic_log import llm_answer, read_log
+    from training.flywheel import read_traffic
+
+    qs = smoke / "qs"
+    config = load_config(qs / "serving.toml")
+    llm_name, labels = config.tiers[-1].name, load_labels(qs / "data").labels
+    escalated = [e for e in read_log(qs / "traffic") if e.get("tier") == llm_name]
+    assert escalated
+    for e in escalated:
+        top = e["llm"]["top"]
+        assert len(top) == min(5, len(labels)) and top[0][0] == e["label"]
+        assert [p for _, p in top] == sorted((p for _, p in top), reverse=True) and sum(p for _, p in top) <= 1 + 1e-5
+    free = {r.text: r.target for r in read_traffic(qs / "traffic", labels, set(), set()).free}
+    e = escalated[0]
+    got = free[e["text"]]
+    assert all(abs(got[labels.index(lab)] - p) < 1e-5 for lab, p in e["llm"]["top"])
+    (answer,) = build_tier(config.tiers[-1], qs).predict_batch([e["text"]])
+    logged = llm_answer(answer, 3)
+    assert logged["tier"] == llm_name and logged["label"] == answer.label and len(logged["top"]) == 3
 
 
 def test_a_round_end_to_end_resumes_after_a_kill_and_promotes(smoke, monkeypatch, capsys):

@@ -140,11 +140,21 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def answer_distribution(label: str, confidence: float, labels: list[str]) -> np.ndarray:
-    """A logged answer (top label + its probability) as a distribution: the rest spread evenly
-    over the other labels. The log keeps the large model's top answer, not its distribution."""
-    p = np.full(len(labels), (1.0 - confidence) / max(1, len(labels) - 1))
-    p[labels.index(label)] = confidence
+def answer_distribution(label: str, confidence: float, labels: list[str],
+                        top: list | None = None) -> np.ndarray:
+    """A logged answer as a distribution: its `top` labels' probabilities (the log's `llm.top`,
+    [[label, p], ...]) and the top label's, the rest of the mass spread evenly over the other
+    labels. Without `top` (a log written before it, or `llm_top_k = 0`), the top label alone.
+    A `top` label outside the task's is left out, its mass spread with the rest."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    known = {str(pair[0]): float(pair[1]) for pair in (top or [])
+             if isinstance(pair, list | tuple) and len(pair) == 2 and str(pair[0]) in index
+             and isinstance(pair[1], int | float) and 0.0 <= pair[1] <= 1.0}
+    known.setdefault(label, confidence)
+    others = len(labels) - len(known)
+    p = np.full(len(labels), max(0.0, 1.0 - sum(known.values())) / max(1, others))
+    for lab, q in known.items():
+        p[index[lab]] = q
     return p / p.sum()
 
 
@@ -197,7 +207,8 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
         elif rec["llm"]["label"] not in labels:
             counts["unknown_label_skipped"] += 1
         else:
-            target = answer_distribution(rec["llm"]["label"], float(rec["llm"].get("confidence", 1.0)), labels)
+            llm = rec["llm"]
+            target = answer_distribution(llm["label"], float(llm.get("confidence", 1.0)), labels, llm.get("top"))
             free.append(Row(rec["text"], target, IGNORE, rec["source"]))
     counts["unique_texts"] = len(by_key)
     return recount(Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts, cursor))
