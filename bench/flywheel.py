@@ -19,6 +19,10 @@ From a `bench/e2e.py` run it reuses the large model (and its val/test splits), t
               labelling (the manifest); the calibration's and the gate's calls on val are
               counted apart (a fixed cost per round, as in any redeploy)
 
+An arm is a strategy, or `strategy@N`: the same strategy with the distillation set pruned to N
+rows each round (`--max-train N` of `cascade flywheel`, dropping the easiest rows), so
+`--strategies random,random@3000` measures what pruning costs against the unpruned arm.
+
 Round 1's traffic is served once by version 0 and its log copied to every strategy (the same
 server would log the same answers; audits are a random draw either way). Each step leaves its
 JSON under OUT/state, so a killed run resumes where it stopped. Writes
@@ -291,15 +295,27 @@ def current_config(out: Path, strategy: str) -> Path:
     return current.resolve() if current.exists() else out / "seed" / f"cascade-{strategy}.toml"
 
 
-def run_round(out: Path, strategy: str, r: int, args, texts: list[str], test: tuple, state: Path) -> dict:
+def parse_arm(arm: str) -> tuple[str, int | None]:
+    """`strategy` or `strategy@N` (pruned to N rows) -> (strategy, N or None)."""
+    strategy, _, rows = arm.partition("@")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategies: unknown strategy {strategy!r} in {arm!r}; choose from {', '.join(STRATEGIES)}")
+    if rows and not (rows.isdigit() and int(rows) > 0):
+        raise ValueError(f"--strategies: {arm!r}: after '@' a positive number of rows to prune to")
+    return strategy, int(rows) if rows else None
+
+
+def run_round(out: Path, arm: str, r: int, args, texts: list[str], test: tuple, state: Path) -> dict:
     from training.flywheel import FlywheelConfig, run_flywheel
     from training.recipes import STUDENT
     from training.trainer import TrainConfig
 
-    versions, log_dir = out / strategy / "versions", out / strategy / "traffic"
-    config = current_config(out, strategy)
+    strategy, max_train = parse_arm(arm)
+
+    versions, log_dir = out / arm / "versions", out / arm / "traffic"
+    config = current_config(out, arm)
     if not config.exists():
-        config = strategy_config(out, strategy, args.audit_share)
+        config = strategy_config(out, arm, args.audit_share)
 
     def served() -> dict:
         if r == 1 and (out / "round1-log").exists():  # version 0 served round 1 once for all strategies
@@ -311,22 +327,23 @@ def run_round(out: Path, strategy: str, r: int, args, texts: list[str], test: tu
             _save(out / "round1-served.json", report)
         return report
 
-    before = json.loads((state / f"{strategy}-r{r - 1}.json").read_text())["log_entries"] if r > 1 else 0
-    serve = _once(state / f"{strategy}-r{r}-serve.json", served)
+    before = json.loads((state / f"{arm}-r{r - 1}.json").read_text())["log_entries"] if r > 1 else 0
+    serve = _once(state / f"{arm}-r{r}-serve.json", served)
     calls, entries = log_calls(log_dir, before)
     budget = round(args.budget_share * len(texts))
     t0 = time.perf_counter()
     manifest = run_flywheel(
         config, log_dir, out / "data", versions,
-        FlywheelConfig(budget=budget, strategy=strategy, seed=args.seed, max_train=args.max_train,
+        FlywheelConfig(budget=budget, strategy=strategy, seed=args.seed, max_train=max_train or args.max_train,
                        min_agreement=args.min_agreement),
         TrainConfig(**{**STUDENT, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
                        "warmup_steps": 10}),
         promote=True, resume=any(versions.glob(".v*.partial")), progress=False)
     flywheel_s = time.perf_counter() - t0
-    measured = measure_test(current_config(out, strategy), *test)
+    measured = measure_test(current_config(out, arm), *test)
     gate = manifest["gate"]
-    return {"strategy": strategy, "round": r, "served": serve, "log_entries": entries,
+    return {"strategy": strategy, "arm": arm, "max_train": max_train or args.max_train, "round": r,
+            "served": serve, "log_entries": entries,
             "llm_calls": {**calls, "labelling": manifest["counts"]["budget_labels"],
                           "total": calls["escalations"] + calls["audits"] + manifest["counts"]["budget_labels"]},
             "version": manifest["version"], "promoted": manifest["promoted"], "gate": {
@@ -368,7 +385,18 @@ def summarize(result: dict, alone: dict) -> dict:
                              "accuracy_minus_random": paired_ci(a["correct"], b["correct"]),
                              "student_accuracy_minus_random": paired_ci(alone[f"{s}-r{last}"]["correct"],
                                                                         alone[f"random-r{last}"]["correct"])}
-    return {"per_strategy": out, "targets": targets, "vs_random_last_round": versus}
+    pruning = {}  # an arm `s@N` against the same strategy unpruned, on the last round
+    for s in done:
+        base = s.partition("@")[0]
+        if "@" in s and base in done:
+            a, b = rows[f"{s}-r{last}"], rows[f"{base}-r{last}"]
+            pruning[s] = {"rows": [a["counts"].get("distillation_rows"), b["counts"].get("distillation_rows")],
+                          "accuracy_minus_unpruned": paired_ci(a["test"]["correct"], b["test"]["correct"]),
+                          "llm_share_minus_unpruned": paired_ci(a["test"]["escalated"], b["test"]["escalated"]),
+                          "student_accuracy_minus_unpruned": paired_ci(alone[f"{s}-r{last}"]["correct"],
+                                                                       alone[f"{base}-r{last}"]["correct"]),
+                          "distill_s": [a["timings_s"].get("distil"), b["timings_s"].get("distil")]}
+    return {"per_strategy": out, "targets": targets, "vs_random_last_round": versus, "pruning_last_round": pruning}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -404,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="a bench/e2e.py run dir (its large/ and data/)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dataset", default=None, help="the results' name (default: the run's dir name)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="arms, comma-separated: a strategy, or strategy@N (pruned to N rows a round)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed-share", type=float, default=0.05)
     p.add_argument("--budget-share", type=float, default=0.02)
@@ -423,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
-    unknown = set(strategies) - set(STRATEGIES)
-    if unknown:
-        p.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+    try:
+        [parse_arm(s) for s in strategies]
+    except ValueError as e:
+        p.error(str(e))
     out, state = args.out, args.out / "state"
     dataset = args.dataset or args.run.name.removeprefix("e2e-")
     t_start = time.perf_counter()
