@@ -20,10 +20,12 @@ its probability: the label's times the JSON's (the product of the constrained co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +63,27 @@ def parse_options(options: dict) -> tuple[LLMTierOptions, BaseModel]:
     return tier, BACKEND_OPTIONS[tier.backend].model_validate(rest)
 
 
+# (tier key, text) -> (the answer, the seconds it took), while `remembered_answers` is active
+_REMEMBERED: dict[tuple, tuple[Prediction, float]] | None = None
+
+
+@contextlib.contextmanager
+def remembered_answers() -> Iterator[dict]:
+    """Within it, a classification large-model tier asked a text it already answered (the same
+    model dir, backend options, prompt and labels, in any tier instance in this process) gives
+    the same answer again without asking the backend. A flywheel round asks the large model about
+    every val text in calibration and again in the gate's three measurements (the large model
+    alone, the new version, the current one); the answers cannot differ, only cost. A remembered
+    answer is charged to the tier's meter at what it cost when asked, so `Tier.cost` (the
+    calibration's cost model) is unchanged. Cleared on exit; not used by serving."""
+    global _REMEMBERED
+    outer, _REMEMBERED = _REMEMBERED, {} if _REMEMBERED is None else _REMEMBERED
+    try:
+        yield _REMEMBERED
+    finally:
+        _REMEMBERED = outer
+
+
 @dataclass
 class LLMTier:
     name: str
@@ -78,8 +101,39 @@ class LLMTier:
     # JSON answers: how many, how many cut at max_field_tokens, how many outside their schema
     # (a backend that does not constrain); in eval reports and /metrics through `stats`.
     json_counts: dict[str, int] = field(default_factory=lambda: {"answers": 0, "cut": 0, "invalid": 0})
+    # what makes two instances answer alike (`remembered_answers`): model dir, backend options
+    key: tuple = ()
 
     def predict_batch(self, texts: list[str]) -> list[Prediction | None]:
+        memo = _REMEMBERED
+        if memo is None or self.task_kind != "classify" or not self.key:
+            return self._predict_batch(texts)
+        keys = [(self.key, self.template, tuple(self.choices), t[: self.max_text_chars]) for t in texts]
+        first: dict[tuple, int] = {}  # a key not remembered -> the first index asking it
+        for i, k in enumerate(keys):
+            if k not in memo:
+                first.setdefault(k, i)
+        if first:
+            metered = self.meter.seconds
+            fresh = self._predict_batch([texts[i] for i in first.values()])
+            each = (self.meter.seconds - metered) / len(first)  # what the meter charged each
+            for k, pred in zip(first, fresh):
+                if pred is not None:
+                    memo[k] = (pred, each)
+        out: list[Prediction | None] = []
+        recalled, seconds = 0, 0.0
+        for i, k in enumerate(keys):
+            if k not in memo:  # the backend gave it no answer
+                out.append(None)
+                continue
+            pred, cost_s = memo[k]
+            if first.get(k) != i:
+                recalled, seconds = recalled + 1, seconds + cost_s
+            out.append(replace(pred, scores=None if pred.scores is None else dict(pred.scores)))
+        self.meter.add(recalled, seconds)
+        return out
+
+    def _predict_batch(self, texts: list[str]) -> list[Prediction | None]:
         t0 = time.perf_counter()
         prompts = [self.template.format(text=t[: self.max_text_chars]) for t in texts]
         if self.task_kind == "extract":
@@ -173,7 +227,9 @@ def build_llm_tier(spec: TierConfig, base_dir: Path) -> LLMTier:
     except ValueError as exc:  # the engine config's own bounds
         raise ConfigError(f"{where}: options.{exc}") from None
     task_kind = meta.get("task_kind", "classify")
+    key = (tier_opts.backend, str(model_dir.resolve()) if model_dir else None,
+           json.dumps(backend_opts.model_dump(mode="json", exclude_unset=True), sort_keys=True))
     return LLMTier(spec.name, backend, labels, choices, template, tier_opts.max_text_chars,
                    task_kind=task_kind, fields=list(meta.get("fields") or []),
                    label_fields=dict(meta.get("label_fields") or {}),
-                   max_field_tokens=tier_opts.max_field_tokens, max_span_words=tier_opts.max_span_words)
+                   max_field_tokens=tier_opts.max_field_tokens, max_span_words=tier_opts.max_span_words, key=key)

@@ -274,6 +274,36 @@ def test_the_log_keeps_the_large_models_top_labels_and_a_round_learns_them(smoke
     assert logged["tier"] == llm_name and logged["label"] == answer.label and len(logged["top"]) == 3
 
 
+def test_remembered_answers_ask_the_large_model_once_per_text(smoke):
+    """Within `remembered_answers` (a round's calibration and gate), a second tier instance of
+    the same large model answers val texts it was asked before without asking its backend, the
+    same answers, at the same cost per item in its meter; outside, the backend is asked again."""
+    from cascade.config import load_config
+    from cascade.data import load_split
+    from cascade.tiers import build_tier
+    from serving.llm_tier import remembered_answers
+
+    qs = smoke / "qs"
+    spec = load_config(qs / "serving.toml").tiers[-1]
+    texts = [ex.text for ex in load_split(qs / "data", "val")][:20]
+    texts += texts[:3]  # repeats in one batch: asked once
+    with remembered_answers() as memo:
+        a = build_tier(spec, qs)
+        first = a.predict_batch(texts)
+        assert len(memo) == 20
+        b = build_tier(spec, qs)
+        asked: list[int] = []
+        choose = b.backend.choose
+        b.backend.choose = lambda prompts, choices: asked.append(len(prompts)) or choose(prompts, choices)
+        second = b.predict_batch(texts)
+        assert asked == []
+        assert [(p.label, p.confidence, p.scores) for p in second] == [(p.label, p.confidence, p.scores)
+                                                                      for p in first]
+        assert b.cost == pytest.approx(a.cost) and b.cost > 0
+    b.predict_batch(texts[:2])
+    assert asked == [2]
+
+
 def test_a_round_end_to_end_resumes_after_a_kill_and_promotes(smoke, monkeypatch, capsys):
     import training.flywheel as fw
     from cascade.app.cli import main

@@ -824,22 +824,27 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         export = export_student(out, data_dir, cfg.min_agreement)
     log(f"      parity {export['parity_max_abs_diff']:.1e}; int8 agreement {export['int8']['top1_agreement']:.4f}")
 
-    step("calibrate", "write the version's cascade.toml and recalibrate on val"
-         + (f" and {len(evidence['texts'])} audited texts" if evidence else ""))
-    version_config = write_version_config(config_path, work, student_spec.name)
-    calibration = recalibrate(version_config, data_dir, cfg, progress,
-                              (evidence["texts"], evidence["answers"]) if evidence else None)
-    if calibration["certified"]:
-        log(calibration.pop("table"))
-    else:
-        log(f"      calibration failed: {calibration['error']}")
+    from serving.llm_tier import remembered_answers
 
-    step("gate", "gate: measure both versions on val")
-    new_m, cur_m = measure(version_config, data_dir), measure(config_path, data_dir)
-    llm_acc = calibration.get("last_tier_accuracy")
-    if llm_acc is None:  # calibration failed before measuring: the large model alone, the same way
-        llm_acc = measure(config_path, data_dir, llm_alone=True)["accuracy"]
-    passed, reasons = gate_verdict(new_m, cur_m, llm_acc, cfg.max_loss, calibration["certified"])
+    # calibration asks the large model about every val text, the gate's measurements again:
+    # asked once (the same model and prompt give the same answer), charged at what it cost
+    with remembered_answers():
+        step("calibrate", "write the version's cascade.toml and recalibrate on val"
+             + (f" and {len(evidence['texts'])} audited texts" if evidence else ""))
+        version_config = write_version_config(config_path, work, student_spec.name)
+        calibration = recalibrate(version_config, data_dir, cfg, progress,
+                                  (evidence["texts"], evidence["answers"]) if evidence else None)
+        if calibration["certified"]:
+            log(calibration.pop("table"))
+        else:
+            log(f"      calibration failed: {calibration['error']}")
+
+        step("gate", "gate: measure both versions on val")
+        new_m, cur_m = measure(version_config, data_dir), measure(config_path, data_dir)
+        llm_acc = calibration.get("last_tier_accuracy")
+        if llm_acc is None:  # calibration failed before measuring: the large model alone, the same way
+            llm_acc = measure(config_path, data_dir, llm_alone=True)["accuracy"]
+        passed, reasons = gate_verdict(new_m, cur_m, llm_acc, cfg.max_loss, calibration["certified"])
 
     step("write", f"write {versions_dir / name}")
     final = versions_dir / name
