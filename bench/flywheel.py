@@ -300,7 +300,7 @@ def parse_arm(arm: str) -> tuple[str, int | None]:
     strategy, _, rows = arm.partition("@")
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategies: unknown strategy {strategy!r} in {arm!r}; choose from {', '.join(STRATEGIES)}")
-    if rows and not (rows.isdigit() and int(rows) > 0):
+    if "@" in arm and not (rows.isdigit() and int(rows) > 0):
         raise ValueError(f"--strategies: {arm!r}: after '@' a positive number of rows to prune to")
     return strategy, int(rows) if rows else None
 

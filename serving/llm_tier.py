@@ -129,7 +129,7 @@ class LLMTier:
             pred, cost_s = memo[k]
             if first.get(k) != i:
                 recalled, seconds = recalled + 1, seconds + cost_s
-            out.append(replace(pred, scores=None if pred.scores is None else dict(pred.scores)))
+            out.append(replace(pred, tier=self.name, scores=None if pred.scores is None else dict(pred.scores)))
         self.meter.add(recalled, seconds)
         return out
 

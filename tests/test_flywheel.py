@@ -149,6 +149,13 @@ def test_read_traffic_dedupes_and_counts_what_it_cannot_use(tmp_path):
     # the logged top labels kept; a label outside the task's and a malformed pair left out, their
     # mass spread over the labels the log does not name
     assert np.allclose(free["soft one"].target, [0.2, 0.5, 0.3])
+    from training.flywheel import answer_distribution
+
+    for conf, task in ((-0.5, labels), (1.7, labels), (0.0, ["a"])):  # clamped: never a negative or NaN target
+        p = answer_distribution("a", conf, task)
+        assert np.all(p >= 0) and np.isclose(p.sum(), 1.0)
+    assert np.allclose(answer_distribution("a", 1.7, labels), [1, 0, 0])
+    assert np.allclose(answer_distribution("a", 0.0, ["a"]), [1])
 
 
 # --- the gate and the pointer ----------------------------------------------------------------
@@ -300,6 +307,8 @@ def test_remembered_answers_ask_the_large_model_once_per_text(smoke):
         assert [(p.label, p.confidence, p.scores) for p in second] == [(p.label, p.confidence, p.scores)
                                                                       for p in first]
         assert b.cost == pytest.approx(a.cost) and b.cost > 0
+        renamed = build_tier(spec.model_copy(update={"name": "other"}), qs).predict_batch(texts[:2])
+        assert [p.tier for p in renamed] == ["other", "other"]  # the asking tier's name, not the first's
     b.predict_batch(texts[:2])
     assert asked == [2]
 

@@ -147,6 +147,7 @@ def answer_distribution(label: str, confidence: float, labels: list[str],
     labels. Without `top` (a log written before it, or `llm_top_k = 0`), the top label alone.
     A `top` label outside the task's is left out, its mass spread with the rest."""
     index = {lab: i for i, lab in enumerate(labels)}
+    confidence = min(1.0, max(0.0, confidence))
     known = {str(pair[0]): float(pair[1]) for pair in (top or [])
              if isinstance(pair, list | tuple) and len(pair) == 2 and str(pair[0]) in index
              and isinstance(pair[1], int | float) and 0.0 <= pair[1] <= 1.0}
@@ -155,6 +156,8 @@ def answer_distribution(label: str, confidence: float, labels: list[str],
     p = np.full(len(labels), max(0.0, 1.0 - sum(known.values())) / max(1, others))
     for lab, q in known.items():
         p[index[lab]] = q
+    if p.sum() <= 0.0:  # nothing to go by but the label itself
+        p[index[label]] = 1.0
     return p / p.sum()
 
 
@@ -208,7 +211,9 @@ def read_traffic(log_dir: Path, labels: list[str], held_out: set[str], known: se
             counts["unknown_label_skipped"] += 1
         else:
             llm = rec["llm"]
-            target = answer_distribution(llm["label"], float(llm.get("confidence", 1.0)), labels, llm.get("top"))
+            conf = llm.get("confidence", 1.0)
+            conf = float(conf) if isinstance(conf, int | float) else 1.0  # a hand-written line's null
+            target = answer_distribution(llm["label"], conf, labels, llm.get("top"))
             free.append(Row(rec["text"], target, IGNORE, rec["source"]))
     counts["unique_texts"] = len(by_key)
     return recount(Traffic(free, pool, sorted(p.name for p in log_dir.glob("traffic-*.jsonl")), counts, cursor))
