@@ -71,9 +71,10 @@ _REMEMBERED: dict[tuple, tuple[Prediction, float]] | None = None
 def remembered_answers() -> Iterator[dict]:
     """Within it, a classification large-model tier asked a text it already answered (the same
     model dir, backend options, prompt and labels, in any tier instance in this process) gives
-    the same answer again without asking the backend. A flywheel round asks the large model about
-    every val text in calibration and again in the gate's three measurements (the large model
-    alone, the new version, the current one); the answers cannot differ, only cost. A remembered
+    the same answer again without asking the backend, under the asking tier's name. A flywheel
+    round asks the large model about every val text in calibration and again in the gate's
+    measurements (the new version, the current one, and the large model alone when calibration
+    failed); the answers cannot differ, only cost. A remembered
     answer is charged to the tier's meter at what it cost when asked, so `Tier.cost` (the
     calibration's cost model) is unchanged. Cleared on exit; not used by serving."""
     global _REMEMBERED
