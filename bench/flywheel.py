@@ -311,7 +311,7 @@ def run_round(out: Path, arm: str, r: int, args, texts: list[str], test: tuple, 
     from training.trainer import TrainConfig
 
     strategy, max_train = parse_arm(arm)
-
+    max_train = max_train or args.max_train
     versions, log_dir = out / arm / "versions", out / arm / "traffic"
     config = current_config(out, arm)
     if not config.exists():
@@ -334,7 +334,7 @@ def run_round(out: Path, arm: str, r: int, args, texts: list[str], test: tuple, 
     t0 = time.perf_counter()
     manifest = run_flywheel(
         config, log_dir, out / "data", versions,
-        FlywheelConfig(budget=budget, strategy=strategy, seed=args.seed, max_train=max_train or args.max_train,
+        FlywheelConfig(budget=budget, strategy=strategy, seed=args.seed, max_train=max_train,
                        min_agreement=args.min_agreement),
         TrainConfig(**{**STUDENT, "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps,
                        "warmup_steps": 10}),
@@ -342,7 +342,7 @@ def run_round(out: Path, arm: str, r: int, args, texts: list[str], test: tuple, 
     flywheel_s = time.perf_counter() - t0
     measured = measure_test(current_config(out, arm), *test)
     gate = manifest["gate"]
-    return {"strategy": strategy, "arm": arm, "max_train": max_train or args.max_train, "round": r,
+    return {"strategy": strategy, "arm": arm, "max_train": max_train, "round": r,
             "served": serve, "log_entries": entries,
             "llm_calls": {**calls, "labelling": manifest["counts"]["budget_labels"],
                           "total": calls["escalations"] + calls["audits"] + manifest["counts"]["budget_labels"]},
@@ -452,10 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
-    try:
-        [parse_arm(s) for s in strategies]
-    except ValueError as e:
-        p.error(str(e))
+    for arm in strategies:
+        try:
+            parse_arm(arm)
+        except ValueError as e:
+            p.error(str(e))
     out, state = args.out, args.out / "state"
     dataset = args.dataset or args.run.name.removeprefix("e2e-")
     t_start = time.perf_counter()
