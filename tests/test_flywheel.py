@@ -161,6 +161,29 @@ def test_read_traffic_dedupes_and_counts_what_it_cannot_use(tmp_path):
 # --- the gate and the pointer ----------------------------------------------------------------
 
 
+def test_the_parent_rounds_unpicked_texts_join_the_pool_unless_known_or_answered(tmp_path):
+    from training.flywheel import FlywheelError, add_carried_pool, read_pool, read_traffic, write_pool
+
+    labels = ["a", "b"]
+    write_segment(tmp_path / "log", [
+        {"text": "Fresh one", "label": "a", "tier": "student", "confidence": 0.7},
+        {"text": "was unpicked", "label": "a", "tier": "llm", "confidence": 0.9,
+         "llm": {"label": "b", "confidence": 0.9}},
+    ])
+    traffic = read_traffic(tmp_path / "log", labels, held_out=set(), known=set())
+    write_pool(tmp_path / "flywheel_pool.jsonl", ["Was  unpicked", "still open", "A val text", "learnt now",
+                                                  "fresh one", "still open"], "v001")
+    carried = read_pool(tmp_path)
+    add_carried_pool(traffic, carried, skip={"a val text", "learnt now"})
+    # escalated since (its answer is a free label now), in val, learnt, in the new pool, repeated: left out
+    assert traffic.pool == ["still open", "Fresh one"]
+    assert traffic.counts["pool_carried"] == 1 and traffic.counts["pool"] == 2
+    assert [r.text for r in traffic.free] == ["was unpicked"]
+    (tmp_path / "flywheel_pool.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    with pytest.raises(FlywheelError, match=r"flywheel_pool.jsonl:2: not a pool line"):
+        read_pool(tmp_path)
+
+
 def test_gate_refuses_a_worse_version_and_says_why():
     from training.flywheel import gate_verdict
 
@@ -364,6 +387,11 @@ def test_a_round_end_to_end_resumes_after_a_kill_and_promotes(smoke, monkeypatch
                          "--dry-run", "--json")) == 0
     nothing = json.loads(capsys.readouterr().out)
     assert nothing["counts"]["entries"] == 0 and nothing["since"] == m["log"]["cursor"] and not nothing["free"]
+    # ... but the texts v001's budget did not pick are still candidates
+    handed_on = [json.loads(line)["text"] for line in (v / "flywheel_pool.jsonl").read_text().splitlines()]
+    assert c["pool_handed_on"] == len(handed_on) == c["pool"] - 12 and c["pool_carried"] == 0
+    assert nothing["counts"]["pool_carried"] == nothing["counts"]["pool"] == len(handed_on)
+    assert len(nothing["picks"]["texts"]) == 5 and set(nothing["picks"]["texts"]) <= set(handed_on)
     # from the start, what it learnt is carried, not labelled again
     assert main(flywheel(smoke, "versions", smoke / "versions" / "current" / "cascade.toml", "--budget", "5",
                          "--dry-run", "--json", "--from-start")) == 0
@@ -371,6 +399,7 @@ def test_a_round_end_to_end_resumes_after_a_kill_and_promotes(smoke, monkeypatch
     bought = {json.loads(line)["text"] for line in (v / "labels.jsonl").read_text().splitlines()}
     assert nxt["dry_run"] and nxt["counts"]["escalated_labels"] == 0 and not nxt["free"]
     assert nxt["counts"]["known_skipped"] >= len(carried) and len(nxt["picks"]["texts"]) == 5
+    assert nxt["counts"]["pool_carried"] == 0  # the log's own pool holds them all again
     assert not set(nxt["picks"]["texts"]) & bought
     assert sorted(p.name for p in (smoke / "versions").iterdir()) == ["current", "v001"]  # dry: nothing written
 

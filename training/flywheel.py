@@ -14,6 +14,8 @@
    texts cannot be trained on and are counted. With `--calibrate-on-audits`, `audit_evidence`
    first takes the log's audited sample (`serving.traffic_log.audited_sample`) out of the free
    labels and the pool: those texts are never trained on, so they can test the new version.
+   The parent version's unpicked pool texts (`flywheel_pool.jsonl`, `--carry-pool` at most) join
+   the pool, so a text the cursor passed stays a candidate until a budget picks it.
 2. `pick_budget`: `--budget N` texts of the pool by a strategy of `training/selection.py`, on
    the current student's probabilities (its serving tier) and embeddings (`student_embeddings`).
 3. `label_texts`: the config's large-model tier, built from its spec with `build_tier` (builtin
@@ -58,6 +60,7 @@ from training.selection import STRATEGIES, el2n, normalize_text, prune_easy, sel
 
 MANIFEST = "manifest.json"
 CARRIED = CARRIED_TRAFFIC  # every traffic text learnt so far, with its soft label
+POOL = "flywheel_pool.jsonl"  # the pool texts a round did not pick: the next round's candidates too
 VERSION_RE = re.compile(r"^\.?v(\d{3,})(\.partial)?$")
 NEVER = 1.000001  # a threshold no confidence reaches (cascade.calibrate's NEVER)
 # the log's counts a manifest keeps as they are
@@ -92,6 +95,9 @@ class FlywheelConfig:
     # out of training and added to val as label-free calibration evidence (docs/flywheel.md)
     audit_evidence: bool = False
     from_start: bool = False  # read the whole log, not only what came after the parent round's cursor
+    # unpicked pool texts a version hands to the next round (the newest; 0: none): without it, a
+    # text the cursor passed and the budget did not pick is never a candidate again
+    carry_pool: int = 20_000
 
     def __post_init__(self) -> None:
         checks = {
@@ -103,7 +109,7 @@ class FlywheelConfig:
             "--min-agreement": self.min_agreement is None or 0.0 < self.min_agreement <= 1.0,
             "kd_temperature": self.kd_temperature > 0,
             "alpha": 0.0 <= self.alpha <= 1.0, "diversity_train_centres": self.diversity_train_centres >= 0,
-            "--max-pool": self.max_pool >= 1,
+            "--max-pool": self.max_pool >= 1, "--carry-pool": self.carry_pool >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -225,6 +231,42 @@ def recount(traffic: Traffic) -> Traffic:
     traffic.counts["audit_labels"] = sum(r.source == "audit" for r in traffic.free)
     traffic.counts["pool"] = len(traffic.pool)
     return traffic
+
+
+def read_pool(config_dir: Path) -> list[str]:
+    """The pool texts the parent version's round did not pick (its `flywheel_pool.jsonl`)."""
+    path = config_dir / POOL
+    if not path.exists():
+        return []
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FlywheelError(f"{path}:{n}: not a pool line ({{\"text\": ...}}): {exc}") from None
+    return texts
+
+
+def add_carried_pool(traffic: Traffic, carried: list[str], skip: set[str]) -> Traffic:
+    """Put the parent round's unpicked texts in front of this round's pool, leaving out those
+    the new log section holds (its answer is newer) and the normalised texts of `skip` (val,
+    test, and what is learnt by now); counted as `pool_carried`."""
+    seen = skip | {normalize_text(t) for t in traffic.pool} | {normalize_text(r.text) for r in traffic.free}
+    added = []
+    for text in carried:
+        key = normalize_text(text)
+        if key not in seen:
+            seen.add(key)
+            added.append(text)
+    traffic.pool = added + traffic.pool
+    traffic.counts["pool_carried"] = len(added)
+    return recount(traffic)
+
+
+def write_pool(path: Path, texts: list[str], round_name: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "round": round_name}) + "\n")
 
 
 # --- 2. the budget -------------------------------------------------------------------------
@@ -740,6 +782,8 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     if since:
         log(f"      from the parent round's cursor: {since['segment']} at byte {since['offset']} (--from-start: all)")
     traffic = read_traffic(log_dir, labels, held_out, known, since)
+    if cfg.carry_pool:
+        add_carried_pool(traffic, read_pool(config_path.resolve().parent), held_out | known)
     evidence = None
     if cfg.audit_evidence:
         ev_texts, ev_answers, ev_counts = audit_evidence(log_dir, llm_spec(config).name, held_out, cfg.seed, since)
@@ -758,7 +802,9 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     log(f"      {c['entries']} entries, {c['unique_texts']} texts: {c['escalated_labels']} escalated and "
         f"{c['audit_labels']} audited answers (free labels), {c['pool']} answered by the cheap tiers; skipped "
         f"{c['hashed_texts_skipped']} hashed, {c['dropped_texts_skipped']} without text, {c['duplicates']} "
-        f"duplicates, {c['held_out_skipped']} in val/test, {c['known_skipped']} already learnt")
+        f"duplicates, {c['held_out_skipped']} in val/test, {c['known_skipped']} already learnt"
+        + (f"; {c['pool_carried']} unpicked texts of the parent round added to the pool" if c.get("pool_carried")
+           else ""))
 
     step("select", f"pick {min(cfg.budget, len(traffic.pool))} of {len(traffic.pool)} texts by {cfg.strategy}")
     covered = [r.text for r in traffic.free]
@@ -785,6 +831,9 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     name = work.name.removeprefix(".").removesuffix(".partial")
     log(f"      building {name} in {work}")
     if not (work / "selection.json").exists():
+        picked = set(picks["texts"])
+        unpicked = [t for t in traffic.pool if t not in picked]
+        write_pool(work / POOL, unpicked[max(0, len(unpicked) - cfg.carry_pool):] if cfg.carry_pool else [], name)
         _write_json(work / "selection.json", selection)
     else:  # resumed: the texts of the interrupted round, not a new read of a log that may have grown
         saved = json.loads((work / "selection.json").read_text())
@@ -857,7 +906,8 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
     counts = {**{k: c[k] for k in COUNTED}, "escalated_labels_used": c["escalated_labels"],
               "audit_labels_used": c["audit_labels"], "budget_labels": len(bought), "budget_abstained": abstained,
               "carried": len(carried), "train": len(train), "pruned": prune_report["pruned"],
-              "distillation_rows": len(rows)}
+              "distillation_rows": len(rows), "pool_carried": c.get("pool_carried", 0),
+              "pool_handed_on": len((work / POOL).read_text(encoding="utf-8").splitlines())}
     if evidence:
         counts["audit_evidence"] = evidence["counts"]
     manifest = {
@@ -867,7 +917,7 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
                 "cursor": traffic.cursor},
         "data": str(data_dir.resolve()), "strategy": cfg.strategy, "budget": cfg.budget, "flywheel": asdict(cfg),
         "counts": counts, "selection": {k: v for k, v in picks.items() if k not in ("texts", "indices")},
-        "prune": prune_report, "data_texts": "texts.sha256", "traffic_texts": CARRIED, "training": training,
+        "prune": prune_report, "data_texts": "texts.sha256", "traffic_texts": CARRIED, "pool_texts": POOL, "training": training,
         "export": {"parity_max_abs_diff": export["parity_max_abs_diff"],
                    "int8_top1_agreement": export["int8"]["top1_agreement"]},
         "calibration": calibration,

@@ -204,7 +204,7 @@ def cmd_flywheel(args: argparse.Namespace) -> int:
                              max_train=args.max_train, max_loss=args.max_loss, confidence=args.confidence,
                              label_batch=args.label_batch, min_agreement=args.min_agreement or None,
                              max_pool=args.max_pool, audit_evidence=args.calibrate_on_audits,
-                             from_start=args.from_start)
+                             from_start=args.from_start, carry_pool=args.carry_pool)
         lr = args.lr if args.lr is not None else STUDENT["lr"]
         train_cfg = TrainConfig(**{**STUDENT, "lr": lr, "epochs": args.epochs, "max_steps": args.max_steps,
                                    "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
@@ -896,6 +896,8 @@ def _add_flywheel(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", default="margin", choices=["margin", "entropy"], help="uncertainty's measure")
     p.add_argument("--max-pool", type=int, default=10_000,
                    help="cheap-tier texts scored at most (a seeded sample of a larger pool)")
+    p.add_argument("--carry-pool", type=int, default=20_000,
+                   help="unpicked pool texts the new version hands to the next round (the newest; 0: none)")
     p.add_argument("--max-train", type=int, help="prune the distillation set to this many rows (default: all)")
     p.add_argument("--max-loss", type=float, default=0.005, help="the gate's and calibration's tolerance below the "
                                                                   "large model's val accuracy")
