@@ -278,7 +278,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
               f"{results['tfidf']['items_per_s']:.0f} items/s", flush=True)
     finally:
         full.close()
-    return {"systems": results, "threads": _threads(), "n": len(texts),
+    return {"systems": results, "threads": _threads(), "n": len(texts), "machine": machine_record(),
             "test_oos_share": sum(g == oos for g in gold) / len(gold) if oos else None}
 
 
@@ -347,7 +347,7 @@ def stage_measure_extract(cfg: E2EConfig, done: dict) -> dict:
     finally:
         full.close()
     return {"systems": results, "threads": _threads(), "n": len(texts), "llm_json": json_counts,
-            "metric": metric}
+            "machine": machine_record(), "metric": metric}
 
 
 def tfidf_predict(cfg: E2EConfig, texts: list[str]) -> tuple[list[str], float]:
@@ -368,6 +368,26 @@ def tfidf_predict(cfg: E2EConfig, texts: list[str]) -> tuple[list[str], float]:
     return labels, time.perf_counter() - t0
 
 
+def machine_record() -> dict:
+    """The CPU's class and flags, and its fp32 / bf16 matmul peaks measured now, right after the
+    timed passes: items/s mean something only beside the machine they were measured on (the
+    same code ran 3-4x slower on an AVX2-only CPU than on one with AVX512-BF16)."""
+    from cascade.cpu import cpu_report
+    from training.trainer import matmul_peak
+
+    return cpu_report() | {"matmul_flops_fp32": matmul_peak("fp32", size=1024, repeats=5),
+                           "matmul_flops_bf16": matmul_peak("bf16", size=1024, repeats=5)}
+
+
+def machine_line(machine: dict) -> str:
+    """'AVX512-BF16: avx2 ... fma; matmul peak fp32 120, bf16 350 GFLOP/s' for a report's header."""
+    line = f"{machine['class']}: {' '.join(machine['flags'])}"
+    if "matmul_flops_fp32" in machine:
+        line += (f"; matmul peak in the same run fp32 {machine['matmul_flops_fp32'] / 1e9:.0f}, "
+                 f"bf16 {machine['matmul_flops_bf16'] / 1e9:.0f} GFLOP/s")
+    return line
+
+
 def _threads() -> int:
     import torch
 
@@ -382,11 +402,15 @@ ROW_NAMES = {"cascade": "cascade (rules → student → large)", "large_only": "
 
 
 def build_result(cfg: E2EConfig, done: dict) -> dict:
+    from cascade.cpu import cpu_report
+
     systems = done["measure"]["systems"]
     large_rate = systems["large_only"]["items_per_s"]
     result: dict = {"dataset": cfg.dataset, "tiny": cfg.tiny, "n_test": done["measure"]["n"],
                     "n_test_oos_share": done["measure"].get("test_oos_share"),
-                    "threads": done["measure"]["threads"]}
+                    "threads": done["measure"]["threads"],
+                    # a measure record from before it kept the machine: its flags, read now (no peak)
+                    "cpu": done["measure"].get("machine") or cpu_report()}
     for name in SYSTEMS:
         rep = systems[name]
         row = {k: rep[k] for k in ("accuracy", "macro_f1", "llm_share", "items_per_s", "n")}
@@ -435,7 +459,8 @@ def build_result_extract(cfg: E2EConfig, done: dict) -> dict:
     from cascade.cpu import cpu_report
 
     result: dict = {"dataset": cfg.dataset, "task": cfg.task, "tiny": cfg.tiny, "n_test": m["n"],
-                    "threads": m["threads"], "metric": m["metric"], "llm_json": m["llm_json"], "cpu": cpu_report()}
+                    "threads": m["threads"], "metric": m["metric"], "llm_json": m["llm_json"],
+                    "cpu": m.get("machine") or cpu_report()}
     for name in EXTRACT_SYSTEMS:
         rep = systems[name]
         ext = rep["extraction"]
@@ -490,8 +515,8 @@ def markdown_report_extract(result: dict, plot_name: str | None) -> str:
     head = ["system", "intent acc.", "slot P", "slot R", "slot F1", "exact match (slots)", "joint (intent + slots)",
             "large-model share", "items/s", "cost per 1k (rel.)"]
     lines = [f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""), "",
-             f"{result['n_test']} test items, {result['threads']} CPU threads ({result['cpu']['class']}: "
-             f"{' '.join(result['cpu']['flags'])}); task {result['task']}, calibrated on "
+             f"{result['n_test']} test items, {result['threads']} CPU threads ({machine_line(result['cpu'])}); "
+             f"task {result['task']}, calibrated on "
              f"`{result['metric']}`. Command: `{command_line(result['config'])}`.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name in EXTRACT_SYSTEMS:
@@ -555,8 +580,8 @@ def markdown_report(result: dict, plot_name: str | None) -> str:
     lines = [
         f"## {result['dataset']}" + (" (toy scale)" if result["tiny"] else ""),
         "",
-        f"{result['n_test']} test items, {result['threads']} CPU threads. Command: "
-        f"`python bench/e2e.py --dataset {result['dataset']}`.",
+        f"{result['n_test']} test items, {result['threads']} CPU threads ({machine_line(result['cpu'])}). "
+        f"Command: `{command_line(result['config'])}`.",
         "",
         markdown_table(result),
         "",

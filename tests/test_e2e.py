@@ -76,7 +76,14 @@ def test_e2e_banking77_has_no_out_of_scope_column(tmp_path):
     result = json.loads((work / "results" / "banking77.json").read_text())
     assert all(KEYS <= set(result[name]) for name in SYSTEMS)
     assert "oos_recall" not in result["cascade"]
-    assert "OOS recall" not in (work / "results" / "banking77.md").read_text()
+    md = (work / "results" / "banking77.md").read_text()
+    assert "OOS recall" not in md
+    # the machine beside its figures: flags, and peaks measured in the same run
+    cpu = result["cpu"]
+    assert cpu["class"] and isinstance(cpu["flags"], list)
+    assert cpu["matmul_flops_fp32"] > 0 and cpu["matmul_flops_bf16"] > 0
+    assert f"{cpu['class']}: " in md and "GFLOP/s" in md
+    assert "Command: `python bench/e2e.py --dataset banking77 --tiny --limit 150`" in md
 
 
 @pytest.mark.skipif(not (SHARED / "snips").exists(), reason="../shared/data/snips not present")
