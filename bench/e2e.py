@@ -500,7 +500,8 @@ def command_line(config: dict) -> str:
     """The `bench/e2e.py` command of a run: its dataset and every option away from its default."""
     flags = {"large_train": "--large-train", "large_lr": "--large-lr", "large_precision": "--large-precision",
              "calibrate_limit": "--calibrate-limit", "repeats": "--repeats", "student_epochs": "--student-epochs",
-             "limit": "--limit", "max_loss": "--max-loss", "confidence": "--confidence"}
+             "limit": "--limit", "max_loss": "--max-loss", "confidence": "--confidence", "oos_share": "--oos-share",
+             "student_augment": "--student-augment"}
     defaults = {f.name: f.default for f in fields(E2EConfig) if f.name in flags}
     cmd = f"python bench/e2e.py --dataset {config['dataset']}" + (" --tiny" if config.get("tiny") else "")
     for key, flag in flags.items():
