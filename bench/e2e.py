@@ -373,10 +373,9 @@ def machine_record() -> dict:
     timed passes: items/s mean something only beside the machine they were measured on (the
     same code ran 3-4x slower on an AVX2-only CPU than on one with AVX512-BF16)."""
     from cascade.cpu import cpu_report
-    from training.trainer import matmul_peak
+    from training.trainer import matmul_peaks
 
-    return cpu_report() | {"matmul_flops_fp32": matmul_peak("fp32", size=1024, repeats=5),
-                           "matmul_flops_bf16": matmul_peak("bf16", size=1024, repeats=5)}
+    return cpu_report() | matmul_peaks()
 
 
 def machine_line(machine: dict) -> str:

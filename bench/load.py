@@ -50,11 +50,10 @@ CHEAP_TIERS_EXCLUDE = ("llm",)  # tier kinds that are not "cheap"
 
 def matmul_peaks() -> dict:
     try:
-        from training.trainer import matmul_peak
+        from training.trainer import matmul_peaks as measure
     except ImportError:  # no torch in this environment
         return {}
-    return {"matmul_flops_fp32": matmul_peak("fp32", size=1024, repeats=5),
-            "matmul_flops_bf16": matmul_peak("bf16", size=1024, repeats=5)}
+    return measure()
 
 
 def free_port() -> int:

@@ -117,6 +117,12 @@ def matmul_peak(precision: str, size: int = 1024, repeats: int = 3) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - t0)
 
 
+def matmul_peaks() -> dict[str, float]:
+    """fp32 and bf16 peaks, as benchmarks record them beside their figures."""
+    return {"matmul_flops_fp32": matmul_peak("fp32", size=1024, repeats=5),
+            "matmul_flops_bf16": matmul_peak("bf16", size=1024, repeats=5)}
+
+
 # --- pure pieces (unit-tested) -------------------------------------------------------------
 
 
