@@ -2,6 +2,7 @@
 
     python bench/calibration_check.py                              # runs/quickstart, 0.5 pt at 90%
     python bench/calibration_check.py --run runs/e2e-clinc150 --resamples 300 --max-loss 0.01
+    python bench/calibration_check.py --run runs/e2e-clinc150 --oos-share 0.2   # the weighted promise
 
 The run's tiers are measured once on its val + test texts (every tier, as calibration measures
 them) and its cheap tiers on up to 3,000 train texts (where the certified path is learnt);
@@ -160,6 +161,82 @@ def oracle_share(runs, gold, eps, label) -> float:
     return min(p.llm_share for p in frontier(runs, gold, 48, label) if p.accuracy >= llm - eps - 1e-12)
 
 
+def weighted_check(pool, pool_gold, train, train_gold, label, m, args) -> dict:
+    """`--oos-share S`: the same promise for traffic where out-of-scope requests are S of it
+    (`traffic_weights`), with `certify`'s two weighted tests: "stratified" (exact, per stratum;
+    `cascade calibrate --oos-share`'s) and "betting". Every val resample keeps the run's own
+    count of out-of-scope items (val rarely holds many: CLINC150's 100 of 3,100) and draws
+    them and the rest separately, so it is the run's val in composition; the loss it is judged
+    by is the pool's under the same weights (bootstrap), or the held-out rest's (split)."""
+    from cascade.thresholds import traffic_weights
+
+    eps, conf, share = args.max_loss, args.confidence, args.oos_share
+    path = path_from_other_items(train, train_gold, pool, label=label)
+    is_oos = np.array([g == label for g in pool_gold])
+    val_idx = np.arange(m["n_val"])
+    n_oos = int(is_oos[val_idx].sum())
+    n_in = len(val_idx) - n_oos
+
+    def weighted(runs, gold):
+        return traffic_weights(gold, label, share)
+
+    def choose_with(test: str):
+        def run(runs, gold):
+            return certify(runs, gold, conf, max_loss=eps, label=label, path=path, path_gold=train_gold,
+                           weights=weighted(runs, gold), weighted_test=test, bounds=False).point
+        return run
+
+    procedures = {"stratified": choose_with("stratified"), "betting": choose_with("betting")}
+
+    def evaluate_w(runs, gold, point) -> tuple[float, float]:
+        w = weighted(runs, gold)
+        is_label = [np.array([lab == label for lab in r.labels]) for r in runs]
+        q = simulate(runs, gold, point.thresholds, label_thresholds=point.label_thresholds, is_label=is_label,
+                     weights=w)
+        llm = float(np.average([a == g for a, g in zip(runs[-1].labels, gold)], weights=w))
+        return llm - q.accuracy, q.llm_share
+
+    def oracle_w(runs, gold) -> float:
+        w = weighted(runs, gold)
+        llm = float(np.average([a == g for a, g in zip(runs[-1].labels, gold)], weights=w))
+        return min(p.llm_share for p in frontier(runs, gold, 48, label, weights=w) if p.accuracy >= llm - eps - 1e-12)
+
+    test_idx = np.arange(m["n_val"], len(pool_gold))
+    v, vg = subset(pool, val_idx), [pool_gold[i] for i in val_idx]
+    t, tg = subset(pool, test_idx), [pool_gold[i] for i in test_idx]
+    own = {k: f(v, vg) for k, f in procedures.items()}
+    result = {"oos_share": share, "val_oos_items": n_oos, "val_in_scope_items": n_in,
+              "own_split": {"oracle_llm_share_on_test": oracle_w(t, tg)} | {
+                  k: dict(zip(("test_loss", "test_llm_share"), evaluate_w(t, tg, p)), val_llm_share=p.llm_share)
+                  for k, p in own.items()}}
+    oos_pool, in_pool = np.flatnonzero(is_oos), np.flatnonzero(~is_oos)
+    pool_oracle = oracle_w(pool, pool_gold)
+    rng = np.random.default_rng(args.seed)
+    regimes = {}
+    for regime in ("bootstrap", "split"):
+        rows, oracles, t0 = {k: [] for k in procedures}, [], time.perf_counter()
+        for _ in range(args.resamples):
+            if regime == "bootstrap":
+                idx = np.concatenate([rng.choice(oos_pool, n_oos), rng.choice(in_pool, n_in)])
+                ev, eg = pool, pool_gold
+                oracles.append(pool_oracle)
+            else:
+                idx = np.concatenate([rng.choice(oos_pool, n_oos, replace=False),
+                                      rng.choice(in_pool, n_in, replace=False)])
+                rest = np.setdiff1d(np.arange(len(pool_gold)), idx)
+                ev, eg = subset(pool, rest), [pool_gold[i] for i in rest]
+                oracles.append(oracle_w(ev, eg))
+            idx = np.sort(idx)
+            runs, gold = subset(pool, idx), [pool_gold[i] for i in idx]
+            for k, f in procedures.items():
+                rows[k].append(evaluate_w(ev, eg, f(runs, gold)))
+        regimes[regime] = {"oracle_llm_share_mean": float(np.mean(oracles)), "wall_s": time.perf_counter() - t0} | {
+            k: summary(r, eps, oracles) for k, r in rows.items()}
+        print(f"{regime}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    result["regimes"] = regimes
+    return result
+
+
 def summary(rows: list[tuple[float, float]], eps: float, oracle: list[float]) -> dict:
     a = np.array(rows)
     viol = a[:, 0] > eps + 1e-12
@@ -183,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-free", metavar="EVIDENCE.json",
                     help="also the new procedure with this label-free evidence (`cascade train crossfit`), less "
                          "the path's train items")
+    ap.add_argument("--oos-share", type=float,
+                    help="check the weighted promise instead: out-of-scope requests are this share of traffic; "
+                         "the stratified and the betting test side by side")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_check.json"))
     args = ap.parse_args(argv)
     run = Path(args.run)
@@ -199,6 +279,30 @@ def main(argv: list[str] | None = None) -> int:
     train, train_gold = decode(m["train"]), m["train_gold"]
     label, eps, conf = m["oos_label"], args.max_loss, args.confidence
     n_pool, n_val = len(pool_gold), args.val_n or m["n_val"]
+    if args.oos_share:
+        if label is None:
+            raise SystemExit(f"--oos-share: {run}'s labels have no out-of-scope label")
+        result = {"run": str(run), "max_loss": eps, "confidence": conf, "n_pool": n_pool, "n_val": m["n_val"],
+                  "n_train_path": len(train_gold), "tiers": [r.name for r in pool],
+                  "resamples": args.resamples} | weighted_check(pool, pool_gold, train, train_gold, label, m, args)
+        result["wall_s"] = time.perf_counter() - t_start
+        o = result["own_split"]
+        print(f"{run}: out-of-scope at {args.oos_share:.0%} of traffic; val holds {result['val_oos_items']} of them "
+              f"and {result['val_in_scope_items']} others; tolerance {eps:g} at {conf:.0%}")
+        print(f"own split: oracle share on test {o['oracle_llm_share_on_test']:.3f}")
+        for k in ("stratified", "betting"):
+            print(f"  {k:>10}: val share {o[k]['val_llm_share']:.3f}, test share {o[k]['test_llm_share']:.3f}, "
+                  f"test loss {o[k]['test_loss']:+.4f}")
+        for regime, res in result["regimes"].items():
+            print(f"{regime} ({args.resamples} resamples): oracle share {res['oracle_llm_share_mean']:.3f}")
+            for k in ("stratified", "betting"):
+                r = res[k]
+                print(f"  {k:>10}: violation {r['violation_rate']:.3f} +- {r['violation_se']:.3f}, share "
+                      f"{r['llm_share_mean']:.3f} ({r['share_over_oracle']:.2f}x oracle), loss {r['loss_mean']:+.4f}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     path = path_from_other_items(train, train_gold, pool, label=label)  # fixed: train is not resampled
 
     def new_choice(runs, gold):

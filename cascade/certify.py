@@ -24,7 +24,10 @@ cascade types), and every point is routed by `cascade.thresholds`' replay of the
 The loss: against the large model, the paired per-item loss l = correct_llm - correct_cascade
 in {-1, 0, 1} (`paired_loss_pvalue`: the exact unconditional test on the trinomial of worse,
 better and neither); for an absolute target, the error rate (`accuracy_pvalue`: exact
-binomial). With traffic weights: a betting test on the weighted loss (`betting_pvalue`).
+binomial). With traffic weights (`traffic_weights`: one weight for the out-of-scope items, one for
+the rest), the weighted loss is a fixed mix of two strata's losses, tested exactly
+(`stratified_loss_pvalue`, `stratified_rate_pvalue`); other weights get a betting test
+(`betting_pvalue`).
 Label-free evidence (`certify`'s `unlabelled`): the loss against the large model is at most how
 often a cheap tier answers and disagrees with it, which needs no gold label.
 """
@@ -44,6 +47,8 @@ from cascade.bounds import (
     least_rejected,
     paired_loss_bound,
     paired_loss_pvalue,
+    stratified_loss_pvalue,
+    stratified_rate_pvalue,
 )
 from cascade.thresholds import (
     NEVER,
@@ -134,6 +139,19 @@ class _Split:
 
     def mean(self, x: np.ndarray) -> float:
         return weighted_mean(x.astype(float), self.weights)
+
+
+def traffic_strata(weights: np.ndarray) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """The two strata traffic weights stand for (`traffic_weights`: items of a stratum share one
+    weight, the stratum's traffic share over its share of the sample), as (each item's stratum,
+    0 or 1; the two traffic shares); None for weights of any other shape."""
+    values = np.unique(weights)
+    if values.size != 2:
+        return None
+    stratum = (weights == values[1]).astype(int)
+    mass = np.array([weights[stratum == s].sum() for s in (0, 1)])
+    shares = mass / mass.sum()
+    return stratum, (float(shares[0]), float(shares[1]))
 
 
 def greedy_path(runs: list[TierRun], gold: list[str], candidates: int = 24, label: str | None = None,
@@ -233,7 +251,7 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             weights: np.ndarray | None = None, path_runs: list[TierRun] | None = None,
             path_gold: list[str] | None = None, path: list[Point] | None = None, learn_share: float = 0.3,
             seed: int = 0, unlabelled: list[TierRun] | None = None, unlabelled_share: float = 0.2,
-            nuisance_share: float = 0.05, bounds: bool = True) -> Certificate:
+            nuisance_share: float = 0.05, bounds: bool = True, weighted_test: str = "stratified") -> Certificate:
     """Learn then Test (module docstring): the cheapest point whose loss against the large model
     is <= `max_loss`, or whose accuracy is >= `min_accuracy`, with probability >= `confidence`.
 
@@ -243,11 +261,14 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
         max_loss / min_accuracy: exactly one; the tolerance below the large model's accuracy, or
             the least accuracy.
         candidates, label: the grid of `frontier`, where the path is learnt.
-        weights: traffic weights (`traffic_weights`) for every item of `gold`. Their test is a
-            betting test on the weighted loss, exact for weights that are the true ratio of traffic
-            to validation shares; the ratio is estimated from the sample's own out-of-scope share,
-            which is the approximation (a relative error of about sqrt((1 - p) / (n p)) in the
-            out-of-scope items' weight, p their share of val).
+        weights: traffic weights (`traffic_weights`) for every item of `gold`. Two-valued ones
+            (`traffic_strata`) are two strata mixed at the asked traffic shares, so the weighted
+            loss is shares . (each stratum's loss), and `weighted_test` "stratified" tests that
+            exactly (`stratified_loss_pvalue`; `stratified_rate_pvalue` for an absolute target),
+            conditional on how many val items each stratum holds. "betting" (and any weights of
+            another shape) takes a betting test on the weighted per-item loss (`betting_pvalue`),
+            which needs no strata but pays for the weights' range.
+        weighted_test: "stratified" or "betting" (above).
         path_runs, path_gold: where the path is learnt when given: the non-last tiers measured on
             other labelled items than `gold` (the train split: cheap, no large model needed; on
             them it counts as right, so within a share bucket the path takes the combination with
@@ -293,6 +314,8 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
             raise CalibrationError("the unlabelled evidence must measure the same tiers, in the same order")
         if not 0.0 < unlabelled_share < 1.0:
             raise CalibrationError(f"--label-free-share {unlabelled_share}: must be in (0, 1)")
+    if weighted_test not in ("stratified", "betting"):
+        raise CalibrationError(f"weighted_test {weighted_test!r}: 'stratified' or 'betting'")
     delta = 1.0 - confidence
     nuisance = nuisance_share * delta
     n, last = len(gold), len(runs) - 1
@@ -322,13 +345,26 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
 
     w_test = None if weights is None else weights[test_idx]
     test = _Split(subset(runs, test_idx), [gold[i] for i in test_idx], label, w_test)
+    strata = None if weights is None or weighted_test != "stratified" else traffic_strata(weights)
+    if strata is not None:
+        in_test = strata[0][test_idx]
+        if min(int((in_test == 0).sum()), int((in_test == 1).sum())) < 1:
+            strata = None  # a stratum with no test items: nothing to test it on
+    if strata is not None:
+        stratum_of, shares = in_test, strata[1]
+        stratum_n = (int((stratum_of == 0).sum()), int((stratum_of == 1).sum()))
+
+        def per_stratum(mask: np.ndarray) -> tuple[int, int]:
+            return int((mask & (stratum_of == 0)).sum()), int((mask & (stratum_of == 1)).sum())
     if max_loss is not None:
         # fixed a priori, so its figures may come from the test items; points that route as it does
         # on any items (no cheap tier can answer) go: the test could only fail to tell them from it
         alone = simulate(test.runs, [gold[i] for i in test_idx], (NEVER,) * last + (0.0,), weights=w_test)
         path = [alone] + [p for p in path if not answers_nothing(p, last)]
     steps = [Step(p) for p in path]
-    method = ("betting on the weighted loss" if weights is not None else
+    method = ("exact test on the two strata's " + ("paired loss" if max_loss is not None else "errors")
+              + f" (traffic shares {shares[0]:.3f}, {shares[1]:.3f})" if strata is not None else
+              "betting on the weighted loss" if weights is not None else
               "exact unconditional test on the paired loss" if max_loss is not None else "binomial on the errors")
     if unlabelled is not None:
         method += "; binomial on the disagreements of the unlabelled items"
@@ -358,6 +394,15 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
 
             if k == 0:  # everything to the large model: the cascade is the large model
                 step.p_value, step.source = 0.0, "definition"
+            elif strata is not None:
+                sw, sb = per_stratum(worse), per_stratum(better)
+                step.p_value = stratified_loss_pvalue(sw, sb, stratum_n, shares, max_loss, nuisance)
+                step.source = "val"
+                step.test.update({"stratum_n": stratum_n, "stratum_worse": sw, "stratum_better": sb})
+                if bounds:
+                    step.test["loss_bound"] = least_rejected(
+                        lambda e: stratified_loss_pvalue(sw, sb, stratum_n, shares, e, nuisance), delta, -1.0, 1.0,
+                        steps=14)
             elif weights is not None:
                 x, (m0, v0, n0) = paired_x(test), prior(paired_x)
                 step.p_value = betting_pvalue(x, max_loss, w_max, m0, v0, n0, seed=seed)
@@ -395,7 +440,14 @@ def certify(runs: list[TierRun], gold: list[str], confidence: float, *, max_loss
         else:
             errors = ~right
             step.source = "val"
-            if weights is not None:
+            if strata is not None:
+                se = per_stratum(errors)
+                step.p_value = stratified_rate_pvalue(se, stratum_n, shares, 1.0 - min_accuracy)
+                step.test.update({"stratum_n": stratum_n, "stratum_errors": se})
+                if bounds:
+                    step.test["accuracy_bound"] = 1.0 - least_rejected(
+                        lambda e: stratified_rate_pvalue(se, stratum_n, shares, e), delta, 0.0, 1.0)
+            elif weights is not None:
                 def error_x(split: _Split, point=step.point) -> np.ndarray:
                     return split.weights * ~split.route(point)[0]
 

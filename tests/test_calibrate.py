@@ -310,6 +310,75 @@ def test_the_paired_test_holds_its_level_on_every_null_it_was_checked_on():
             assert size <= alpha, (disc, loss, size)
 
 
+def test_the_stratified_tail_is_the_two_binomials_probability():
+    """Golden: enumerated by hand over both strata's counts."""
+    from math import comb
+
+    from cascade.bounds import stratified_tail
+
+    (n0, n1), (s0, s1), (q0, q1), t = (7, 12), (0.3, 0.7), (0.2, 0.05), 0.12
+    pmf = lambda k, n, q: comb(n, k) * q ** k * (1 - q) ** (n - k)  # noqa: E731
+    want = sum(pmf(a, n0, q0) * pmf(b, n1, q1) for a in range(n0 + 1) for b in range(n1 + 1)
+               if s0 * a / n0 + s1 * b / n1 <= t + 1e-12)
+    assert stratified_tail(t, (n0, n1), (s0, s1), (q0, q1)) == pytest.approx(want, rel=1e-9)
+
+
+def test_the_stratified_tests_hold_their_level_on_every_null_they_were_checked_on():
+    """Exact size, summed over every outcome of both strata, for distributions on H0's boundary
+    (the weighted loss or rate at the level) that split it between the strata in different ways."""
+    from math import comb
+
+    from cascade.bounds import stratified_loss_pvalue, stratified_rate_pvalue
+
+    alpha, shares = 0.2, (0.3, 0.7)
+    # a rate: each stratum's count binomial
+    n0, n1, level = 6, 15, 0.1
+    rejects = [(a, b) for a in range(n0 + 1) for b in range(n1 + 1)
+               if stratified_rate_pvalue((a, b), (n0, n1), shares, level) <= alpha]
+    assert (0, 0) in rejects and (n0, n1) not in rejects
+    pmf = lambda k, n, q: comb(n, k) * q ** k * (1 - q) ** (n - k)  # noqa: E731
+    for q0 in (0.0, 0.05, 0.15, 1 / 3):
+        q1 = (level - shares[0] * q0) / shares[1]
+        size = sum(pmf(a, n0, q0) * pmf(b, n1, q1) for a, b in rejects)
+        assert size <= alpha, (q0, size)
+    # the paired loss: each stratum a trinomial of worse, better, neither
+    n0, n1, eps, nuisance = 3, 8, 0.1, 0.01
+    outcomes = [(w0, b0, w1, b1) for w0 in range(n0 + 1) for b0 in range(n0 + 1 - w0)
+                for w1 in range(n1 + 1) for b1 in range(n1 + 1 - w1)]
+    rejects = [o for o in outcomes
+               if stratified_loss_pvalue((o[0], o[2]), (o[1], o[3]), (n0, n1), shares, eps, nuisance, grid=6) <= alpha]
+    assert (0, 0, 0, 2) in rejects and (0, 0, 3, 0) not in rejects  # 11 items: 0-0 is too few to show 10 pt
+
+    def tri(w, b, n, pw, pb):
+        return comb(n, w) * comb(n - w, b) * pw ** w * pb ** b * (1 - pw - pb) ** (n - w - b)
+
+    for l0, d0, d1 in [(0.1, 0.1, 0.1), (1 / 3, 0.4, 0.0), (0.0, 0.3, 0.2), (-0.1, 0.5, 0.4), (0.2, 0.2, 0.6)]:
+        l1 = (eps - shares[0] * l0) / shares[1]
+        d1 = max(d1, abs(l1))  # a stratum's discordance is at least its loss
+        size = sum(tri(w0, b0, n0, (d0 + l0) / 2, (d0 - l0) / 2) * tri(w1, b1, n1, (d1 + l1) / 2, (d1 - l1) / 2)
+                   for w0, b0, w1, b1 in rejects)
+        assert size <= alpha, (l0, d0, d1, size)
+
+
+def test_the_stratified_test_certifies_a_clinc150_like_weighting_that_betting_cannot():
+    """CLINC150's val: 100 out-of-scope items among 3,100, weighted to 20% of traffic. Where the
+    cascade routes every item as the large model does, betting on the weighted loss cannot reject
+    "0.5 pt worse" (the weights' range costs it); the exact stratified test can, and credits the
+    out-of-scope items the cascade gets right where the large model does not."""
+    from cascade.bounds import betting_pvalue, stratified_loss_pvalue
+
+    w = np.where(np.arange(3100) < 100, 0.2 / (100 / 3100), 0.8 / (3000 / 3100))
+    assert betting_pvalue(np.zeros(3100), 0.005, float(w.max())) > 0.1
+    assert stratified_loss_pvalue((0, 0), (0, 0), (100, 3000), (0.2, 0.8), 0.005, 0.005) <= 0.1
+    # one worse out-of-scope item is 0.2 pt of traffic, far from shown at 100 items...
+    assert stratified_loss_pvalue((1, 0), (0, 0), (100, 3000), (0.2, 0.8), 0.005, 0.005) > 0.1
+    # ...unless the cascade is the better one on more of them
+    assert stratified_loss_pvalue((1, 0), (5, 0), (100, 3000), (0.2, 0.8), 0.005, 0.005) <= 0.1
+    # in scope, better pairs offset worse ones (half credit)
+    assert stratified_loss_pvalue((0, 20), (0, 0), (100, 3000), (0.2, 0.8), 0.005, 0.005) > 0.1
+    assert stratified_loss_pvalue((0, 20), (10, 20), (100, 3000), (0.2, 0.8), 0.005, 0.005) <= 0.1
+
+
 def plateau(n, rng):
     """One student and the large model. Items ranked by u (the student's confidence, 1 - 0.5 u);
     per-item loss P(llm right) - P(student right): -0.01 on the top 30%, +0.06 on the next 15%,
@@ -402,13 +471,23 @@ def test_absolute_and_weighted_targets_are_certified_on_the_same_sequence():
     with pytest.raises(CalibrationError, match="no point passed"):
         from cascade.calibrate import calibrate_runs
         calibrate_runs(runs, gold, 0.99, confidence=0.9)
-    # traffic weights: a betting test on the weighted loss; more certainty costs share
+    # traffic weights: the exact test on the two strata; more certainty costs share
     runs, gold = oos_synthetic()
     w = traffic_weights(gold, "oos", 0.4)
     loose = certify(runs, gold, 0.8, max_loss=0.01, label="oos", weights=w)
     tight = certify(runs, gold, 0.99, max_loss=0.01, label="oos", weights=w)
-    assert "betting" in loose.method and loose.point.llm_share <= tight.point.llm_share
+    assert "two strata" in loose.method and "0.400" in loose.method
+    assert loose.point.llm_share <= tight.point.llm_share
     assert loose.steps[loose.chosen].test["loss_bound"] <= 0.01
+    assert sum(loose.steps[loose.chosen].test["stratum_n"]) == loose.test_n == 2100  # a learn split took 30%
+    betting = certify(runs, gold, 0.8, max_loss=0.01, label="oos", weights=w, weighted_test="betting")
+    assert "betting" in betting.method
+    # and an absolute target under the same weights: per-stratum errors, exact, where betting
+    # certifies nothing at all
+    acc = certify(runs, gold, 0.9, min_accuracy=0.8, label="oos", weights=w)
+    assert "errors" in acc.method and acc.steps[acc.chosen].test["accuracy_bound"] >= 0.8
+    assert acc.point.llm_share < 0.1
+    assert certify(runs, gold, 0.9, min_accuracy=0.8, label="oos", weights=w, weighted_test="betting").chosen is None
 
 
 def distilled(n, rng, agree=0.995):
