@@ -80,10 +80,12 @@ def paired_statistic(worse, better, n: int, max_loss: float):
     return (w - b - n * max_loss) / np.sqrt(np.maximum(w + b, n * abs(max_loss) / 2) + 1.0)
 
 
-def paired_tail(z: float, n: int, p_worse: float, p_better: float, max_loss: float) -> float:
-    """P(paired_statistic <= z) for n i.i.d. items, each worse with probability `p_worse`, better
-    with `p_better`, neither otherwise (summed over the trinomial's outcomes; those more than 9
-    standard deviations out, < 1e-15 together, are left out)."""
+def trinomial_outcomes(n: int, p_worse: float, p_better: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The outcomes (worse, better) of n i.i.d. items, each worse with probability `p_worse`,
+    better with `p_better`, neither otherwise, as broadcastable grids, and each one's log
+    probability (-inf where worse + better > n). Those more than 9 standard deviations out,
+    < 1e-15 together, are left out."""
+    p_worse, p_better = min(max(p_worse, 0.0), 1.0), min(max(p_better, 0.0), 1.0)  # rounding at a bound
     log_f = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
 
     def span(p: float) -> np.ndarray:
@@ -94,7 +96,14 @@ def paired_tail(z: float, n: int, p_worse: float, p_better: float, max_loss: flo
     rest = n - w - b
     log_pmf = (log_f[n] - log_f[w] - log_f[b] - log_f[np.maximum(rest, 0)]
                + _xlogy(w, p_worse) + _xlogy(b, p_better) + _xlogy(rest, 1.0 - p_worse - p_better))
-    keep = (rest >= 0) & (paired_statistic(w, b, n, max_loss) <= z + 1e-9)
+    return w, b, np.where(rest >= 0, log_pmf, -np.inf)
+
+
+def paired_tail(z: float, n: int, p_worse: float, p_better: float, max_loss: float) -> float:
+    """P(paired_statistic <= z) for n i.i.d. items, each worse with probability `p_worse`, better
+    with `p_better`, neither otherwise (summed over the trinomial's outcomes, `trinomial_outcomes`)."""
+    w, b, log_pmf = trinomial_outcomes(n, p_worse, p_better)
+    keep = paired_statistic(w, b, n, max_loss) <= z + 1e-9
     return float(min(1.0, np.exp(np.where(keep, log_pmf, -np.inf)).sum()))
 
 
@@ -197,23 +206,12 @@ def stratified_rate_pvalue(counts: tuple[int, int], counts_n: tuple[int, int], s
 
 
 def _trinomial_y(n: int, p_worse: float, p_better: float, credit2: int) -> tuple[np.ndarray, int]:
-    """The pmf of y = 2 worse - credit2 better over n i.i.d. items (worse, better, neither), as
-    (probabilities, the y of index 0); outcomes more than 9 standard deviations out are left out."""
-    p_worse, p_better = min(max(p_worse, 0.0), 1.0), min(max(p_better, 0.0), 1.0)  # rounding at D = |L|
-    log_f = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
-
-    def span(p: float) -> np.ndarray:
-        sd = np.sqrt(n * p * (1.0 - p))
-        return np.arange(max(0, int(n * p - 9 * sd - 9)), min(n, int(n * p + 9 * sd + 9)) + 1)
-
-    w, b = span(p_worse)[:, None], span(p_better)[None, :]
-    rest = n - w - b
-    log_pmf = (log_f[n] - log_f[w] - log_f[b] - log_f[np.maximum(rest, 0)]
-               + _xlogy(w, p_worse) + _xlogy(b, p_better) + _xlogy(rest, 1.0 - p_worse - p_better))
-    pmf = np.exp(np.where(rest >= 0, log_pmf, -np.inf))
+    """The pmf of y = 2 worse - credit2 better over n i.i.d. items (`trinomial_outcomes`), as
+    (probabilities, the y of index 0)."""
+    w, b, log_pmf = trinomial_outcomes(n, p_worse, p_better)
     y = 2 * w - credit2 * b
     y0 = int(y.min())
-    return np.bincount((y - y0).ravel(), weights=pmf.ravel()), y0
+    return np.bincount((y - y0).ravel(), weights=np.exp(log_pmf).ravel()), y0
 
 
 def stratified_loss_pvalue(worse: tuple[int, int], better: tuple[int, int], counts_n: tuple[int, int],
