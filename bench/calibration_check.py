@@ -207,7 +207,8 @@ def weighted_check(pool, pool_gold, train, train_gold, label, m, args) -> dict:
     own = {k: f(v, vg) for k, f in procedures.items()}
     result = {"oos_share": share, "val_oos_items": n_oos, "val_in_scope_items": n_in,
               "own_split": {"oracle_llm_share_on_test": oracle_w(t, tg)} | {
-                  k: dict(zip(("test_loss", "test_llm_share"), evaluate_w(t, tg, p)), val_llm_share=p.llm_share)
+                  k: dict(zip(("test_loss", "test_llm_share"), evaluate_w(t, tg, p)),
+                          val_llm_share=evaluate_w(v, vg, p)[1])
                   for k, p in own.items()}}
     oos_pool, in_pool = np.flatnonzero(is_oos), np.flatnonzero(~is_oos)
     pool_oracle = oracle_w(pool, pool_gold)
