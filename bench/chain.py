@@ -7,7 +7,8 @@ A finished run (`bench/e2e.py`, with `bench/students.py` for the second student)
 two students and the large model. Each variant is a cascade.toml written into the run dir —
 rules → one student → large, and rules → student A → student B → large in both orders — and
 calibrated the same way (`run_calibration`: the large model's val accuracy minus 0.5 pt,
-certified at 90%; one threshold per cheap tier, searched jointly). Then every variant routes the
+certified at 90%, out-of-scope requests weighted to 20% of traffic as in `bench/e2e.py`; one
+threshold per cheap tier, searched jointly). Then every variant routes the
 whole test split `--repeats` times, round robin (this machine is shared: a drift hits all
 alike), the best pass kept: accuracy, large-model share, items/s and that as a multiple of the
 large model alone measured in the same passes. Writes bench/results/chain-DATASET.json with the
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--students", default="student,student-minilm-l6", help="two student dirs in the run")
     p.add_argument("--max-loss", type=float, default=0.005)
     p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--oos-share", type=float, default=0.2,
+                   help="weigh val so the out-of-scope label is this share of traffic, as bench/e2e.py "
+                        "(ignored on a dataset without one; 0: as sampled)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dataset", default=None)
     p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, students in variants.items():
         path = write_variant(run, name, students, dataset, labels.task)
         try:
-            cal = run_calibration(path, data, "llm", max_loss=args.max_loss, confidence=args.confidence)
+            cal = run_calibration(path, data, "llm", max_loss=args.max_loss, confidence=args.confidence,
+                                  oos_share=args.oos_share or None)
         except CalibrationError as exc:
             results[name] = {"students": students, "calibration_error": str(exc)}
             continue
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"dataset": dataset, "run": str(run), "cpu": cpu_report(), "threads": os.cpu_count(),
            "fp32_matmul_peak_flops": matmul_peak("fp32", repeats=5),
            "command": "python bench/chain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "max_loss": args.max_loss, "confidence": args.confidence, "n_test": len(texts), "variants": results,
+           "max_loss": args.max_loss, "confidence": args.confidence,
+           "oos_share": args.oos_share if labels.oos_label else None, "n_test": len(texts), "variants": results,
            "verdict": verdict, "wall_s": round(time.perf_counter() - t0, 1)}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"chain-{dataset}.json").write_text(json.dumps(out, indent=1) + "\n")
