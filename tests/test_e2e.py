@@ -55,9 +55,15 @@ def test_e2e_stages_resume_and_the_result_has_every_system(tmp_path):
     assert result["large_only"]["llm_share"] == 1.0 and result["large_only"]["cost_per_1k_rel"] == 1.0
     assert result["student_only"]["llm_share"] == 0.0 and result["tfidf"]["llm_share"] == 0.0
     assert abs(sum(result["cascade"]["tier_shares"].values()) - 1.0) < 1e-9
-    assert set(result["targets"]) >= {"accuracy_gap_pt", "llm_share", "speedup"}
+    assert set(result["targets"]) >= {"accuracy_gap_pt", "llm_share", "speedup", "student_over_large"}
+    t = result["targets"]
+    assert t["student_over_large"] == result["student_only"]["accuracy"] / result["large_only"]["accuracy"]
+    assert t["llm_share_at_most_6pct"] == (t["llm_share"] <= 0.06)
+    assert t["speedup_at_least_10x"] == (t["speedup"] >= 10.0)
     md = (work / "results" / "clinc150.md").read_text()
     assert "| large model alone |" in md and "OOS recall" in md
+    # issue 16's targets, each marked from the figures
+    assert "(target ≤ 6%: " in md and "(target ≥ 10×: " in md and "of the large model's accuracy (target ≥ 0.99: " in md
     assert (work / "results" / "clinc150.frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "## clinc150 (toy scale)" in (work / "results.md").read_text()
 
@@ -118,3 +124,22 @@ def test_router_threshold_sends_the_asked_share():
     # weighted as calibration weighs val: the 100 lowest items count 3x, so 100 of them are 0.25
     weights = np.where(np.argsort(np.argsort(conf)) < 100, 3.0, 1.0)  # 300 of 1200
     assert sum(c < router_threshold(conf, 0.25, weights) for c in conf) == 100
+
+
+def test_docs_render_every_committed_result_against_todays_targets(tmp_path):
+    """`write_docs` re-renders bench/results' dataset files, round 1's too (no CPU record, no
+    confidence), and marks each against issue 16's targets from the figures."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from e2e import write_docs
+
+    docs = tmp_path / "results.md"
+    docs.write_text("old head\n<!-- end of bench/e2e.py's part: what follows is kept as it is -->\nkept tail\n")
+    write_docs(REPO / "bench" / "results", docs)
+    text = docs.read_text()
+    assert "old head" not in text and text.endswith("kept tail\n")
+    for name in ("clinc150", "banking77", "snips"):
+        assert f"## {name}" in text
+    clinc = text[text.index("## clinc150"):text.index("## banking77")]
+    assert "CPU flags not recorded" in clinc and "--confidence None" not in clinc
+    assert "Large-model share: 12.0% (target ≤ 6%: **missed**)" in clinc
+    assert "(target ≥ 10×: **missed**)" in clinc
