@@ -140,22 +140,6 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Lane j of the result is the sum of the 16 lanes of v[j]: 16 dot products finished with 45
- * shuffles and adds, instead of 16 horizontal reductions (~8 dependent ops each). */
-static inline __m512 sum_lanes16(__m512 v[16]) {
-    __m512 w[8], x[4], y[2];
-    for (int i = 0; i < 8; i++) /* 256-bit halves: lanes 0-7 fold v[i], 8-15 fold v[i+8] */
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
-    for (int i = 0; i < 4; i++) /* 128-bit quarters: [i, i+8, i+4, i+12] */
-        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
-    for (int i = 0; i < 2; i++) /* pairs inside each quarter */
-        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
-    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-    /* z's lane 4q + e holds key KEY[q] + {0, 2, 1, 3}[e]; put key j in lane j. */
-    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-    return _mm512_permutexvar_ps(order, z);
-}
-
 /* The 16 x 16 transpose of 32-bit lanes: r[i] lane j <- r[j] lane i. */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -216,9 +200,10 @@ static inline void softmax_pv_row(__m512 dots, int n, float scale, const __m512i
 /* The bf16 path for head_dim 64 and blocks of 16 (SmolLM2's and the engine's defaults): q.k
  * with vdpbf16ps straight from the cache (no conversion, fp32 accumulation), the 16 scores of a
  * block as one vector, a vectorized exp, p.v with vdpbf16ps too into an fp32 accumulator.
- * q.k two ways: for a few rows (decodes: G rows) each row's 16 products are finished by
- * sum_lanes16; for many (prefill chunks) the block's K is transposed once into 32 vectors of
- * "pair i of all 16 keys", and tiles of rows multiply them by broadcast q pairs: no reduction. */
+ * q.k one way for every row, decode or prefill: the block's K is transposed once into 32
+ * vectors of "pair i of all 16 keys", and tiles of rows multiply them by broadcast q pairs, no
+ * reduction. (Decodes used to finish each row's 16 products by a lane reduction instead, which
+ * rounds differently: a row's output then depended on how many rows its step held.) */
 static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k, const uint16_t* v,
                              const int64_t* seq, const int64_t* tables, int H, int K, float scale, int kv,
                              float* acc, float* m, float* l) {
@@ -260,7 +245,11 @@ static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k
         const int first = base > start ? (int)(base - start) * G : 0;
         const int limit_n = (int)(n_keys < bs ? n_keys : bs);
         /* slots past n_keys hold stale keys: their products are masked, never NaN-multiplied */
-        if (R - first >= 2 * TILE_ROWS) {
+        /* Every row takes the same q.k summation (transposed K, even/odd chains), however many
+         * rows the step has: a row's answer must not depend on its batch-mates or on how much
+         * of its prompt came from the prefix cache. A second, per-row reduction for few rows
+         * rounded differently (up to 1e-3 in the output, labels flipped in the engine). */
+        if (R > first) {
             __m512i kt[2 * bs]; /* kt[i] lane j: the i-th bf16 pair of key j */
             for (int j = 0; j < bs; j++) {
                 kt[j] = _mm512_loadu_si512(kp + j * D);
@@ -288,18 +277,6 @@ static void attend_bf16_fast(const uint16_t* q, uint16_t* out, const uint16_t* k
                     softmax_pv_row(_mm512_add_ps(even[t], odd[t]), (int)(seen < limit_n ? seen : limit_n), scale, vpair,
                                    acc + r * D, m + r, l + r);
                 }
-            }
-        } else {
-            for (int r = first; r < R; r++) {
-                const int64_t seen = start + r / G - base + 1;
-                const uint16_t* qp = q + ((q_row + r / G) * H + kv * G + r % G) * D;
-                const __m512bh q_lo = (__m512bh)_mm512_loadu_si512(qp), q_hi = (__m512bh)_mm512_loadu_si512(qp + 32);
-                __m512 dots[bs];
-                for (int j = 0; j < bs; j++)
-                    dots[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q_lo, (__m512bh)_mm512_loadu_si512(kp + j * D)),
-                                               q_hi, (__m512bh)_mm512_loadu_si512(kp + j * D + 32));
-                softmax_pv_row(sum_lanes16(dots), (int)(seen < limit_n ? seen : limit_n), scale, vpair, acc + r * D,
-                               m + r, l + r);
             }
         }
     }
