@@ -52,6 +52,11 @@ def test_e2e_stages_resume_and_the_result_has_every_system(tmp_path):
         assert result[name]["n"] == 150
         assert 0.0 <= result[name]["accuracy"] <= 1.0 and result[name]["items_per_s"] > 0
         assert "oos_recall" in result[name]
+        # every pass's accuracy, and how many answers moved between passes (counted, not fatal)
+        assert len(result[name]["pass_accuracy"]) == len(result[name]["all_wall_s"]) == 2
+        assert 0 <= result[name]["answers_changed_between_passes"] <= 150
+        if result[name]["answers_changed_between_passes"] == 0:
+            assert len(set(result[name]["pass_accuracy"])) == 1
     assert result["large_only"]["llm_share"] == 1.0 and result["large_only"]["cost_per_1k_rel"] == 1.0
     assert result["student_only"]["llm_share"] == 0.0 and result["tfidf"]["llm_share"] == 0.0
     assert abs(sum(result["cascade"]["tier_shares"].values()) - 1.0) < 1e-9
