@@ -52,6 +52,8 @@ def test_e2e_stages_resume_and_the_result_has_every_system(tmp_path):
         assert result[name]["n"] == 150
         assert 0.0 <= result[name]["accuracy"] <= 1.0 and result[name]["items_per_s"] > 0
         assert "oos_recall" in result[name]
+        if name == "tfidf":  # fitted and timed apart from the routed systems
+            continue
         # every pass's accuracy, and how many answers moved between passes (counted, not fatal)
         assert len(result[name]["pass_accuracy"]) == len(result[name]["all_wall_s"]) == 2
         assert 0 <= result[name]["answers_changed_between_passes"] <= 150
