@@ -10,8 +10,9 @@ calibrated the same way (`run_calibration`: the large model's val accuracy minus
 certified at 90%, out-of-scope requests weighted to 20% of traffic as in `bench/e2e.py`; one
 threshold per cheap tier, searched jointly). Then every variant routes the
 whole test split `--repeats` times, round robin (this machine is shared: a drift hits all
-alike), the best pass kept: accuracy, large-model share, items/s and that as a multiple of the
-large model alone measured in the same passes. Writes bench/results/chain-DATASET.json with the
+alike): the first pass's accuracy and large-model share, the best pass's items/s and that as a
+multiple of the large model alone measured in the same passes, and how many answers a later
+pass changed. Writes bench/results/chain-DATASET.json with the
 CPU flags.
 """
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.config import build_cascade, load_config
     from cascade.cpu import cpu_report
     from cascade.data import load_labels, load_split
-    from cascade.evaluate import as_predictions, predict_timed
+    from cascade.evaluate import answers_changed, as_predictions, predict_timed
     from cascade.metrics import classification_report
     from cascade.router import Cascade
     from training.trainer import matmul_peak
@@ -109,18 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         for cascade in systems.values():
             for tier in cascade.tiers:  # lazy init is not the steady state
                 tier.predict_batch(texts[:64])
-        walls = {n: [] for n in systems}
+        # the first pass's answers at the best pass's time; later passes' changes are counted
+        walls, firsts, changed = {n: [] for n in systems}, {}, {n: 0 for n in systems}
         for r in range(args.repeats):
             for name, cascade in systems.items():
                 answers, seconds = predict_timed(cascade, texts)
                 walls[name].append(seconds)
                 preds, failed = as_predictions(answers)
-                rep = classification_report(gold, preds, [t.name for t in cascade.tiers], min(walls[name]),
+                first_preds, first_failed = firsts.setdefault(name, (preds, failed))
+                changed[name] = max(changed[name], answers_changed(first_preds, preds))
+                rep = classification_report(gold, first_preds, [t.name for t in cascade.tiers], min(walls[name]),
                                             labels.oos_label, ["llm"])
-                results.setdefault(name, {}).update({"test": {**rep, "all_wall_s": list(walls[name]),
-                                                              "failed": len(failed)}})
+                results.setdefault(name, {}).update({"test": {
+                    **rep, "all_wall_s": list(walls[name]), "failed": len(first_failed),
+                    "answers_changed_between_passes": changed[name]}})
                 print(f"[chain] {name:<40} accuracy {rep['accuracy']:.4f} share {rep['llm_share']:.3f} "
-                      f"{len(texts) / seconds:.0f} items/s (pass {r + 1})", flush=True)
+                      f"{len(texts) / seconds:.0f} items/s (pass {r + 1}; {changed[name]} answers changed)",
+                      flush=True)
     finally:
         for name, cascade in systems.items():
             if name != "large_only":

@@ -227,7 +227,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
     """Every system on the whole test split, one after another in this process."""
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
-    from cascade.evaluate import as_predictions, predict_timed
+    from cascade.evaluate import answers_changed, as_predictions, predict_timed
     from cascade.metrics import classification_report
     from cascade.router import Cascade
     from cascade.thresholds import traffic_weights
@@ -267,7 +267,7 @@ def stage_measure(cfg: E2EConfig, done: dict) -> dict:
                 preds, _ = as_predictions(answers)
                 walls[name].append(seconds)
                 first.setdefault(name, preds)
-                changed = sum((p.label, p.tier) != (q.label, q.tier) for p, q in zip(first[name], preds))
+                changed = answers_changed(first[name], preds)
                 accuracy = classification_report(gold, preds, [t.name for t in cascade.tiers], seconds, oos,
                                                  llm_tiers)["accuracy"]
                 rep = classification_report(gold, first[name], [t.name for t in cascade.tiers], min(walls[name]),

@@ -41,6 +41,15 @@ def predict_timed(cascade: Cascade, texts: list[str], batch_size: int = 256, pro
     return answers, time.perf_counter() - t0
 
 
+def answers_changed(first: list[Prediction], again: list[Prediction]) -> int:
+    """How many items a later pass over the same texts answered differently (label or tier) from
+    the first: benchmarks score the first pass and count these, since the bf16 large model's
+    answers move with the shape of the step they ran in (docs/engine.md "Answers and batch shape")."""
+    if len(first) != len(again):
+        raise ValueError(f"passes of {len(first)} and {len(again)} answers: not the same texts")
+    return sum((p.label, p.tier) != (q.label, q.tier) for p, q in zip(first, again))
+
+
 def as_predictions(answers: list[Prediction | ItemFailure]) -> tuple[list[Prediction], list[dict]]:
     """Answers as Predictions for scoring (an item without one scores as wrong, under the tier
     name FAILED), and the failures, each with its index, code and message."""

@@ -150,3 +150,15 @@ def test_docs_render_every_committed_result_against_todays_targets(tmp_path):
     assert "CPU flags not recorded" in clinc and "--confidence None" not in clinc
     assert "Large-model share: 12.0% (target ≤ 6%: **missed**)" in clinc
     assert "(target ≥ 10×: **missed**)" in clinc
+
+
+def test_answers_changed_counts_a_moved_label_or_tier_not_a_moved_confidence():
+    from cascade.evaluate import answers_changed
+    from cascade.types import Prediction
+
+    first = [Prediction("a", 0.9, "student"), Prediction("b", 0.5, "llm"), Prediction("c", 0.7, "llm")]
+    again = [Prediction("a", 0.91, "student"), Prediction("d", 0.5, "llm"), Prediction("c", 0.7, "student")]
+    assert answers_changed(first, first) == 0
+    assert answers_changed(first, again) == 2  # b -> d, and c answered by another tier
+    with pytest.raises(ValueError, match="not the same texts"):
+        answers_changed(first, again[:2])
