@@ -5,7 +5,8 @@ item 2): does a second student between the first and the large model keep more t
 
 A finished run (`bench/e2e.py`, with `bench/students.py` for the second student) holds rules,
 two students and the large model. Each variant is a cascade.toml written into the run dir —
-rules → one student → large, and rules → student A → student B → large in both orders — and
+rules → one student → large, rules → student A → student B → large in both orders, and the
+two students' ensemble (`kind = "ensemble"`: their mean distribution) alone and behind A — and
 calibrated the same way (`run_calibration`: the large model's val accuracy minus 0.5 pt,
 certified at 90%, out-of-scope requests weighted to 20% of traffic as in `bench/e2e.py`; one
 threshold per cheap tier, searched jointly). Then every variant routes the
@@ -43,11 +44,20 @@ def scalars(record: dict) -> dict:
     return {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
 
 
+def student_tier(entry: str) -> str:
+    """A cheap tier of a variant: a student dir of the run, or "A+B", the ensemble of two."""
+    if "+" in entry:
+        members = entry.split("+")
+        return TIER.format(name="ensemble", kind="ensemble", path=".",
+                           options="options = { members = [" + ", ".join(f'"{m}"' for m in members) + "] }")
+    return TIER.format(name=entry.removeprefix("student-") if entry != "student" else "student", kind="student",
+                       path=entry, options="")
+
+
 def write_variant(run: Path, name: str, students: list[str], task: str, kind: str) -> Path:
-    """RUN/cascade-chain-NAME.toml: rules, the students in order, the large model."""
+    """RUN/cascade-chain-NAME.toml: rules, the students (or ensembles) in order, the large model."""
     tiers = [TIER.format(name="rules", kind="rules", path="rules.toml", options="options = { timeout_ms = 20 }")]
-    tiers += [TIER.format(name=s.removeprefix("student-") if s != "student" else "student", kind="student", path=s,
-                          options="") for s in students]
+    tiers += [student_tier(s) for s in students]
     tiers.append(TIER.format(name="llm", kind="llm", path="large",
                              options='options = { backend = "builtin", memory_gb = 0.5 }'))
     path = run / f"cascade-chain-{name}.toml"
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     data = run / "data"
     labels = load_labels(data)
     dataset = args.dataset or run.name.removeprefix("e2e-")
-    variants = {f"single-{a}": [a], f"single-{b}": [b], f"chain-{a}-{b}": [a, b], f"chain-{b}-{a}": [b, a]}
+    variants = {f"single-{a}": [a], f"single-{b}": [b], f"chain-{a}-{b}": [a, b], f"chain-{b}-{a}": [b, a],
+                # both students' mean distribution (`kind = "ensemble"`), alone and behind the faster one
+                f"ensemble-{a}+{b}": [f"{a}+{b}"], f"chain-{a}-ensemble": [a, f"{a}+{b}"]}
 
     results, t0 = {}, time.perf_counter()
     for name, students in variants.items():
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             res["test"]["speedup_vs_large"] = res["test"]["items_per_s"] / large["items_per_s"]
             res["test"]["gap_pt_vs_large"] = 100 * (res["test"]["accuracy"] - large["accuracy"])
     singles = [n for n in results if n.startswith("single-") and "test" in results[n]]
-    chains = [n for n in results if n.startswith("chain-") and "test" in results[n]]
+    chains = [n for n in results if n.startswith(("chain-", "ensemble-")) and "test" in results[n]]
     best_single = min(singles, key=lambda n: results[n]["test"]["llm_share"]) if singles else None
     best_chain = min(chains, key=lambda n: results[n]["test"]["llm_share"]) if chains else None
     verdict = None

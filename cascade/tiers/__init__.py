@@ -15,6 +15,7 @@ TIER_KINDS: dict[str, tuple[str, str]] = {
     "rules": ("cascade.tiers.rules", "build_rules_tier"),
     "majority": ("cascade.tiers.majority", "build_majority_tier"),
     "student": ("cascade.tiers.student", "build_student_tier"),
+    "ensemble": ("cascade.tiers.ensemble", "build_ensemble_tier"),  # students' probabilities averaged
     "llm": ("serving.llm_tier", "build_llm_tier"),  # no torch; its backends decide
 }
 
