@@ -13,8 +13,9 @@ threshold per cheap tier, searched jointly). Then every variant routes the
 whole test split `--repeats` times, round robin (this machine is shared: a drift hits all
 alike): the first pass's accuracy and large-model share, the best pass's items/s and that as a
 multiple of the large model alone measured in the same passes, and how many answers a later
-pass changed. Writes bench/results/chain-DATASET.json with the
-CPU flags.
+pass changed; and the oracle on test (`oracle_on_test`): the least share each variant's grid
+reaches within the tolerance on test itself, which says what better calibration could win.
+Writes bench/results/chain-DATASET.json with the CPU flags.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +66,41 @@ def write_variant(run: Path, name: str, students: list[str], task: str, kind: st
     path = run / f"cascade-chain-{name}.toml"
     path.write_text(f'# Written by bench/chain.py\n[task]\nname = "{task}"\nkind = "{kind}"\n' + "".join(tiers))
     return path
+
+
+def oracle_on_test(systems: dict, results: dict, texts: list[str], gold: list[str], oos: str | None, args) -> None:
+    """What would reach the targets: per variant, the least large-model share among its threshold
+    grid's points within `max_loss` of the large model on test itself (an oracle, which picks
+    on the data it is judged by), and the items/s that point models (the tiers' measured ms per
+    item) as a multiple of the large model's. Each tier is run once on test, shared by the
+    variants that hold it."""
+    from types import SimpleNamespace
+
+    from cascade.calibrate import measure_tiers
+    from cascade.thresholds import frontier, traffic_weights
+
+    weights = traffic_weights(gold, oos, args.oos_share or None)
+    measured = {}
+    for name, cascade in systems.items():
+        if name == "large_only":
+            continue
+        runs = []
+        for key, tier in zip(["rules", *results[name]["students"], "llm"], cascade.tiers):
+            if key not in measured:
+                measured[key] = measure_tiers(SimpleNamespace(tiers=[tier]), [key == "llm"], texts)[0]
+            runs.append(measured[key])
+        right = np.array([a == g for a, g in zip(runs[-1].labels, gold)], dtype=float)
+        llm_accuracy = float(np.average(right, weights=weights))
+        candidates = 48 if len(runs) == 3 else 16  # a 3-D grid of 48 would be 110k points per label grid
+        ok = [p for p in frontier(runs, gold, candidates, oos, weights=weights)
+              if p.accuracy >= llm_accuracy - args.max_loss - 1e-12]
+        best = min(ok, key=lambda p: (p.llm_share, p.cost_ms))
+        results[name]["oracle_on_test"] = {
+            "llm_share": best.llm_share, "accuracy": best.accuracy, "llm_accuracy": llm_accuracy,
+            "thresholds": list(best.thresholds), "label_thresholds": list(best.label_thresholds),
+            "speedup_modelled": runs[-1].mean_ms / best.cost_ms, "grid_candidates": candidates}
+        print(f"[chain] {name:<40} oracle on test: share {best.llm_share:.3f} at {best.accuracy:.4f} "
+              f"(large {llm_accuracy:.4f}), {runs[-1].mean_ms / best.cost_ms:.1f}x modelled", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[chain] {name:<40} accuracy {rep['accuracy']:.4f} share {rep['llm_share']:.3f} "
                       f"{len(texts) / seconds:.0f} items/s (pass {r + 1}; {changed[name]} answers changed)",
                       flush=True)
+        oracle_on_test(systems, results, texts, gold, labels.oos_label, args)
     finally:
         for name, cascade in systems.items():
             if name != "large_only":
