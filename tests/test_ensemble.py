@@ -18,15 +18,15 @@ LABELS = ["billing", "card", "refund"]
 TEXTS = ["1 2 3", "4", "5 6 7 8 9 10 11", "12 13", "hello 14 15", "63 62 61 60 59 58 57 56 55 54"]
 
 
-def members(root: Path, labels_b: list[str] = LABELS) -> Path:
-    """root/a and root/b: two students with different logit tables; b at temperature 2."""
-    onnx_student_dir(root / "a", LABELS, seed=1)
-    onnx_student_dir(root / "b", labels_b, seed=2)
-    (root / "b" / "calibration.json").write_text(json.dumps({"temperature": 2.0}))
+def members(root: Path, labels_b: list[str] = LABELS, under: str = "models") -> Path:
+    """root/models/a and root/models/b: two students with different logit tables; b at temperature 2."""
+    onnx_student_dir(root / under / "a", LABELS, seed=1)
+    onnx_student_dir(root / under / "b", labels_b, seed=2)
+    (root / under / "b" / "calibration.json").write_text(json.dumps({"temperature": 2.0}))
     return root
 
 
-def config(root: Path, options: str, path: str = 'path = "."') -> Path:
+def config(root: Path, options: str, path: str = 'path = "models"') -> Path:
     cfg = root / "cascade.toml"
     cfg.write_text(f'''[task]
 name = "demo"
@@ -58,7 +58,7 @@ def test_the_ensemble_answers_the_weighted_mean_of_its_members_calibrated_probab
     cfg = config(root, 'members = ["a", "b"], weights = [3, 1], model = "model.onnx"')
     cascade = build_cascade(load_config(cfg), root)
     tier = cascade.tiers[0]
-    pa, pb = alone(root / "a"), alone(root / "b")
+    pa, pb = alone(root / "models" / "a"), alone(root / "models" / "b")
     assert not np.allclose(pa, pb, atol=1e-3)  # the members really differ
     expected = 0.75 * pa + 0.25 * pb
     np.testing.assert_allclose(tier.probabilities(TEXTS), expected, atol=1e-6)
@@ -76,8 +76,9 @@ def test_the_ensemble_answers_the_weighted_mean_of_its_members_calibrated_probab
 
 
 def test_equal_weights_by_default_and_the_same_answer_in_any_batch(tmp_path):
-    root = members(tmp_path)
-    tier = build_cascade(load_config(config(root, 'members = ["a", "b"], model = "model.onnx"')), root).tiers[0]
+    root = members(tmp_path, under=".")  # no `path`: the members sit beside cascade.toml
+    cfg = config(root, 'members = ["a", "b"], model = "model.onnx", batch_size = 2', path="")
+    tier = build_cascade(load_config(cfg), root).tiers[0]
     mean = (alone(root / "a") + alone(root / "b")) / 2
     batched = tier.probabilities(TEXTS)
     np.testing.assert_allclose(batched, mean, atol=1e-6)
@@ -91,6 +92,7 @@ def test_equal_weights_by_default_and_the_same_answer_in_any_batch(tmp_path):
     ('members = ["a", "a"]', "members"),
     ('members = ["a", "b"], weights = [1]', "weights"),
     ('members = ["a", "b"], weights = [1, -1]', "weights"),
+    ('members = ["a", "b"], weights = [inf, 1]', "weights"),
     ('members = ["a", "b"], temperature = 2', "temperature"),
 ])
 def test_bad_options_are_refused_at_load_naming_the_key(tmp_path, options, where):
@@ -100,11 +102,25 @@ def test_bad_options_are_refused_at_load_naming_the_key(tmp_path, options, where
     assert "cascade.toml: tiers[0] ('students').options" in str(err.value) and where in str(err.value)
 
 
-def test_members_that_do_not_fit_together_are_refused_naming_the_dir(tmp_path):
-    root = members(tmp_path, labels_b=["card", "billing", "refund"])  # the same labels, another order
-    with pytest.raises(ConfigError, match=r"member .*b has other labels"):
+@pytest.mark.parametrize("labels_b", [["card", "billing", "refund"], ["billing", "card", "other"],
+                                      ["billing", "card", "refund", "other"]])
+def test_members_with_other_labels_are_refused_naming_the_member(tmp_path, labels_b):
+    root = members(tmp_path, labels_b=labels_b)
+    with pytest.raises(ConfigError, match=r"tier 'students': options.members\[1\]: .*b has other labels"):
         build_cascade(load_config(config(root, 'members = ["a", "b"], model = "model.onnx"')), root)
-    with pytest.raises(ConfigError, match=r"missing.*not a directory"):
+
+
+def test_a_missing_or_repeated_member_is_refused_naming_the_key(tmp_path):
+    root = members(tmp_path)
+    with pytest.raises(ConfigError, match=r"options.members\[1\] \('missing'\): .*missing: not a directory"):
         build_cascade(load_config(config(root, 'members = ["a", "missing"], model = "model.onnx"')), root)
-    with pytest.raises(ValueError, match="needs `path`"):
-        build_cascade(load_config(config(root, 'members = ["a", "b"]', path="")), root)
+    with pytest.raises(ConfigError, match="name one dir twice"):
+        build_cascade(load_config(config(root, 'members = ["a", "./a"], model = "model.onnx"')), root)
+
+
+def test_the_flywheel_refuses_an_ensemble_rather_than_retrain_one_member(tmp_path):
+    from training.flywheel import FlywheelError, run_flywheel
+
+    cfg = config(members(tmp_path), 'members = ["a", "b"]')
+    with pytest.raises(FlywheelError, match="tier 'students' is of kind 'ensemble'"):
+        run_flywheel(cfg, tmp_path / "log", tmp_path / "data", tmp_path / "versions", log=lambda *_: None)

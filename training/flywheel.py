@@ -762,6 +762,11 @@ def run_flywheel(config_path, log_dir, data_dir, versions_dir, cfg: FlywheelConf
         raise FlywheelError(f"{config_path}: task.kind is {config.task.kind!r}; the flywheel learns labels only "
                             "so far (an extraction cascade's fields would not reach its student): "
                             "retrain with `cascade train student --teacher-fields` instead")
+    ensembles = [t.name for t in config.tiers if t.kind == "ensemble"]
+    if ensembles:  # it retrains one student dir; an ensemble holding that student would go on averaging the old one
+        raise FlywheelError(f"{config_path}: tier {ensembles[0]!r} is of kind 'ensemble'; the flywheel retrains one "
+                            "`student` tier and cannot keep an ensemble's members in step with it: use a config "
+                            "with student tiers only")
     labels = load_labels(data_dir).labels
     students = [t for t in config.tiers if t.kind == "student"]
     if not students:

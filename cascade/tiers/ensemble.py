@@ -3,26 +3,30 @@
     [[tiers]]
     name = "students"
     kind = "ensemble"
-    path = "."                                   # the members' base dir, relative to this file
+    path = "models"            # the members' base dir, relative to this file (default: this file's dir)
     options = { members = ["student", "student-minilm-l6"] }
 
 Each member is a student dir as the `student` tier loads it (its own tokenizer, temperature,
 int8 graph: `cascade.tiers.student`); the tier answers the argmax of the weighted mean of their
 calibrated distributions, with that mean's probability as its confidence. Why: two students
 distilled from one teacher along different routes (the teacher's own 2-layer slice, and the
-pre-trained MiniLM encoder; docs/students.md) are wrong on different texts, and their mean
-is both more accurate and a better ranking of which texts are safe to answer than either
-alone (measured in docs/students.md "An ensemble of the two students"). It costs the members'
-time added up.
+pre-trained MiniLM encoder; docs/students.md) are wrong on different texts, so their mean can
+rank which texts are safe to answer better than either alone (docs/students.md "An ensemble of
+the two students" measures whether it does). It costs the members' time added up.
+
+The confidence is a mean of calibrated probabilities, not itself refitted: where the members
+disagree it is lower than either's, so it errs towards escalating. Routing does not depend on
+that, as `cascade calibrate` picks the threshold on the measured confidences.
 
 The mean is taken member by member in the configured order, and each member's probabilities
 do not depend on a text's batch-mates (docs/students.md "Answers that don't depend on the
-batch"), so neither do the ensemble's. `path` is a base dir rather than a list of dirs so that a
-cascade version copied elsewhere (`cascade flywheel`) moves its members with one path.
+batch"), so neither do the ensemble's. The flywheel refuses an ensemble (it retrains one
+student dir and would leave the ensemble averaging the old one).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +98,8 @@ class EnsembleOptions(BaseModel):
         if self.weights is not None:
             if len(self.weights) != len(self.members):
                 raise ValueError(f"weights: {len(self.weights)} given for {len(self.members)} members")
-            if any(not w > 0 for w in self.weights):  # also refuses NaN
-                raise ValueError(f"weights: each must be > 0, got {self.weights}")
+            if any(not (math.isfinite(w) and w > 0) for w in self.weights) or not math.isfinite(sum(self.weights)):
+                raise ValueError(f"weights: each must be finite and > 0 (and their sum finite), got {self.weights}")
         return self
 
 
@@ -104,18 +108,24 @@ def parse_options(options: dict) -> EnsembleOptions:
 
 
 def build_ensemble_tier(spec: TierConfig, base_dir: Path) -> EnsembleTier:
-    if spec.path is None:
-        raise ValueError(f"tier {spec.name!r}: kind 'ensemble' needs `path` (the dir its members are in)")
     opts = parse_options(spec.options)
-    base = spec.resolve_path(base_dir)
-    members = [load_student_tier(base / m, f"{spec.name}/{m}", opts.model, opts.threads, opts.batch_size,
-                                 opts.spin_wait) for m in opts.members]
-    for m, tier in zip(opts.members, members):
+    base = spec.resolve_path(base_dir) if spec.path is not None else Path(base_dir)
+    dirs = [(base / m).resolve() for m in opts.members]
+    if len(set(dirs)) != len(dirs):  # "a" and "./a" pass the options check
+        raise ConfigError(f"tier {spec.name!r}: options.members {opts.members} name one dir twice ({base})")
+    members = []
+    for i, m in enumerate(opts.members):
+        try:
+            tier = load_student_tier(base / m, f"{spec.name}/{m}", opts.model, opts.threads, opts.batch_size,
+                                     opts.spin_wait)
+        except ConfigError as exc:
+            raise ConfigError(f"tier {spec.name!r}: options.members[{i}] ({m!r}): {exc}") from None
         if tier.tagging is not None:
-            raise ConfigError(f"tier {spec.name!r}: member {base / m} is a tagging student; an ensemble averages "
-                              "label distributions only")
-        if tier.labels != members[0].labels:
-            raise ConfigError(f"tier {spec.name!r}: member {base / m} has other labels (or another order) than "
-                              f"{base / opts.members[0]}; an ensemble's members must share one label list")
+            raise ConfigError(f"tier {spec.name!r}: options.members[{i}]: {base / m} is a tagging student; an "
+                              "ensemble averages label distributions only")
+        if members and tier.labels != members[0].labels:
+            raise ConfigError(f"tier {spec.name!r}: options.members[{i}]: {base / m} has other labels (or another "
+                              f"order) than {base / opts.members[0]}; an ensemble's members share one label list")
+        members.append(tier)
     w = np.ones(len(members)) if opts.weights is None else np.asarray(opts.weights, dtype=np.float64)
     return EnsembleTier(spec.name, members, w / w.sum())
