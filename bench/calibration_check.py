@@ -60,23 +60,24 @@ from cascade.thresholds import (  # noqa: E402
 )
 
 
-def measure(run: Path, path_limit: int, seed: int) -> dict:
+def measure(run: Path, path_limit: int, seed: int, config_name: str = "cascade.toml") -> dict:
     """Every tier on val + test, the cheap tiers on (a sample of) train; cached by the tier
-    specs and the data and model files' sizes and times."""
+    specs and the data and model files' sizes and times (one cache per config file)."""
     from cascade.config import build_cascade, load_config
     from cascade.data import load_labels, load_split
     from cascade.evaluate import LLM_KINDS
 
-    config_path, data = run / "cascade.toml", run / "data"
+    config_path, data = run / config_name, run / "data"
     config = load_config(config_path)
     key = hashlib.sha256(json.dumps({
         "tiers": [[t.name, t.kind, str(t.path), repr(t.options)] for t in config.tiers],
         "files": sorted((str(f.relative_to(run)), f.stat().st_size, int(f.stat().st_mtime))
                         for f in run.rglob("*") if f.is_file() and f.suffix in (".jsonl", ".onnx", ".safetensors",
                                                                                    ".toml") and "checkpoints" not in
-                        f.parts and f.name != "cascade.toml"),
+                        f.parts and f.name != config_name and not f.name.startswith("cascade-chain-")),
         "path_limit": path_limit, "seed": seed}, sort_keys=True).encode()).hexdigest()[:16]
-    cache = run / "calibration_check.measured.json"
+    cache = run / ("calibration_check.measured.json" if config_name == "cascade.toml" else
+                   f"calibration_check.{Path(config_name).stem}.measured.json")
     if cache.exists() and (got := json.loads(cache.read_text())).get("key") == key:
         print(f"measurements from {cache}", file=sys.stderr)
         return got
@@ -252,6 +253,8 @@ def summary(rows: list[tuple[float, float]], eps: float, oracle: list[float]) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default=str(ROOT / "runs" / "quickstart"), help="a finished quickstart or e2e run")
+    ap.add_argument("--config", default="cascade.toml",
+                    help="the cascade config in the run to check (e.g. a bench/chain.py variant's)")
     ap.add_argument("--max-loss", type=float, default=0.005)
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--resamples", type=int, default=300, help="per regime")
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_check.json"))
     args = ap.parse_args(argv)
     run = Path(args.run)
-    missing = [p for p in (run / "cascade.toml", run / "data" / "val.jsonl", run / "data" / "test.jsonl",
+    missing = [p for p in (run / args.config, run / "data" / "val.jsonl", run / "data" / "test.jsonl",
                            run / "data" / "train.jsonl") if not p.exists()]
     if missing:
         print(f"calibration_check: {run} is not a finished run (missing {', '.join(map(str, missing))}).\n"
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
               "`python bench/e2e.py`, or point --run at one. Nothing was written.", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
-    m = measure(run, args.path_limit, args.seed)
+    m = measure(run, args.path_limit, args.seed, args.config)
     pool, pool_gold = decode(m["pool"]), m["pool_gold"]
     train, train_gold = decode(m["train"]), m["train_gold"]
     label, eps, conf = m["oos_label"], args.max_loss, args.confidence
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.oos_share:
         if label is None:
             raise SystemExit(f"--oos-share: {run}'s labels have no out-of-scope label")
-        result = {"run": str(run), "max_loss": eps, "confidence": conf, "n_pool": n_pool, "n_val": m["n_val"],
+        result = {"run": str(run), "config": args.config, "max_loss": eps, "confidence": conf, "n_pool": n_pool,
+                  "n_val": m["n_val"],
                   "n_train_path": len(train_gold), "tiers": [r.name for r in pool],
                   "resamples": args.resamples} | weighted_check(pool, pool_gold, train, train_gold, label, m, args)
         result["wall_s"] = time.perf_counter() - t_start
@@ -329,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                        unlabelled=unlabelled, bounds=False).point
 
     rng = np.random.default_rng(args.seed)
-    result = {"run": str(run), "max_loss": eps, "confidence": conf, "n_pool": n_pool, "n_val": n_val,
+    result = {"run": str(run), "config": args.config, "max_loss": eps, "confidence": conf, "n_pool": n_pool,
+              "n_val": n_val,
               "n_train_path": len(train_gold), "tiers": [r.name for r in pool],
               "pool_llm_accuracy": llm_accuracy(pool, pool_gold), "measure_wall_s": m["measure_wall_s"],
               "label_free": lf if args.label_free else None}
