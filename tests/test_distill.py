@@ -112,3 +112,43 @@ def test_augmented_copies_are_new_seeded_and_teacher_labelled(tiny_task):
                  "--precision", "fp32", "--no-progress"]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["augment"] == 2 and summary["unlabeled_texts"] > summary["train_texts"]
+
+
+def test_kd_search_chooses_t_and_alpha_on_val_and_keeps_only_its_record(tiny_task, monkeypatch):
+    """`--kd-search`: one short student per grid point, the best val accuracy kept (the grid's
+    first among equals), every trial recorded in the final summary, no trial left on disk, and a
+    second run reuses the record instead of training the trials again."""
+    import training.distill as distill
+    from training.kd_search import parse_grid, search_dir
+
+    root, data, teacher = tiny_task
+    out = root / "student-kd"
+    args = ["train", "student", "--data", str(data), "--teacher", str(teacher), "--out", str(out), "--size", "debug",
+            "--max-steps", "6", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2", "--precision", "fp32",
+            "--no-progress", "--kd-search", "--kd-grid", "1:0.5,4:0.9,2:0.2", "--kd-search-epochs", "2"]
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    search = summary["kd_search"]
+    grid = [(g["temperature"], g["alpha"]) for g in search["grid"]]
+    assert grid == [(1.0, 0.5), (4.0, 0.9), (2.0, 0.2)] and all(0 <= g["val_accuracy"] <= 1 for g in search["grid"])
+    accs = [g["val_accuracy"] for g in search["grid"]]
+    best = search["grid"][accs.index(max(accs))]
+    assert (search["chosen"]["temperature"], search["chosen"]["alpha"]) == (best["temperature"], best["alpha"])
+    assert (summary["temperature_kd"], summary["alpha"]) == (best["temperature"], best["alpha"])
+    assert all(g["steps"] == 6 for g in search["grid"])  # each trial ran the recipe (capped here at 6 steps)
+    where = search_dir(out)
+    assert where.parent == out.parent and sorted(p.name for p in where.iterdir()) == ["kd_search.json"]
+    assert not any("kd" in p.name for p in out.iterdir())  # the student dir holds the student alone
+
+    trained = []
+    real = distill.train_student
+    monkeypatch.setattr(distill, "train_student", lambda *a, **k: trained.append(k.get("temperature")) or real(*a, **k))
+    assert main(args) == 0  # the record says every point is measured: only the final student trains
+    assert trained == [summary["temperature_kd"]]
+    assert json.loads((out / "train_summary.json").read_text())["kd_search"]["grid"] == search["grid"]
+
+    for bad, where_ in (("2:1.5", "entry 0"), ("2:0.5,x", "entry 1"), ("0:0.5", "entry 0"), ("2:0.5,2:0.5", "twice")):
+        with pytest.raises(ValueError, match=where_):
+            parse_grid(bad)
+    with pytest.raises(SystemExit, match="either the search or them"):
+        main(args + ["--alpha", "0.7"])

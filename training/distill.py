@@ -208,7 +208,7 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
                   inference_tokens: float = 1e9, progress: bool = True,
                   teacher_fields: str | Path | None = None, teacher_fields_weight: float = 1.0,
                   tag_weight: float = 1.0, vocab_size: int = 4096,
-                  train_rows: list[int] | None = None) -> StudentRun:
+                  train_rows: list[int] | None = None, kd_search: dict | None = None) -> StudentRun:
     """Distil (or, with `teacher_dir` None, train from gold alone) a student for `data_dir`.
 
     A classify task trains the classifier. An `extract`/`joint` task trains a tagging student
@@ -221,7 +221,8 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
     byte-level BPE of `vocab_size` trained on the train texts, and `unlabeled`/`augment` texts
     need the teacher's labels, so they are refused. `train_rows`: learn from only these rows of
     train (indices; an out-of-fold student, `training.crossfit`), the teacher still labelling
-    all of train, so the cache the full student filled is reused.
+    all of train, so the cache the full student filled is reused. `kd_search`: how `temperature`
+    and `alpha` were chosen (`training.kd_search`), recorded in the summary.
 
     The steps: gather the distillation set (train, unlabelled and augmented texts, the teacher's
     extractions), label it with the teacher (cached), tokenize and make the tag targets, build
@@ -294,6 +295,8 @@ def train_student(data_dir: str | Path, teacher_dir: str | Path | None, out_dir:
         "augment": augment, "task": task, "teacher": str(teacher_dir) if teacher_dir is not None else None,
         "plan": plan_info, "max_len": max_len, "config": asdict(cfg),  # the recipe, for out-of-fold copies
     }
+    if kd_search is not None:
+        summary["kd_search"] = kd_search
     if tagger:
         summary.update({"teacher_fields": dset.fields_info, "values_not_found": missing_values,
                         "tag_weight": tag_weight})

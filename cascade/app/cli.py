@@ -296,13 +296,27 @@ def cmd_train_student(args: argparse.Namespace) -> int:
                       warmup_steps=args.warmup_steps, precision=args.precision, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     teacher = None if args.teacher.lower() == "none" else args.teacher
-    run = train_student(args.data, teacher, args.out, size=args.size, from_teacher=args.from_teacher,
-                        temperature=args.temperature, alpha=args.alpha, unlabeled=args.unlabeled,
-                        augment=args.augment, cfg=cfg, resume=args.resume, limit_train=args.limit_train,
-                        inference_tokens=args.inference_tokens,
-                        progress=not args.no_progress, teacher_fields=args.teacher_fields,
-                        teacher_fields_weight=args.teacher_fields_weight, tag_weight=args.tag_weight,
-                        vocab_size=args.vocab_size, max_len=args.max_len)
+    common = dict(size=args.size, from_teacher=args.from_teacher, unlabeled=args.unlabeled, augment=args.augment,
+                  limit_train=args.limit_train, inference_tokens=args.inference_tokens,
+                  teacher_fields=args.teacher_fields, teacher_fields_weight=args.teacher_fields_weight,
+                  tag_weight=args.tag_weight, vocab_size=args.vocab_size, max_len=args.max_len)
+    temperature, alpha, searched = args.temperature, args.alpha, None
+    if args.kd_search:
+        from training.kd_search import DEFAULT_GRID, parse_grid, search_kd
+
+        if temperature is not None or alpha is not None:
+            raise SystemExit("--kd-search chooses --temperature and --alpha on val: give either the search or them")
+        if teacher is None:
+            raise SystemExit("--kd-search tunes the distillation loss: it needs a --teacher")
+        grid = parse_grid(args.kd_grid) if args.kd_grid else DEFAULT_GRID
+        searched = search_kd(args.data, teacher, args.out, cfg, args.kd_search_epochs, grid,
+                             progress=not args.no_progress, **common)
+        temperature, alpha = searched["chosen"]["temperature"], searched["chosen"]["alpha"]
+        print(f"--kd-search: T={temperature:g}, alpha={alpha:g} (val accuracy {searched['chosen']['val_accuracy']:.4f}"
+              f" after {args.kd_search_epochs:g} epochs; {len(grid)} points, {searched['dir']})")
+    run = train_student(args.data, teacher, args.out, temperature=2.0 if temperature is None else temperature,
+                        alpha=0.5 if alpha is None else alpha, cfg=cfg, resume=args.resume,
+                        progress=not args.no_progress, kd_search=searched, **common)
     s = run.summary
     c = s["calibration"]
     if s["task"] != "classify":
@@ -762,8 +776,12 @@ def _add_train_student(train: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="small", help="debug | small | distil-smollm2 | minilm-l6 (pre-trained "
                                                    "encoder, own tokenizer; docs/students.md) | auto (planner)")
     p.add_argument("--from-teacher", action="store_true", help="initialise from the teacher's embeddings and layers")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (1 - alpha on labels)")
+    p.add_argument("--temperature", type=float, help="distillation temperature T (default 2)")
+    p.add_argument("--alpha", type=float, help="weight of the teacher term, 1 - alpha on labels (default 0.5)")
+    p.add_argument("--kd-search", action="store_true",
+                   help="choose T and alpha on val: one short student per --kd-grid point (docs/students.md)")
+    p.add_argument("--kd-grid", help="T:alpha,... points for --kd-search (default 2:0.5,1:0.5,4:0.5,2:0.9,1:0.9,4:0.9)")
+    p.add_argument("--kd-search-epochs", type=float, default=1.0, help="epochs of each --kd-search student")
     p.add_argument("--unlabeled", help="extra texts without labels (JSONL with text, or one per line)")
     p.add_argument("--augment", type=int, default=0,
                    help="perturbed copies per train text, labelled by the teacher alone (training/augment.py)")
