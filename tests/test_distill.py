@@ -152,3 +152,14 @@ def test_kd_search_chooses_t_and_alpha_on_val_and_keeps_only_its_record(tiny_tas
             parse_grid(bad)
     with pytest.raises(SystemExit, match="either the search or them"):
         main(args + ["--alpha", "0.7"])
+    from training.kd_search import search_kd
+    from training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="--kd-search-epochs 0"):
+        search_kd(data, teacher, root / "never", TrainConfig(), 0)
+    extract = root / "extract-data"
+    extract.mkdir()
+    (extract / "labels.json").write_text(json.dumps({"labels": [""], "task": "extract", "fields": ["city"]}))
+    with pytest.raises(ValueError, match="extract task"):
+        search_kd(extract, teacher, root / "never", TrainConfig(), 1)
+    assert not search_dir(root / "never").exists()

@@ -63,8 +63,12 @@ def search_kd(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path
     each judged by its val accuracy; returns {"grid": [{temperature, alpha, val_accuracy,
     steps, wall_s}], "chosen": {temperature, alpha, val_accuracy}, "search_epochs", "dir"}.
     `student_kwargs` go to `train_student` as they will for the final student."""
+    from cascade.data import load_labels
     from training.distill import train_student
 
+    if load_labels(data_dir).task == "extract":  # no label term: T and alpha weigh nothing
+        raise ValueError(f"--kd-search: {data_dir} is an extract task; its students learn fields alone, so T and "
+                         "alpha change nothing")
     if not search_epochs > 0:
         raise ValueError(f"--kd-search-epochs {search_epochs}: must be > 0")
     where = search_dir(out_dir)
